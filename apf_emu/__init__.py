@@ -1,0 +1,1 @@
+"""apf-emu's launcher and log tools: `apf-emu run`, `check`, `stats`."""

@@ -1,0 +1,263 @@
+# The protocol checker: replays merged host and guest logs per VM, vCPU and guest boot, and reports every broken
+# invariant with the event that broke it and the events just before it on that vCPU.
+#
+# This is the one implementation of each invariant: `apf-emu run` uses it for its exit status, the tests use it on
+# the logs of real runs. INVARIANTS documents them (docs/LOGGING.md lists the events they read).
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from shared.abi import ASYNC_PF_PER_VCPU, KVM_APF_WAKE_ALL_TOKEN, MSR_NAMES, MSR_KVM_ASYNC_PF_EN, AsyncPfEn
+from shared.abi import token_is_well_formed
+
+from .logs import Event
+
+INVARIANTS: Final = {
+    "token_format": "a not-present token is (id << 12) | vcpu, nonzero and not 0xffffffff; a ready token is that "
+    "or 0xffffffff",
+    "token_unique": "no token is handed out twice on one vCPU",
+    "ready_after_not_present": "every page-ready (except wake-all) follows the not-present of its token on its vCPU",
+    "ready_once": "a token gets at most one page-ready",
+    "one_unacked_ready": "a vCPU gets no page-ready while the guest has not released the previous one",
+    "delivered_while_disabled": "no not-present or page-ready reaches a vCPU whose APF is not enabled (with "
+    "DELIVERY_AS_INT) in the current boot",
+    "outstanding_limit": f"at most {ASYNC_PF_PER_VCPU} not-present events are outstanding per vCPU",
+    "wake_matches_ready": "every guest wake (and wake-all) reads a token the host delivered as page-ready",
+    "wait_woken": "every task that sleeps on a token is woken before its boot shuts down cleanly or the log ends",
+    "dummy_leak": "no dummy sleep-table entry is left when a boot shuts down cleanly (bugzilla 208081)",
+    "data_check": "every verification of guest page contents passes",
+    "guest_panic": "the guest never hits a condition on which Linux panics (async #PF with interrupts off, in "
+    "kernel mode without SEND_ALWAYS, a reused live token)",
+}
+
+CONTEXT_EVENTS: Final = 6
+EN_NAME: Final = MSR_NAMES[MSR_KVM_ASYNC_PF_EN]
+
+
+@dataclass
+class Violation:
+    invariant: str
+    message: str
+    event: Event
+    context: list[Event]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"invariant": self.invariant, "message": self.message, "event": self.event, "context": self.context}
+
+
+@dataclass
+class _HostVcpu:
+    enabled: bool = False
+    outstanding: dict[int, int] = field(default_factory=dict)  # token -> gfn
+    seen: set[int] = field(default_factory=set)
+    readied: set[int] = field(default_factory=set)
+    unacked: int | None = None
+
+
+@dataclass
+class _GuestBoot:
+    waits: dict[int, tuple[int, Event]] = field(default_factory=dict)  # task -> (token, wait event)
+    dummies: set[int] = field(default_factory=set)
+    ended: bool = False
+
+
+class Checker:
+    def __init__(self) -> None:
+        self.violations: list[Violation] = []
+        self.events = 0
+        self._host: dict[tuple[Any, Any], _HostVcpu] = {}
+        self._boots: dict[tuple[Any, Any, Any], _GuestBoot] = {}
+        self._current_boot: dict[tuple[Any, Any], Any] = {}
+        self._context: dict[tuple[Any, Any], deque[Event]] = {}
+
+    # --- driving -------------------------------------------------------------------------------------------------
+    def check(self, events: Iterable[Event]) -> list[Violation]:
+        for ev in events:
+            self.feed(ev)
+        return self.finish()
+
+    def feed(self, ev: Event) -> None:
+        self.events += 1
+        key = (ev.get("vm"), ev.get("vcpu"))
+        ctx = self._context.get(key)
+        if ctx is None:
+            ctx = self._context[key] = deque(maxlen=CONTEXT_EVENTS)
+        self._ev_ctx = ctx
+        handler = (_HOST if ev.get("role") == "host" else _GUEST).get(ev["event"])
+        if handler is not None:
+            handler(self, ev, key)
+        ctx.append(ev)
+
+    def finish(self) -> list[Violation]:
+        for (vm, vcpu, _boot), st in self._boots.items():
+            if not st.ended:
+                self._end_boot(st, (vm, vcpu), clean=True, at_end_of_log=True)
+        return self.violations
+
+    def _violate(self, invariant: str, message: str, ev: Event) -> None:
+        self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx)))
+
+    # --- host events ---------------------------------------------------------------------------------------------
+    def _h(self, key: tuple[Any, Any]) -> _HostVcpu:
+        st = self._host.get(key)
+        if st is None:
+            st = self._host[key] = _HostVcpu()
+        return st
+
+    def _host_reset(self, ev: Event, key: tuple[Any, Any]) -> None:
+        old = self._host.get(key)
+        st = self._host[key] = _HostVcpu()
+        if old is not None:
+            st.seen = old.seen  # tokens stay unique for the vCPU across boots
+
+    def _msr_write(self, ev: Event, key: tuple[Any, Any]) -> None:
+        if ev.get("msr") == EN_NAME and ev.get("ok"):
+            st = self._h(key)
+            st.enabled = AsyncPfEn(int(ev["value"])).apf_enabled
+            if not st.enabled:
+                st.outstanding.clear()
+                st.unacked = None
+
+    def _not_present(self, ev: Event, key: tuple[Any, Any]) -> None:
+        st = self._h(key)
+        token = ev.get("token")
+        vcpu = key[1]
+        if not isinstance(token, int) or not isinstance(vcpu, int) or not token_is_well_formed(token, vcpu):
+            self._violate("token_format", f"not-present token {token!r} is not (id << 12) | {vcpu}", ev)
+            return
+        if not st.enabled:
+            self._violate("delivered_while_disabled", f"not-present {token:#x} while APF is disabled", ev)
+        if token in st.seen:
+            self._violate("token_unique", f"token {token:#x} handed out again", ev)
+        st.seen.add(token)
+        st.outstanding[token] = ev.get("gfn", -1)
+        if len(st.outstanding) > ASYNC_PF_PER_VCPU:
+            self._violate("outstanding_limit", f"{len(st.outstanding)} not-present events outstanding", ev)
+
+    def _ready(self, ev: Event, key: tuple[Any, Any]) -> None:
+        st = self._h(key)
+        token = ev.get("token")
+        if not st.enabled:
+            self._violate("delivered_while_disabled", f"page-ready {token!r} while APF is disabled", ev)
+        if st.unacked is not None:
+            self._violate("one_unacked_ready", f"page-ready {token!r} while {st.unacked:#x} is not released", ev)
+        st.unacked = token if isinstance(token, int) else None
+        if token == KVM_APF_WAKE_ALL_TOKEN:
+            return
+        if not isinstance(token, int) or not isinstance(key[1], int) or not token_is_well_formed(token, key[1]):
+            self._violate("token_format", f"page-ready token {token!r} is malformed", ev)
+        elif token in st.readied:
+            self._violate("ready_once", f"second page-ready for {token:#x}", ev)
+        elif token not in st.outstanding:
+            self._violate("ready_after_not_present", f"page-ready {token:#x} without a not-present", ev)
+        st.outstanding.pop(token, None)
+        st.readied.add(token)
+
+    def _dropped(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._h(key).outstanding.pop(ev.get("token"), None)  # type: ignore[arg-type]
+
+    # --- guest events --------------------------------------------------------------------------------------------
+    def _g(self, ev: Event, key: tuple[Any, Any]) -> _GuestBoot:
+        bkey = (key[0], key[1], ev.get("boot"))
+        st = self._boots.get(bkey)
+        if st is None:
+            st = self._boots[bkey] = _GuestBoot()
+        return st
+
+    def _boot(self, ev: Event, key: tuple[Any, Any]) -> None:
+        prev = self._current_boot.get(key)
+        if prev is not None and prev != ev.get("boot"):
+            old = self._boots.get((key[0], key[1], prev))
+            if old is not None and not old.ended:
+                self._end_boot(old, key, clean=False)  # the previous boot died (crash, kill): its waits are moot
+        self._current_boot[key] = ev.get("boot")
+        self._g(ev, key)
+
+    def _shutdown(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._end_boot(self._g(ev, key), key, clean=True, ev=ev)
+
+    def _end_boot(self, st: _GuestBoot, key: tuple[Any, Any], *, clean: bool, ev: Event | None = None,
+                  at_end_of_log: bool = False) -> None:
+        st.ended = True
+        if not clean:
+            return
+        where = "at the end of the log" if at_end_of_log else "at shutdown"
+        for task, (token, wait_ev) in st.waits.items():
+            self._ev_ctx = self._context.get(key, deque())
+            self._violate("wait_woken", f"task {task} still sleeps on {token:#x} {where}", wait_ev)
+        for token in st.dummies:
+            self._violate("dummy_leak", f"dummy entry for {token:#x} left {where}", ev or {"event": "end_of_log"})
+
+    def _wait(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._g(ev, key).waits[ev.get("task", -1)] = (ev.get("token", -1), ev)
+
+    def _wake(self, ev: Event, key: tuple[Any, Any]) -> None:
+        st = self._g(ev, key)
+        token, task = ev.get("token"), ev.get("task", -1)
+        if not ev.get("all"):
+            self._check_slot(ev, key, token)
+        waited = st.waits.pop(task, None)
+        if waited is not None and waited[0] != token:
+            self._violate("wake_matches_ready", f"task {task} slept on {waited[0]:#x} but woke for {token!r}", ev)
+
+    def _wake_all(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._check_slot(ev, key, KVM_APF_WAKE_ALL_TOKEN)
+        self._g(ev, key).dummies.clear()
+
+    def _check_slot(self, ev: Event, key: tuple[Any, Any], token: Any) -> None:
+        host = self._host.get(key)
+        if host is None or host.unacked != token:
+            slot = None if host is None else host.unacked
+            self._violate("wake_matches_ready", f"guest woke for {token!r}; the host's last page-ready is {slot!r}", ev)
+
+    def _dummy(self, ev: Event, key: tuple[Any, Any]) -> None:
+        st = self._g(ev, key)
+        token = ev.get("token")
+        action = ev.get("action")
+        if action == "created":
+            self._check_slot(ev, key, token)
+            st.dummies.add(token)  # type: ignore[arg-type]
+        else:
+            if action == "removed":
+                self._check_slot(ev, key, token)
+            st.dummies.discard(token)  # type: ignore[arg-type]
+
+    def _ack(self, ev: Event, key: tuple[Any, Any]) -> None:
+        host = self._host.get(key)
+        if host is not None and host.unacked == ev.get("token"):
+            host.unacked = None
+
+    def _data_check(self, ev: Event, key: tuple[Any, Any]) -> None:
+        if not ev.get("ok"):
+            self._violate("data_check", f"page {ev.get('gfn')} did not hold what task {ev.get('task')} wrote", ev)
+
+    def _panic(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._violate("guest_panic", str(ev.get("reason")), ev)
+
+
+_HOST = {
+    "vcpu_connect": Checker._host_reset,
+    "vcpu_disconnect": Checker._host_reset,
+    "msr_write": Checker._msr_write,
+    "kvm_async_pf_not_present": Checker._not_present,
+    "kvm_async_pf_ready": Checker._ready,
+    "apf_ready_dropped": Checker._dropped,
+}
+_GUEST = {
+    "guest_boot": Checker._boot,
+    "guest_shutdown": Checker._shutdown,
+    "guest_apf_wait": Checker._wait,
+    "guest_apf_wake": Checker._wake,
+    "guest_apf_wake_all": Checker._wake_all,
+    "guest_apf_dummy": Checker._dummy,
+    "guest_apf_ack": Checker._ack,
+    "guest_data_check": Checker._data_check,
+    "guest_panic": Checker._panic,
+}
+
+
+def check_events(events: Iterable[Event]) -> list[Violation]:
+    return Checker().check(events)

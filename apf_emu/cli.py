@@ -1,0 +1,217 @@
+# `apf-emu`: the user's entry point. `run` (the native topology), `check` (protocol invariants over logs) and
+# `stats` (counts and latencies over logs). The launcher only starts processes and reads logs: it imports neither
+# the host daemon nor the guest agent.
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from shared.guest_ram import check_vm_id
+
+from .checker import INVARIANTS, Checker, Violation
+from .logs import LogInputError, ReadReport, read_merged
+from .runner import RunOptions, RunResult, run
+from .stats import LATENCIES, Stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="apf-emu",
+        description="Emulate the KVM async page fault protocol (interrupt-based, Linux 5.8+) with a host daemon "
+        "and one guest agent process per vCPU, and inspect the JSON logs they write.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run host and guests natively, then check the logs",
+                       description="Start the host daemon and N guest agents, stop them at --duration or on "
+                       "SIGINT/SIGTERM, print a summary and check every protocol invariant over the logs. Exit "
+                       "status: 0 clean, 1 an invariant was violated, 3 a process failed.")
+    r.add_argument("--vcpus", type=int, default=2, help="guest agent processes, one per vCPU (%(default)s)")
+    r.add_argument("--duration", type=float, default=10.0, help="seconds to run (%(default)s)")
+    r.add_argument("--log-dir", type=Path, default=None,
+                   help="where host.jsonl and guest-<vcpu>.jsonl go (default apf-emu-logs/<vm>); earlier logs "
+                   "of the same names there are replaced")
+    r.add_argument("--seed", type=int, default=0, help="seed for page-in latencies and guest workloads (%(default)s)")
+    r.add_argument("--vector", type=lambda s: int(s, 0), default=0xF3,
+                   help="page-ready vector the guests program (default 0xf3)")
+    r.add_argument("--pages", type=int, default=512, help="guest RAM in 4 KiB pages (%(default)s)")
+    r.add_argument("--resident", type=int, default=384, help="host resident limit in pages (%(default)s)")
+    r.add_argument("--page-in-latency", default="exp:2ms",
+                   help="0, fixed:T, exp:MEAN or uniform:LO:HI, T like 2ms or 150us (%(default)s)")
+    r.add_argument("--tasks", type=int, default=4, help="guest tasks per vCPU (%(default)s)")
+    r.add_argument("--send-always", action="store_true", help="guests set KVM_ASYNC_PF_SEND_ALWAYS")
+    r.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default run<pid>)")
+    r.add_argument("--log-stdout", action="store_true", help="children also print their JSON lines")
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    c = sub.add_parser("check", help="check protocol invariants over logs",
+                       description="Merge host and guest logs by mono_ns and verify every invariant. Exit status: "
+                       "0 clean, 1 violations, 2 unreadable input.")
+    c.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
+    c.add_argument("--json", action="store_true", help="print violations as JSON lines")
+    c.add_argument("--list", action="store_true", help="list the invariants and exit")
+
+    s = sub.add_parser("stats", help="event counts and latency distributions over logs")
+    s.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check":
+        return cmd_check(args)
+    return cmd_stats(args)
+
+
+# --- check and stats --------------------------------------------------------------------------------------------
+def analyse(paths: Sequence[str]) -> tuple[list[Violation], Stats, ReadReport, int]:
+    report = ReadReport()
+    checker = Checker()
+    stats = Stats()
+    for ev in read_merged(paths, report):
+        checker.feed(ev)
+        stats.feed(ev)
+    return checker.finish(), stats, report, checker.events
+
+
+def print_violations(violations: list[Violation], *, as_json: bool, out: Any = sys.stdout) -> None:
+    for v in violations:
+        if as_json:
+            out.write(orjson.dumps(v.as_dict()).decode() + "\n")
+            continue
+        out.write(f"VIOLATION {v.invariant}: {v.message}\n")
+        for ev in v.context:
+            out.write(f"    before: {_brief(ev)}\n")
+        out.write(f"    at:     {_brief(v.event)}\n")
+
+
+def _brief(ev: dict[str, Any]) -> str:
+    skip = {"timestamp", "level", "pid", "vm"}
+    return " ".join(f"{k}={v}" for k, v in ev.items() if k not in skip)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if args.list:
+        for name, text in INVARIANTS.items():
+            print(f"{name}: {text}")
+        return 0
+    try:
+        violations, _stats, report, events = analyse(args.logs)
+    except LogInputError as exc:
+        print(f"apf-emu check: {exc}", file=sys.stderr)
+        return 2
+    for where in report.truncated:
+        print(f"apf-emu check: note: cut last line tolerated at {where} (a killed process)", file=sys.stderr)
+    for where in report.unreadable[:10]:
+        print(f"apf-emu check: note: unreadable line at {where}", file=sys.stderr)
+    print_violations(violations, as_json=args.json)
+    if not args.json:
+        print(f"{events} events, {len(INVARIANTS)} invariants, {len(violations)} violations")
+    return 1 if violations else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    try:
+        _v, stats, _r, _e = analyse(args.logs)
+    except LogInputError as exc:
+        print(f"apf-emu stats: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(orjson.dumps(stats_json(stats)).decode())
+    else:
+        for name, n in sorted(stats.events.items()):
+            print(f"{name:32} {n:10}")
+        for lat in LATENCIES:
+            print(f"{lat:32} {_pct(stats.percentiles(lat))}")
+    return 0
+
+
+def stats_json(stats: Stats) -> dict[str, Any]:
+    return {
+        "events": dict(stats.events),
+        "per_vcpu": {k: dict(v) for k, v in stats.per_vcpu.items()},
+        "apfs": stats.apfs,
+        "sync_faults": stats.sync_faults,
+        "sync_reasons": dict(stats.sync_reasons),
+        "dropped": dict(stats.dropped_reasons),
+        "data_checks": stats.data_checks,
+        "data_check_failures": stats.data_check_failures,
+        "latency_us": {lat: stats.percentiles(lat) for lat in LATENCIES},
+        "seconds": stats.seconds,
+    }
+
+
+def _pct(p: dict[str, float]) -> str:
+    if not p.get("count"):
+        return "-"
+    return f"p50 {p['p50_us']:>7} us  p99 {p['p99_us']:>7} us  max {p['max_us']:>8} us  (n={p['count']})"
+
+
+# --- run --------------------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    if not 1 <= args.vcpus <= 64:
+        print("apf-emu run: --vcpus must be 1..64", file=sys.stderr)
+        return 2
+    if args.duration <= 0:
+        print("apf-emu run: --duration must be positive", file=sys.stderr)
+        return 2
+    opts = RunOptions(
+        vcpus=args.vcpus, duration=args.duration, log_dir=args.log_dir, seed=args.seed, vector=args.vector,
+        pages=args.pages, resident=args.resident, page_in_latency=args.page_in_latency, tasks=args.tasks,
+        send_always=args.send_always, vm=args.vm, log_stdout=args.log_stdout,
+    )
+    result = trio.run(run, opts)
+    violations, stats, report, _events = analyse([str(result.log_dir)])
+    if args.json:
+        print(orjson.dumps(run_json(result, stats, violations)).decode())
+    else:
+        print_summary(result, stats, violations)
+    if violations:
+        return 1
+    if result.unexpected_exits or any(code != 0 for code in result.exit_codes.values()):
+        return 3
+    return 0
+
+
+def run_json(result: RunResult, stats: Stats, violations: list[Violation]) -> dict[str, Any]:
+    return {
+        "vm": result.vm, "log_dir": str(result.log_dir), "stopped_by": result.stopped_by,
+        "exit_codes": result.exit_codes, "unexpected_exits": result.unexpected_exits,
+        "leftovers": result.leftovers, "stats": stats_json(stats),
+        "violations": [v.as_dict() for v in violations],
+    }
+
+
+def print_summary(result: RunResult, stats: Stats, violations: list[Violation]) -> None:
+    secs = stats.seconds or 1.0
+    readies = stats.events["kvm_async_pf_ready"]
+    print(f"apf-emu run: VM {result.vm}, stopped by {result.stopped_by}, logs in {result.log_dir}")
+    print(f"  APFs delivered (not-present #PF)  {stats.apfs:9}   {stats.apfs / secs:8.0f}/s")
+    print(f"  page-ready interrupts             {readies:9}   (wake-all {stats.events['guest_apf_wake_all']})")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.sync_reasons.items()))
+    print(f"  synchronous faults                {stats.sync_faults:9}   {reasons}")
+    dropped = sum(stats.dropped_reasons.values())
+    print(f"  completions eaten (APF disabled)  {dropped:9}")
+    print(f"  page-ready latency                {_pct(stats.percentiles('completed_to_wake'))}")
+    print(f"  APF cycle (not-present -> wake)   {_pct(stats.percentiles('not_present_to_wake'))}")
+    print(f"  data checks passed                {stats.data_checks - stats.data_check_failures:9} of "
+          f"{stats.data_checks}")
+    for line in result.unexpected_exits + [f"left behind: {x}" for x in result.leftovers]:
+        print(f"  ! {line}")
+    bad = {k: v for k, v in result.exit_codes.items() if v != 0}
+    if bad:
+        print(f"  ! exit status: {bad}")
+    if violations:
+        print(f"  invariants: {len(violations)} VIOLATIONS")
+        print_violations(violations[:20], as_json=False)
+    else:
+        print(f"  invariants: all {len(INVARIANTS)} hold")

@@ -1,0 +1,143 @@
+# `apf-emu run`: the native topology. Starts one host daemon and N guest agents as real processes, stops them in
+# order at --duration or on SIGINT/SIGTERM, and leaves nothing behind: no child process, no socket, no shm segment.
+#
+# Order matters. Guests stop first (SIGTERM: they drain their sleeping tasks and disable APF, so every wait is
+# woken); then the host (SIGTERM: closes connections, unlinks the socket and guest RAM). Whatever does not stop
+# within its grace period is SIGKILLed, and the runner then removes what a killed host could not.
+# Children run in their own sessions, so a terminal's Ctrl-C reaches only the runner, which does the above.
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from shared.guest_ram import shm_name, unlink
+
+GUEST_GRACE_S = 15.0
+HOST_GRACE_S = 10.0
+
+
+@dataclass
+class RunOptions:
+    vcpus: int = 2
+    duration: float = 10.0
+    log_dir: Path | None = None
+    seed: int = 0
+    vector: int = 0xF3
+    pages: int = 512
+    resident: int = 384
+    page_in_latency: str = "exp:2ms"
+    tasks: int = 4
+    send_always: bool = False
+    vm: str | None = None
+    log_stdout: bool = False
+
+
+@dataclass
+class RunResult:
+    vm: str
+    log_dir: Path
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    stopped_by: str = "duration"
+    unexpected_exits: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+
+
+def _argv(module: str, *args: object) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+async def run(opts: RunOptions) -> RunResult:
+    vm = opts.vm or f"run{os.getpid()}"
+    log_dir = opts.log_dir or Path("apf-emu-logs") / vm
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(log_dir.glob("host.jsonl")) + list(log_dir.glob("guest-*.jsonl")):
+        old.unlink()  # a run's directory holds that run's logs only
+    tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
+    sock = tmp / "host.sock"
+    result = RunResult(vm, log_dir)
+    common: list[object] = ["--vm", vm, "--socket", sock, "--log-dir", log_dir, "--seed", opts.seed]
+    if opts.log_stdout:
+        common.append("--log-stdout")
+    procs: dict[str, trio.Process] = {}
+    try:
+        procs["host"] = await trio.lowlevel.open_process(
+            _argv("host_daemon", *common, "--vcpus", opts.vcpus, "--pages", opts.pages, "--resident",
+                  opts.resident, "--page-in-latency", opts.page_in_latency),
+            start_new_session=True,
+        )
+        for i in range(opts.vcpus):
+            extra: list[object] = ["--send-always"] if opts.send_always else []
+            procs[f"guest-{i}"] = await trio.lowlevel.open_process(
+                _argv("guest_agent", *common, "--vcpu", i, "--tasks", opts.tasks, "--vector", opts.vector, *extra),
+                start_new_session=True,
+            )
+        await _wait_for_stop(opts.duration, procs, result)
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop(procs, result)
+            with contextlib.suppress(ValueError):
+                if unlink(shm_name(vm)):
+                    result.leftovers.append(f"shm {shm_name(vm)} (removed by the runner)")
+            if sock.exists():
+                result.leftovers.append(f"socket {sock} (removed by the runner)")
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result: RunResult) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    result.stopped_by = signal.Signals(signum).name
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def on_exit(name: str, proc: trio.Process) -> None:
+                await proc.wait()
+                result.unexpected_exits.append(f"{name} exited early with status {proc.returncode}")
+                result.stopped_by = f"{name} exit"
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            for name, proc in procs.items():
+                nursery.start_soon(on_exit, name, proc)
+            await trio.sleep(duration)
+            nursery.cancel_scope.cancel()
+
+
+async def _stop(procs: dict[str, trio.Process], result: RunResult) -> None:
+    guests = {n: p for n, p in procs.items() if n != "host"}
+    await _terminate(guests, GUEST_GRACE_S, result)
+    if "host" in procs:
+        await _terminate({"host": procs["host"]}, HOST_GRACE_S, result)
+
+
+async def _terminate(procs: dict[str, trio.Process], grace: float, result: RunResult) -> None:
+    for proc in procs.values():
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    async with trio.open_nursery() as nursery:
+        for name, proc in procs.items():
+            nursery.start_soon(_reap, name, proc, grace, result)
+
+
+async def _reap(name: str, proc: trio.Process, grace: float, result: RunResult) -> None:
+    with trio.move_on_after(grace):
+        await proc.wait()
+    if proc.returncode is None:
+        result.unexpected_exits.append(f"{name} did not stop within {grace} s and was killed")
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    result.exit_codes[name] = proc.returncode

@@ -1,0 +1,118 @@
+# Statistics over merged logs: event counts, APF versus synchronous faults, data checks, and latency histograms
+# (hdrhistogram, microseconds) of the APF cycle, joined across processes by (vm, vcpu, token).
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from shared.abi import KVM_APF_WAKE_ALL_TOKEN
+
+from .logs import Event
+
+# (from event, to event): each a (role, event name)
+LATENCIES = {
+    "not_present_to_completed": ("kvm_async_pf_not_present", "kvm_async_pf_completed"),
+    "completed_to_ready": ("kvm_async_pf_completed", "kvm_async_pf_ready"),
+    "ready_to_wake": ("kvm_async_pf_ready", "guest_apf_wake"),
+    "ready_to_ack": ("kvm_async_pf_ready", "apf_ack"),
+    "completed_to_wake": ("kvm_async_pf_completed", "guest_apf_wake"),
+    "not_present_to_wake": ("kvm_async_pf_not_present", "guest_apf_wake"),
+}
+
+
+def _histogram() -> HdrHistogram:
+    return HdrHistogram(1, 60_000_000, 3)  # 1 µs .. 60 s
+
+
+@dataclass
+class Stats:
+    events: Counter[str] = field(default_factory=Counter)
+    per_vcpu: dict[str, Counter[str]] = field(default_factory=dict)
+    latency: dict[str, HdrHistogram] = field(default_factory=lambda: {k: _histogram() for k in LATENCIES})
+    sync_reasons: Counter[str] = field(default_factory=Counter)
+    dropped_reasons: Counter[str] = field(default_factory=Counter)
+    data_checks: int = 0
+    data_check_failures: int = 0
+    first_ns: int | None = None
+    last_ns: int | None = None
+    _stamps: dict[tuple[Any, Any, Any, str], int] = field(default_factory=dict)
+    _last_ready: dict[tuple[Any, Any], tuple[int, int]] = field(default_factory=dict)
+
+    def feed(self, ev: Event) -> None:
+        name = ev["event"]
+        t = ev["mono_ns"]
+        if self.first_ns is None:
+            self.first_ns = t
+        self.last_ns = t
+        self.events[name] += 1
+        vkey = f"{ev.get('vm')}/{ev.get('vcpu')}"
+        self.per_vcpu.setdefault(vkey, Counter())[name] += 1
+        key = (ev.get("vm"), ev.get("vcpu"))
+        token = ev.get("token")
+        if name == "apf_sync_fault":
+            self.sync_reasons[str(ev.get("reason"))] += 1
+        elif name == "apf_ready_dropped":
+            self.dropped_reasons[str(ev.get("reason"))] += 1
+        if name == "guest_shutdown":
+            self.data_checks += int(ev.get("data_checks", 0))
+            self.data_check_failures += int(ev.get("data_check_failures", 0))
+        if name == "apf_ack":
+            ready = self._last_ready.pop(key, None)
+            if ready is not None:
+                self._record("ready_to_ack", t - ready[1])
+            return
+        if token is None or token == KVM_APF_WAKE_ALL_TOKEN:
+            return
+        if name == "kvm_async_pf_ready":
+            self._last_ready[key] = (token, t)
+        stamp_key = (key[0], key[1], token, name)
+        self._stamps[stamp_key] = t
+        for lat, (a, b) in LATENCIES.items():
+            if b == name:
+                start = self._stamps.get((key[0], key[1], token, a))
+                if start is not None:
+                    self._record(lat, t - start)
+        if name == "guest_apf_wake":
+            for a in ("kvm_async_pf_not_present", "kvm_async_pf_completed", "kvm_async_pf_ready"):
+                self._stamps.pop((key[0], key[1], token, a), None)
+            self._stamps.pop(stamp_key, None)
+
+    def _record(self, lat: str, ns: int) -> None:
+        self.latency[lat].record_value(max(1, min(ns // 1000, 60_000_000)))
+
+    @property
+    def apfs(self) -> int:
+        return self.events["kvm_async_pf_not_present"]
+
+    @property
+    def sync_faults(self) -> int:
+        return self.events["apf_sync_fault"]
+
+    @property
+    def seconds(self) -> float:
+        if self.first_ns is None or self.last_ns is None:
+            return 0.0
+        return (self.last_ns - self.first_ns) / 1e9
+
+    def percentiles(self, lat: str) -> dict[str, float]:
+        h = self.latency[lat]
+        if h.get_total_count() == 0:
+            return {"count": 0}
+        return {
+            "count": h.get_total_count(),
+            "p50_us": h.get_value_at_percentile(50),
+            "p90_us": h.get_value_at_percentile(90),
+            "p99_us": h.get_value_at_percentile(99),
+            "max_us": h.get_max_value(),
+        }
+
+
+def collect(events: Iterable[Event]) -> Stats:
+    stats = Stats()
+    for ev in events:
+        stats.feed(ev)
+    return stats

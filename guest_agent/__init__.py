@@ -1,0 +1,1 @@
+"""The apf-emu guest agent: plays the guest kernel of one vCPU (scheduler, #PF handler, page-ready interrupt)."""

@@ -1,0 +1,88 @@
+# `apf-guest`: run the guest kernel of one vCPU. Options also read from APF_EMU_* environment variables (for compose).
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+from shared import log as slog
+from shared.guest_ram import check_vm_id
+
+from .kernel import GuestConfig, GuestError, GuestKernel
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(f"APF_EMU_{name.upper()}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="apf-guest",
+        description="An apf-emu guest agent: the guest kernel of one vCPU. Connects to the host daemon, enables "
+        "async page faults (MSR_KVM_ASYNC_PF_INT, then MSR_KVM_ASYNC_PF_EN), runs tasks that write and verify "
+        "guest RAM, sleeps tasks on not-present #PFs and wakes them on page-ready interrupts. On SIGTERM/SIGINT "
+        "it stops starting work, waits for sleeping tasks to be woken, disables APF and exits.",
+    )
+    p.add_argument("--vm", default=env("vm", "vm0"), type=check_vm_id, help="VM id (%(default)s)")
+    p.add_argument("--socket", type=Path, default=Path(env("socket", "/tmp/apf-emu-vm0.sock")),
+                   help="the host daemon's Unix socket (%(default)s)")
+    p.add_argument("--vcpu", type=int, default=int(env("vcpu", "-1")),
+                   help="vCPU id to claim; default: the host assigns one")
+    p.add_argument("--boot", type=int, default=int(env("boot", "1")), help="boot number of this vCPU (%(default)s)")
+    p.add_argument("--kind", choices=["normal", "kdump"], default=env("kind", "normal"), help="kernel kind")
+    p.add_argument("--tasks", type=int, default=int(env("tasks", "4")), help="guest tasks (%(default)s)")
+    p.add_argument("--vector", type=lambda s: int(s, 0), default=int(env("vector", "0xf3"), 0),
+                   help="page-ready vector written to MSR_KVM_ASYNC_PF_INT (default 0xf3)")
+    p.add_argument("--send-always", action="store_true", default=env("send_always", "") == "1",
+                   help="set KVM_ASYNC_PF_SEND_ALWAYS: accept APFs in kernel mode too")
+    p.add_argument("--no-apf", dest="apf", action="store_false", default=env("apf", "1") == "1",
+                   help="do not enable APF (like the no-kvmapf kernel parameter)")
+    p.add_argument("--seed", type=int, default=int(env("seed", "0")), help="random seed (%(default)s)")
+    p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
+    p.add_argument("--log-dir", type=Path, default=Path(env("log_dir", "")) if env("log_dir", "") else None,
+                   help="write guest-<vcpu>.jsonl here")
+    p.add_argument("--log-stdout", action="store_true", default=env("log_stdout", "") == "1",
+                   help="also write JSON log lines to stdout")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to wait for the host (%(default)s)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 1 <= args.tasks <= 1024:
+        print("apf-guest: --tasks must be 1..1024", file=sys.stderr)
+        return 2
+    if not 0 <= args.vector <= 255:
+        print("apf-guest: --vector must be 0..255", file=sys.stderr)
+        return 2
+    config = GuestConfig(
+        vm=args.vm, socket=args.socket, vcpu=None if args.vcpu < 0 else args.vcpu, boot=args.boot, kind=args.kind,
+        tasks=args.tasks, vector=args.vector, send_always=args.send_always, apf=args.apf, seed=args.seed,
+        log_dir=args.log_dir, log_stdout=args.log_stdout, connect_timeout=args.connect_timeout,
+        duration=args.duration,
+    )
+    try:
+        trio.run(GuestKernel(config).run)
+    except BaseExceptionGroup as group:
+        _, rest = group.split((GuestError, OSError))
+        if rest is not None:
+            raise rest from None
+        for exc in _leaves(group):
+            print(f"apf-guest: {exc}", file=sys.stderr)
+        return 3
+    except (GuestError, OSError) as exc:
+        print(f"apf-guest: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        slog.close()
+    return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

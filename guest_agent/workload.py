@@ -1,0 +1,80 @@
+# Guest tasks and the round-robin scheduler of one vCPU.
+#
+# A task owns a fixed set of pages (the same set in every boot, so a rebooted guest finds its data) and, step by
+# step, picks one, verifies it holds what the task last wrote, and writes the next version. Each access is made in
+# a mode: user mode with interrupts on (most), kernel mode (no APF unless SEND_ALWAYS), or inside a short
+# interrupts-off section (never APF: the host must fault synchronously, and a pending page-ready waits).
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class PageAccess:
+    gfn: int
+    user: bool
+    irq: bool
+
+
+@dataclass
+class GuestTask:
+    tid: int
+    pages: list[int]
+    rng: random.Random
+    kernel_ratio: float = 0.1
+    irq_off_ratio: float = 0.05
+    accept: dict[int, tuple[int, ...]] = field(default_factory=dict)  # gfn -> seqs the page may hold
+    current: PageAccess | None = None  # the access in progress (retried after a fault)
+    faulted: bool = False  # the current access needed a VM exit
+    irq_off_left: int = 0  # accesses left in an interrupts-off section
+    token: int | None = None  # the token this task sleeps on
+
+    def next_access(self) -> PageAccess:
+        if self.current is None:
+            gfn = self.rng.choice(self.pages)
+            if self.irq_off_left == 0 and self.rng.random() < self.irq_off_ratio:
+                self.irq_off_left = self.rng.randint(1, 3)
+            if self.irq_off_left:
+                self.irq_off_left -= 1
+                self.current = PageAccess(gfn, user=False, irq=False)
+            else:
+                self.current = PageAccess(gfn, user=self.rng.random() >= self.kernel_ratio, irq=True)
+            self.faulted = False
+        return self.current
+
+    @property
+    def in_irq_off_section(self) -> bool:
+        return self.irq_off_left > 0 or (self.current is not None and not self.current.irq)
+
+    def finish_access(self) -> None:
+        self.current = None
+        self.faulted = False
+
+
+def task_pages(pages: int, vcpus: int, vcpu: int, tasks: int, tid: int) -> list[int]:
+    """The gfns task `tid` of `vcpu` owns: workload pages start at gfn 1 (gfn 0 holds the APF areas)."""
+    return [g for g in range(1, pages) if (g - 1) % vcpus == vcpu and ((g - 1) // vcpus) % tasks == tid]
+
+
+class RunQueue:
+    """Round robin, except that a task inside an interrupts-off section keeps the CPU."""
+
+    def __init__(self) -> None:
+        self._q: deque[GuestTask] = deque()
+
+    def add(self, task: GuestTask) -> None:
+        self._q.append(task)
+
+    def pick(self) -> GuestTask | None:
+        return self._q.popleft() if self._q else None
+
+    def put_back(self, task: GuestTask) -> None:
+        if task.in_irq_off_section:
+            self._q.appendleft(task)
+        else:
+            self._q.append(task)
+
+    def __len__(self) -> int:
+        return len(self._q)

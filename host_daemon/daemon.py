@@ -1,0 +1,172 @@
+# The host daemon: one VM. Owns guest RAM (creates and finally unlinks the shm object), the memory model, the Unix
+# socket the guest agents connect to, the handshake that gives each its vCPU, and orderly shutdown on SIGTERM/SIGINT.
+#
+# Structure follows hypercorn's trio worker: a nursery for the server, a signal task that cancels it, and cleanup
+# in `finally` blocks so that a clean stop leaves no socket file and no shm segment behind.
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from shared import log as slog
+from shared.abi import APF_EMU_CPUID_FEATURES, MAX_VCPUS
+from shared.channel import MessageChannel
+from shared.guest_ram import GuestRam, RamLayout
+from shared.wire import GUEST_TO_HOST, PROTOCOL_VERSION, WireError
+
+from .memory import GuestMemory, PageInLatency
+from .vcpu_conn import VcpuConnection
+
+HANDSHAKE_TIMEOUT_S = 5.0
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    vm: str
+    socket: Path
+    vcpus: int = 2
+    pages: int = 512
+    resident: int = 384
+    latency: PageInLatency = PageInLatency("exp", 0.002)
+    seed: int = 0
+    log_dir: Path | None = None
+    log_stdout: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ValueError(f"--vcpus must be 1..{MAX_VCPUS}")
+        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
+            raise ValueError(f"socket path {self.socket} is longer than the {MAX_SOCKET_PATH} bytes Unix allows")
+        RamLayout(self.pages)
+        if not 2 <= self.resident < self.pages:
+            raise ValueError("--resident must be at least 2 and less than --pages")
+
+
+class Vm:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.log = slog.get_logger("host", config.vm)
+        self.memory: GuestMemory
+        self.nursery: trio.Nursery
+        self.vcpus: dict[int, VcpuConnection] = {}
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        ram = GuestRam.create(cfg.vm, RamLayout(cfg.pages))
+        try:
+            self.memory = GuestMemory(ram, cfg.resident, cfg.latency, random.Random(cfg.seed))
+            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.socket)
+            await sock.bind(os.fspath(cfg.socket))
+            try:
+                os.chmod(cfg.socket, 0o600)
+                sock.listen(128)
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    nursery.start_soon(slog.flush_every)
+                    nursery.start_soon(self._signals, nursery.cancel_scope)
+                    self.log.info(
+                        "host_ready", socket=str(cfg.socket), shm=ram.name, pages=cfg.pages, resident=cfg.resident,
+                        vcpus=cfg.vcpus, latency=str(cfg.latency), seed=cfg.seed,
+                    )
+                    await nursery.start(trio.serve_listeners, self._handle, [trio.SocketListener(sock)])
+                    task_status.started()
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(cfg.socket)
+        finally:
+            stats = getattr(self, "memory", None)
+            self.log.info("host_stop", **(vars(stats.stats) if stats else {}))
+            ram.close()
+            slog.flush()
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self.log.info("host_signal", signal=signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        chan = MessageChannel(stream, GUEST_TO_HOST)
+        try:
+            await self._session(chan)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await chan.aclose()
+
+    async def _session(self, chan: MessageChannel) -> None:
+        msg = None
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as scope:
+            try:
+                msg = await chan.receive()
+            except WireError as exc:
+                await self._refuse(chan, exc.code, exc.message)
+                return
+        if scope.cancelled_caught:
+            await self._refuse(chan, "handshake_timeout", f"no hello within {HANDSHAKE_TIMEOUT_S} s")
+            return
+        if msg is None:
+            return  # a probe (health check) that connected and left
+        if msg["t"] != "hello":
+            await self._refuse(chan, "unexpected", f"expected hello, got {msg['t']}")
+            return
+        problem = self._check_hello(msg)
+        if problem:
+            await self._refuse(chan, *problem)
+            return
+        vcpu_id = msg["vcpu"] if msg["vcpu"] is not None else min(set(range(self.config.vcpus)) - self.vcpus.keys())
+        log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=msg["boot"])
+        conn = VcpuConnection(self, chan, vcpu_id, msg["boot"], log)
+        self.vcpus[vcpu_id] = conn
+        log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"])
+        try:
+            await chan.send(
+                "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, vcpus=self.config.vcpus,
+                pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,
+                cpuid=APF_EMU_CPUID_FEATURES,
+            )
+            await conn.serve()
+        finally:
+            conn.reset("vcpu_reset")
+            del self.vcpus[vcpu_id]
+            log.info("vcpu_disconnect")
+
+    def _check_hello(self, msg: dict[str, Any]) -> tuple[str, str] | None:
+        if msg["proto"] != PROTOCOL_VERSION:
+            return "bad_version", f"protocol {msg['proto']} is not {PROTOCOL_VERSION}"
+        if msg["vm"] != self.config.vm:
+            return "wrong_vm", f"this host runs VM {self.config.vm!r}, not {msg['vm']!r}"
+        if msg["kind"] not in ("normal", "kdump"):
+            return "bad_field", "kind must be normal or kdump"
+        if msg["boot"] < 1:
+            return "bad_field", "boot numbers start at 1"
+        vcpu = msg["vcpu"]
+        if vcpu is None:
+            if len(self.vcpus) >= self.config.vcpus:
+                return "no_vcpu", f"all {self.config.vcpus} vCPUs are taken"
+        elif not 0 <= vcpu < self.config.vcpus:
+            return "bad_vcpu", f"vCPU {vcpu} is not in 0..{self.config.vcpus - 1}"
+        elif vcpu in self.vcpus:
+            return "vcpu_busy", f"vCPU {vcpu} is already connected"
+        return None
+
+    async def _refuse(self, chan: MessageChannel, code: str, message: str) -> None:
+        self.log.error("wire_error", code=code, message=message, fatal=True)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await chan.send("error", code=code, message=message, fatal=True)
+
+
+async def serve(config: HostConfig) -> None:
+    await Vm(config).run()

@@ -1,0 +1,127 @@
+# One guest agent's connection: the vCPU "thread" that runs the state machine of host_daemon/vcpu.py against the
+# wire, the page-ins of host_daemon/memory.py and the guest's APF area.
+#
+# Every request from the guest gets exactly one reply (its result, or an `error`); page-ready interrupts are pushed
+# whenever a completion or an ACK lets one out. A bad frame is answered with an `error` and logged; only a fatal one
+# (oversized or truncated frame) closes the connection, and nothing here can take the daemon or other vCPUs down.
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from shared.channel import MessageChannel
+from shared.guest_ram import PAGE_SIZE
+from shared.wire import Message, WireError
+
+from .vcpu import AsyncPf, VcpuApf
+
+if TYPE_CHECKING:
+    from .daemon import Vm
+
+
+class VcpuConnection:
+    def __init__(self, vm: Vm, chan: MessageChannel, vcpu_id: int, boot: int, log: Any) -> None:
+        self.vm = vm
+        self.chan = chan
+        self.vcpu_id = vcpu_id
+        self.boot = boot
+        self.log = log
+        self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log)
+        self.pinned: int | None = None
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._message_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _message_loop(self) -> None:
+        while True:
+            try:
+                msg = await self.chan.receive()
+            except WireError as exc:
+                await self.reject(exc)
+                if exc.fatal:
+                    return
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if msg is None:
+                return
+            await self._dispatch(msg)
+
+    async def reject(self, exc: WireError) -> None:
+        self.log.error("wire_error", code=exc.code, message=exc.message, fatal=exc.fatal)
+        try:
+            await self.chan.send("error", code=exc.code, message=exc.message, fatal=exc.fatal)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _dispatch(self, msg: Message) -> None:
+        t = msg["t"]
+        if t == "msr_write":
+            await self._msr_write(msg["msr"], msg["value"])
+        elif t == "exit_mem":
+            await self._exit_mem(msg["gpa"], user=msg["user"], irq=msg["irq"])
+        else:  # hello again
+            await self.reject(WireError("unexpected", f"{t} after the handshake"))
+
+    async def _msr_write(self, msr: int, value: int) -> None:
+        result = self.apf.write_msr(msr, value)
+        area_gfn = self.apf.area.gpa // PAGE_SIZE if self.apf.area is not None else None
+        if area_gfn != self.pinned:
+            if self.pinned is not None:
+                self.vm.memory.unpin(self.pinned)
+            if area_gfn is not None:
+                # The host writes the area, so it must stay resident (KVM's put_user would fault it in).
+                await self.vm.memory.fault_in(area_gfn, self.vm.nursery)
+                self.vm.memory.pin(area_gfn)
+            self.pinned = area_gfn
+        if result.rescan:
+            # Raised before the reply, so that it is pending when the vCPU re-enters after the wrmsr exit, as KVM
+            # injects it on that very entry: the wake-all of an enable is then taken before any later #PF.
+            await self.deliver_ready()
+        await self.chan.send("msr_result", msr=msr, ok=result.ok, error=result.error)
+
+    async def _exit_mem(self, gpa: int, *, user: bool, irq: bool) -> None:
+        gfn = gpa // PAGE_SIZE
+        memory = self.vm.memory
+        if not 0 <= gpa < memory.ram.layout.ram_size:
+            await self.reject(WireError("bad_address", f"gpa {gpa:#x} is outside guest RAM"))
+            return
+        if memory.present(gfn):
+            await self.chan.send("resume", gpa=gpa)  # raced with a page-in: just re-enter
+            return
+        decision = self.apf.on_fault(gfn, user=user, irq=irq)
+        if decision.apf is None:
+            await memory.fault_in(gfn, self.vm.nursery)  # the vCPU is halted until the page is in
+            await self.chan.send("resume", gpa=gpa)
+            return
+        event = memory.start_page_in(gfn, self.vm.nursery)
+        self._nursery.start_soon(self._complete_when, decision.apf, event)
+        await self.chan.send("inject_pf", cr2=decision.apf.token)
+
+    async def _complete_when(self, item: AsyncPf, event: trio.Event) -> None:
+        await event.wait()  # the page may be evicted again before the guest retries: it then faults anew
+        if self.apf.complete(item):
+            await self.deliver_ready()
+
+    async def deliver_ready(self) -> None:
+        vector = self.apf.check_completion()
+        if vector is not None:
+            try:
+                await self.chan.send("interrupt", vector=vector)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def reset(self, reason: str) -> None:
+        """The vCPU is gone: drop its APF state, as KVM does on vCPU reset or destroy."""
+        self.apf.drop_all(reason)
+        self.apf.area = None
+        if self.pinned is not None:
+            self.vm.memory.unpin(self.pinned)
+            self.pinned = None
+        self.vm.memory.clear_in_access(self.vcpu_id)

@@ -1,0 +1,137 @@
+# The KVM async page fault ABI, x86, interrupt-based delivery (Linux 5.8+).
+#
+# This module owns the numbers both sides agree on: MSR numbers and bits, the `flags` reasons, the token format and
+# the per-vCPU limit. Names match the kernel's (arch/x86/include/uapi/asm/kvm_para.h, arch/x86/kvm/x86.c) so that a
+# reader can grep the kernel for any of them. Nothing here does I/O.
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# --- MSRs (Documentation/virt/kvm/x86/msr.rst) -------------------------------------------------------------------
+MSR_KVM_ASYNC_PF_EN: Final = 0x4B564D02
+MSR_KVM_ASYNC_PF_INT: Final = 0x4B564D06
+MSR_KVM_ASYNC_PF_ACK: Final = 0x4B564D07
+
+MSR_NAMES: Final = {
+    MSR_KVM_ASYNC_PF_EN: "MSR_KVM_ASYNC_PF_EN",
+    MSR_KVM_ASYNC_PF_INT: "MSR_KVM_ASYNC_PF_INT",
+    MSR_KVM_ASYNC_PF_ACK: "MSR_KVM_ASYNC_PF_ACK",
+}
+
+# MSR_KVM_ASYNC_PF_EN bits
+KVM_ASYNC_PF_ENABLED: Final = 1 << 0
+KVM_ASYNC_PF_SEND_ALWAYS: Final = 1 << 1
+KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT: Final = 1 << 2
+KVM_ASYNC_PF_DELIVERY_AS_INT: Final = 1 << 3
+KVM_ASYNC_PF_RESERVED: Final = 0x30  # bits 5:4
+KVM_ASYNC_PF_ADDR_MASK: Final = ~0x3F & 0xFFFF_FFFF_FFFF_FFFF  # bits 63:6
+
+# MSR_KVM_ASYNC_PF_INT: vector in bits 7:0, bits 63:8 must be zero.
+KVM_ASYNC_PF_INT_VECTOR_MASK: Final = 0xFF
+
+# The vector Linux programs (HYPERVISOR_CALLBACK_VECTOR) and kvm-unit-tests uses.
+HYPERVISOR_CALLBACK_VECTOR: Final = 0xF3
+
+# --- CPUID 0x40000001 EAX feature bits that apf-emu's "host" advertises -------------------------------------------
+KVM_FEATURE_ASYNC_PF: Final = 1 << 4
+KVM_FEATURE_ASYNC_PF_VMEXIT: Final = 1 << 10  # not advertised: apf-emu has no nested guests
+KVM_FEATURE_ASYNC_PF_INT: Final = 1 << 14
+APF_EMU_CPUID_FEATURES: Final = KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT
+
+# --- struct kvm_vcpu_pv_apf_data.flags ---------------------------------------------------------------------------
+KVM_PV_REASON_PAGE_NOT_PRESENT: Final = 1
+KVM_PV_REASON_PAGE_READY: Final = 2  # unused since page-ready became an interrupt; kept for the name
+
+# --- tokens (arch/x86/kvm/mmu/mmu.c kvm_arch_setup_async_pf) ------------------------------------------------------
+ASYNC_PF_PER_VCPU: Final = 64
+TOKEN_VCPU_BITS: Final = 12
+TOKEN_VCPU_MASK: Final = (1 << TOKEN_VCPU_BITS) - 1
+TOKEN_ID_LIMIT: Final = 1 << (32 - TOKEN_VCPU_BITS)  # the id wraps here, as the kernel's u32 arithmetic does
+KVM_APF_WAKE_ALL_TOKEN: Final = 0xFFFF_FFFF  # `work->arch.token = ~0` in kvm_async_pf_wakeup_all
+MAX_VCPUS: Final = 64  # apf-emu's own limit: one 64-byte APF area slot per vCPU in the guest's kernel page
+
+U32_MAX: Final = 0xFFFF_FFFF
+U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def make_token(apf_id: int, vcpu_id: int) -> int:
+    """``(id << 12) | vcpu_id``, truncated to u32 like the kernel's."""
+    return ((apf_id << TOKEN_VCPU_BITS) | (vcpu_id & TOKEN_VCPU_MASK)) & U32_MAX
+
+
+def token_vcpu(token: int) -> int:
+    return token & TOKEN_VCPU_MASK
+
+
+def token_id(token: int) -> int:
+    return token >> TOKEN_VCPU_BITS
+
+
+def next_apf_id(apf_id: int, vcpu_id: int) -> int:
+    """The id after `apf_id`, skipping values that would make a token the kernel's reserved 0 or ~0.
+
+    Linux starts `apf.id` at 0, so its very first token on vCPU 0 is 0, the value that also means "slot free".
+    apf-emu never hands out 0 (see docs/PROTOCOL.md, "Tokens").
+    """
+    nxt = (apf_id + 1) % TOKEN_ID_LIMIT
+    while make_token(nxt, vcpu_id) in (0, KVM_APF_WAKE_ALL_TOKEN):
+        nxt = (nxt + 1) % TOKEN_ID_LIMIT
+    return nxt
+
+
+def token_is_well_formed(token: int, vcpu_id: int) -> bool:
+    """A page-fault token: u32, nonzero, not wake-all, naming this vCPU in its low 12 bits."""
+    return (
+        0 < token < KVM_APF_WAKE_ALL_TOKEN and token_vcpu(token) == vcpu_id & TOKEN_VCPU_MASK
+    )
+
+
+# --- MSR_KVM_ASYNC_PF_EN decoding --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AsyncPfEn:
+    """A decoded MSR_KVM_ASYNC_PF_EN value."""
+
+    raw: int
+
+    @property
+    def enabled_bit(self) -> bool:
+        return bool(self.raw & KVM_ASYNC_PF_ENABLED)
+
+    @property
+    def send_always(self) -> bool:
+        return bool(self.raw & KVM_ASYNC_PF_SEND_ALWAYS)
+
+    @property
+    def delivery_as_pf_vmexit(self) -> bool:
+        return bool(self.raw & KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT)
+
+    @property
+    def delivery_as_int(self) -> bool:
+        return bool(self.raw & KVM_ASYNC_PF_DELIVERY_AS_INT)
+
+    @property
+    def gpa(self) -> int:
+        return self.raw & KVM_ASYNC_PF_ADDR_MASK
+
+    @property
+    def apf_enabled(self) -> bool:
+        """`kvm_pv_async_pf_enabled`: APF is on only with both ENABLED and DELIVERY_AS_INT (5.9+ hosts)."""
+        mask = KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+        return (self.raw & mask) == mask
+
+
+def async_pf_en_value(
+    gpa: int, *, enabled: bool = True, send_always: bool = False, delivery_as_int: bool = True
+) -> int:
+    """The value a guest writes to MSR_KVM_ASYNC_PF_EN (gpa must be 64-byte aligned)."""
+    if gpa & 0x3F:
+        raise ValueError(f"APF area address {gpa:#x} is not 64-byte aligned")
+    value = gpa
+    if enabled:
+        value |= KVM_ASYNC_PF_ENABLED
+    if send_always:
+        value |= KVM_ASYNC_PF_SEND_ALWAYS
+    if delivery_as_int:
+        value |= KVM_ASYNC_PF_DELIVERY_AS_INT
+    return value

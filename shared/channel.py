@@ -1,0 +1,49 @@
+# A message stream over a trio byte stream: shared/wire.py framing plus send/receive, for both sides.
+#
+# One reader per connection owns a FrameReader; sends are whole frames written with one send_all under a lock
+# (trio forbids concurrent send_all on one stream, and a host task pushing an interrupt may race the handler that
+# answers an exit).
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import trio
+
+from .wire import FrameReader, Message, WireError, decode, encode
+
+RECEIVE_CHUNK = 65536
+
+
+class MessageChannel:
+    def __init__(self, stream: trio.abc.Stream, schema: dict[str, dict[str, tuple[type, ...]]]) -> None:
+        self.stream = stream
+        self._schema = schema
+        self._reader = FrameReader()
+        self._frames: deque[bytes] = deque()
+        self._send_lock = trio.Lock()
+        self.closed = False
+
+    async def send(self, msg_type: str, **fields: Any) -> None:
+        data = encode(msg_type, **fields)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def receive(self) -> Message | None:
+        """The next valid message, or None at a clean end of stream.
+
+        Raises WireError for a bad frame; unless it is fatal the channel can go on being read.
+        """
+        while not self._frames:
+            data = await self.stream.receive_some(RECEIVE_CHUNK)
+            if not data:
+                if self._reader.pending:
+                    raise WireError("truncated", f"stream ended inside a frame ({self._reader.pending} bytes)",
+                                    fatal=True)
+                return None
+            self._frames.extend(self._reader.feed(data))
+        return decode(self._frames.popleft(), self._schema)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.stream.aclose()

@@ -1,0 +1,126 @@
+# Structured logging shared by both sides: structlog rendering JSON lines with orjson (docs/LOGGING.md).
+#
+# Every line carries `event`, `timestamp` (ISO 8601 UTC), `mono_ns` (CLOCK_MONOTONIC, which is system-wide on Linux
+# and so orders events across processes and containers), `level`, and the context each side binds: `role`, `vm`,
+# `vcpu`, `boot`, `pid`. Event names follow KVM's tracepoints where the concept is KVM's.
+#
+# The log is on the APF hot path, so lines go into a process-local buffer and reach the file in batches: the sink
+# is flushed when it holds more than FLUSH_BYTES, by a periodic `flush_every` task, and at exit. A process killed
+# with SIGKILL loses at most its last batch, and its last line may be cut: the log checker tolerates both.
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any, Final
+
+import orjson
+import structlog
+import trio
+
+FLUSH_BYTES: Final = 64 * 1024
+FLUSH_INTERVAL_S: Final = 0.05
+
+
+class JsonLinesSink:
+    """The structlog "logger": takes rendered JSON bytes, writes lines to a file and/or stdout in batches."""
+
+    __slots__ = ("_outs", "_buf", "_size")
+
+    def __init__(self, outs: list[IO[bytes]]) -> None:
+        self._outs = outs
+        self._buf: list[bytes] = []
+        self._size = 0
+
+    def msg(self, message: bytes) -> None:
+        self._buf.append(message)
+        self._buf.append(b"\n")
+        self._size += len(message) + 1
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+
+    # structlog calls the method named after the level
+    info = debug = warning = error = critical = exception = msg
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        data = b"".join(self._buf)
+        self._buf.clear()
+        self._size = 0
+        for out in self._outs:
+            try:
+                out.write(data)
+                out.flush()
+            except (OSError, ValueError):
+                pass  # a closed stdout (e.g. the reader of a pipe went away) must not take the process down
+
+    def close(self) -> None:
+        self.flush()
+        for out in self._outs:
+            if out is not sys.stdout.buffer:
+                try:
+                    out.close()
+                except OSError:
+                    pass
+        self._outs = []
+
+
+_sink: JsonLinesSink | None = None
+
+
+def _add_stamps(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict["mono_ns"] = time.monotonic_ns()
+    return event_dict
+
+
+def configure(log_file: Path | None, *, stdout: bool = False) -> JsonLinesSink:
+    """Set up structlog for this process. Call once, before the first log line."""
+    global _sink
+    outs: list[IO[bytes]] = []
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        outs.append(open(log_file, "ab"))
+    if stdout:
+        outs.append(sys.stdout.buffer)
+    if _sink is not None:
+        _sink.close()
+    sink = _sink = JsonLinesSink(outs)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            _add_stamps,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=lambda *args: sink,
+        cache_logger_on_first_use=False,
+    )
+    return sink
+
+
+def get_logger(role: str, vm: str, *, vcpu: int | None = None, boot: int | None = None) -> Any:
+    """A bound logger carrying the schema's context fields."""
+    return structlog.get_logger().bind(role=role, vm=vm, vcpu=vcpu, boot=boot, pid=os.getpid())
+
+
+def flush() -> None:
+    if _sink is not None:
+        _sink.flush()
+
+
+def close() -> None:
+    global _sink
+    if _sink is not None:
+        _sink.close()
+        _sink = None
+
+
+async def flush_every(interval: float = FLUSH_INTERVAL_S) -> None:
+    """Run in a nursery: keeps the log file at most `interval` behind the process."""
+    while True:
+        await trio.sleep(interval)
+        flush()
