@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--page-in-latency", default="exp:2ms",
                    help="0, fixed:T, exp:MEAN or uniform:LO:HI, T like 2ms or 150us (%(default)s)")
     r.add_argument("--tasks", type=int, default=4, help="guest tasks per vCPU (%(default)s)")
+    r.add_argument("--kernel-ratio", type=float, default=0.1,
+                   help="share of guest accesses made in kernel mode: no APF without --send-always (%(default)s)")
+    r.add_argument("--irq-off-ratio", type=float, default=0.05,
+                   help="share of guest accesses that open an interrupts-off section: never APF (%(default)s)")
     r.add_argument("--send-always", action="store_true", help="guests set KVM_ASYNC_PF_SEND_ALWAYS")
     r.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default run<pid>)")
     r.add_argument("--log-stdout", action="store_true", help="children also print their JSON lines")
@@ -167,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(
         vcpus=args.vcpus, duration=args.duration, log_dir=args.log_dir, seed=args.seed, vector=args.vector,
         pages=args.pages, resident=args.resident, page_in_latency=args.page_in_latency, tasks=args.tasks,
-        send_always=args.send_always, vm=args.vm, log_stdout=args.log_stdout,
+        send_always=args.send_always, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio, vm=args.vm, log_stdout=args.log_stdout,
     )
     result = trio.run(run, opts)
     violations, stats, report, _events = analyse([str(result.log_dir)])

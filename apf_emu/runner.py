@@ -36,6 +36,8 @@ class RunOptions:
     page_in_latency: str = "exp:2ms"
     tasks: int = 4
     send_always: bool = False
+    kernel_ratio: float = 0.1
+    irq_off_ratio: float = 0.05
     vm: str | None = None
     log_stdout: bool = False
 
@@ -76,7 +78,8 @@ async def run(opts: RunOptions) -> RunResult:
         for i in range(opts.vcpus):
             extra: list[object] = ["--send-always"] if opts.send_always else []
             procs[f"guest-{i}"] = await trio.lowlevel.open_process(
-                _argv("guest_agent", *common, "--vcpu", i, "--tasks", opts.tasks, "--vector", opts.vector, *extra),
+                _argv("guest_agent", *common, "--vcpu", i, "--tasks", opts.tasks, "--vector", opts.vector,
+                      "--kernel-ratio", opts.kernel_ratio, "--irq-off-ratio", opts.irq_off_ratio, *extra),
                 start_new_session=True,
             )
         await _wait_for_stop(opts.duration, procs, result)

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set KVM_ASYNC_PF_SEND_ALWAYS: accept APFs in kernel mode too")
     p.add_argument("--no-apf", dest="apf", action="store_false", default=env("apf", "1") == "1",
                    help="do not enable APF (like the no-kvmapf kernel parameter)")
+    p.add_argument("--kernel-ratio", type=float, default=float(env("kernel_ratio", "0.1")),
+                   help="share of accesses made in kernel mode (%(default)s)")
+    p.add_argument("--irq-off-ratio", type=float, default=float(env("irq_off_ratio", "0.05")),
+                   help="share of accesses that open an interrupts-off section (%(default)s)")
     p.add_argument("--seed", type=int, default=int(env("seed", "0")), help="random seed (%(default)s)")
     p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
     p.add_argument("--log-dir", type=Path, default=Path(env("log_dir", "")) if env("log_dir", "") else None,
@@ -58,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.vector <= 255:
         print("apf-guest: --vector must be 0..255", file=sys.stderr)
         return 2
+    if not (0 <= args.kernel_ratio <= 1 and 0 <= args.irq_off_ratio <= 1):
+        print("apf-guest: --kernel-ratio and --irq-off-ratio must be within 0..1", file=sys.stderr)
+        return 2
     config = GuestConfig(
         vm=args.vm, socket=args.socket, vcpu=None if args.vcpu < 0 else args.vcpu, boot=args.boot, kind=args.kind,
         tasks=args.tasks, vector=args.vector, send_always=args.send_always, apf=args.apf, seed=args.seed,
         log_dir=args.log_dir, log_stdout=args.log_stdout, connect_timeout=args.connect_timeout,
-        duration=args.duration,
+        duration=args.duration, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio,
     )
     try:
         trio.run(GuestKernel(config).run)

@@ -1,0 +1,107 @@
+# Real processes and a blocking wire client for integration tests.
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shared.guest_ram import shm_name
+from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.01) -> None:
+    """Poll a condition (another process's state) until it holds; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().split(b"\n"):
+        if line.strip():
+            try:
+                out.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                pass
+    return out
+
+
+class HostProcess:
+    def __init__(self, tmp: Path, vm: str, *args: str) -> None:
+        self.vm = vm
+        self.socket = tmp / "host.sock"
+        self.log_dir = tmp
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "host_daemon", "--vm", vm, "--socket", str(self.socket), "--log-dir", str(tmp),
+             *args],
+            cwd=ROOT, start_new_session=True,
+        )
+        wait_until(lambda: self.proc.poll() is not None or self.socket.exists(), 10, "the host's socket")
+        assert self.proc.poll() is None, f"host exited with {self.proc.returncode}"
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.log_dir / "host.jsonl")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def shm_exists(self) -> bool:
+        return os.path.exists(f"/dev/shm{shm_name(self.vm)}")
+
+
+class WireClient:
+    """A guest's side of the socket, blocking, for scripted scenarios."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.reader = FrameReader()
+        self.frames: list[bytes] = []
+
+    def send(self, msg_type: str, **fields: Any) -> None:
+        self.sock.sendall(encode(msg_type, **fields))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive(self) -> dict[str, Any] | None:
+        while not self.frames:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.frames.extend(self.reader.feed(data))
+        return decode(self.frames.pop(0), HOST_TO_GUEST)
+
+    def request(self, msg_type: str, **fields: Any) -> dict[str, Any]:
+        self.send(msg_type, **fields)
+        reply = self.receive()
+        assert reply is not None, "host closed the connection"
+        return reply
+
+    def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1) -> dict[str, Any]:
+        return self.request("hello", proto=1, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid())
+
+    def close(self) -> None:
+        self.sock.close()
