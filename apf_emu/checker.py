@@ -193,7 +193,11 @@ class Checker:
             self._violate("dummy_leak", f"dummy entry for {token:#x} left {where}", ev or {"event": "end_of_log"})
 
     def _wait(self, ev: Event, key: tuple[Any, Any]) -> None:
-        self._g(ev, key).waits[ev.get("task", -1)] = (ev.get("token", -1), ev)
+        st = self._g(ev, key)
+        task = ev.get("task", -1)
+        if task in st.waits:
+            self._violate("wait_woken", f"task {task} sleeps again while still asleep on {st.waits[task][0]:#x}", ev)
+        st.waits[task] = (ev.get("token", -1), ev)
 
     def _wake(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._g(ev, key)

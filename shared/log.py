@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import MutableMapping
 from typing import IO, Any, Final
 
 import orjson
@@ -71,7 +72,7 @@ class JsonLinesSink:
 _sink: JsonLinesSink | None = None
 
 
-def _add_stamps(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _add_stamps(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event_dict["mono_ns"] = time.monotonic_ns()
     return event_dict
 

@@ -103,7 +103,7 @@ class FrameReader:
     max_frame: int = MAX_FRAME
     _buf: bytearray | None = None
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         buf = self._buf
         if buf is None:
             buf = self._buf = bytearray()

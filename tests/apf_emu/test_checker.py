@@ -1,0 +1,207 @@
+# The checker accepts the logs of a real clean run and flags each kind of corruption with the right invariant.
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from apf_emu.checker import INVARIANTS, check_events
+from apf_emu.logs import ReadReport, read_merged
+from shared.abi import KVM_APF_WAKE_ALL_TOKEN, make_token
+
+ROOT = Path(__file__).resolve().parents[2]
+Events = list[dict]
+
+
+@pytest.fixture(scope="module")
+def clean_logs(tmp_path_factory) -> Path:
+    log_dir = tmp_path_factory.mktemp("clean")
+    proc = subprocess.run(
+        [sys.executable, "-m", "apf_emu", "run", "--vcpus", "2", "--duration", "2", "--log-dir", str(log_dir)],
+        cwd=ROOT, capture_output=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout.decode()[-2000:]
+    return log_dir
+
+
+@pytest.fixture
+def events(clean_logs) -> Events:
+    return list(read_merged([str(clean_logs)]))
+
+
+def first(evs: Events, name: str, **match) -> int:
+    return next(i for i, e in enumerate(evs) if e["event"] == name and all(e.get(k) == v for k, v in match.items()))
+
+
+def at(evs: Events, i: int, **changes) -> dict:
+    ev = copy.deepcopy(evs[i])
+    ev.update(changes)
+    return ev
+
+
+def a_token(evs: Events) -> tuple[int, int]:
+    """Index of a not-present event whose token was later readied and woken on the same vCPU."""
+    for i, e in enumerate(evs):
+        if e["event"] == "kvm_async_pf_not_present":
+            return i, e["token"]
+    raise AssertionError("no APF in the run")
+
+
+def drop_ready(evs: Events) -> Events:
+    _, token = a_token(evs)
+    return [e for e in evs if not (e["event"] == "kvm_async_pf_ready" and e.get("token") == token)]
+
+
+def duplicate_token(evs: Events) -> Events:
+    i, token = a_token(evs)
+    j = next(k for k in range(i + 1, len(evs)) if evs[k]["event"] == "kvm_async_pf_not_present"
+             and evs[k]["vcpu"] == evs[i]["vcpu"])
+    evs[j] = at(evs, j, token=token)
+    return evs
+
+
+def deliver_after_disable(evs: Events) -> Events:
+    i = first(evs, "msr_write", msr="MSR_KVM_ASYNC_PF_EN", value=0)
+    evs.insert(i + 1, at(evs, i, event="kvm_async_pf_ready", token=KVM_APF_WAKE_ALL_TOKEN, gfn=-1,
+                         mono_ns=evs[i]["mono_ns"] + 1))
+    return evs
+
+
+def wake_before_ready(evs: Events) -> Events:
+    _, token = a_token(evs)
+    r = first(evs, "kvm_async_pf_ready", token=token)
+    w = first(evs, "guest_apf_wake", token=token)
+    wake = evs.pop(w)
+    wake["mono_ns"] = evs[r]["mono_ns"] - 1
+    evs.insert(r, wake)
+    return evs
+
+
+def fail_data_check(evs: Events) -> Events:
+    i = first(evs, "guest_data_check")
+    evs[i] = at(evs, i, ok=False)
+    return evs
+
+
+def drop_wake(evs: Events) -> Events:
+    i = first(evs, "guest_apf_wake", all=False)
+    task, token = evs[i]["task"], evs[i]["token"]
+    return [e for e in evs if not (e["event"] in ("guest_apf_wake", "guest_apf_ack") and e.get("token") == token
+                                   and e.get("task", task) == task)]
+
+
+def second_ready(evs: Events) -> Events:
+    _, token = a_token(evs)
+    a = first(evs, "guest_apf_ack", token=token)
+    evs.insert(a + 1, at(evs, first(evs, "kvm_async_pf_ready", token=token), mono_ns=evs[a]["mono_ns"] + 1))
+    evs.insert(a + 2, at(evs, a, mono_ns=evs[a]["mono_ns"] + 2))
+    return evs
+
+
+def ready_without_not_present(evs: Events) -> Events:
+    i, _ = a_token(evs)
+    r = first(evs, "kvm_async_pf_ready", vcpu=evs[i]["vcpu"], token=evs[i]["token"])
+    evs[r] = at(evs, r, token=make_token(999_999, evs[i]["vcpu"]))
+    return evs
+
+
+def too_many_outstanding(evs: Events) -> Events:
+    i, _ = a_token(evs)
+    extra = [at(evs, i, token=make_token(500_000 + k, evs[i]["vcpu"]), mono_ns=evs[i]["mono_ns"]) for k in range(64)]
+    return evs[: i + 1] + extra + evs[i + 1 :]
+
+
+def malformed_token(evs: Events) -> Events:
+    i, _ = a_token(evs)
+    evs[i] = at(evs, i, token=make_token(5, evs[i]["vcpu"] + 1))
+    return evs
+
+
+def two_readies_unacked(evs: Events) -> Events:
+    _, token = a_token(evs)
+    a = first(evs, "guest_apf_ack", token=token)
+    return evs[:a] + evs[a + 1 :]
+
+
+def leak_dummy(evs: Events) -> Events:
+    i = first(evs, "guest_apf_wake", all=False)
+    token = evs[i]["token"]
+    evs[i] = at(evs, i, event="guest_apf_dummy", action="created")
+    del evs[i]["task"]
+    evs.insert(i + 1, at(evs, i, event="guest_apf_wake", token=token, all=False, task=-1,
+                         mono_ns=evs[i]["mono_ns"]))
+    return evs
+
+
+def guest_panic(evs: Events) -> Events:
+    i = first(evs, "guest_apf_wait")
+    evs.insert(i + 1, at(evs, i, event="guest_panic", reason="Host injected async #PF in kernel mode"))
+    return evs
+
+
+MUTATIONS: dict[str, Callable[[Events], Events]] = {
+    "token_format": malformed_token,
+    "token_unique": duplicate_token,
+    "ready_after_not_present": ready_without_not_present,
+    "ready_once": second_ready,
+    "one_unacked_ready": two_readies_unacked,
+    "delivered_while_disabled": deliver_after_disable,
+    "outstanding_limit": too_many_outstanding,
+    "wake_matches_ready": wake_before_ready,
+    "wait_woken": drop_wake,
+    "dummy_leak": leak_dummy,
+    "data_check": fail_data_check,
+    "guest_panic": guest_panic,
+}
+
+
+def test_every_invariant_has_a_mutation():
+    assert MUTATIONS.keys() == INVARIANTS.keys()
+
+
+def test_clean_logs_pass(events):
+    assert check_events(events) == []
+
+
+@pytest.mark.parametrize("invariant", sorted(MUTATIONS))
+def test_mutation_is_flagged_with_its_invariant(events, invariant):
+    violations = check_events(MUTATIONS[invariant](events))
+    assert invariant in {v.invariant for v in violations}, [v.invariant for v in violations]
+    v = next(v for v in violations if v.invariant == invariant)
+    assert v.event and v.message
+
+
+def test_drop_ready_is_flagged(events):
+    assert {"wake_matches_ready"} <= {v.invariant for v in check_events(drop_ready(events))}
+
+
+def test_cut_last_line_is_tolerated_and_reported(clean_logs, tmp_path):
+    for f in clean_logs.iterdir():
+        data = f.read_bytes()
+        (tmp_path / f.name).write_bytes(data[: -40] if f.name == "guest-0.jsonl" else data)
+    report = ReadReport()
+    evs = list(read_merged([str(tmp_path)], report))
+    assert len(report.truncated) == 1 and "guest-0.jsonl:" in report.truncated[0]
+    assert report.unreadable == []
+    violations = check_events(evs)
+    # the cut line was guest_shutdown of a boot: its end is unknown, at most its last waits are open
+    assert {v.invariant for v in violations} <= {"wait_woken", "dummy_leak"}
+
+
+@pytest.mark.parametrize("args,status", [(["CLEAN"], 0), (["MISSING"], 2), (["MUTATED"], 1)])
+def test_check_command_exit_status(clean_logs, tmp_path, args, status):
+    mutated = tmp_path / "mutated.jsonl"
+    import orjson
+
+    evs = fail_data_check(list(read_merged([str(clean_logs)])))
+    mutated.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in evs))
+    paths = {"CLEAN": str(clean_logs), "MISSING": str(tmp_path / "nope"), "MUTATED": str(mutated)}
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "check", *[paths[a] for a in args]], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    if status == 1:
+        assert "VIOLATION data_check" in proc.stdout
