@@ -4,9 +4,11 @@
 # and so orders events across processes and containers), `level`, and the context each side binds: `role`, `vm`,
 # `vcpu`, `boot`, `pid`. Event names follow KVM's tracepoints where the concept is KVM's.
 #
-# The log is on the APF hot path, so lines go into a process-local buffer and reach the file in batches: the sink
-# is flushed when it holds more than FLUSH_BYTES, by a periodic `flush_every` task, and at exit. A process killed
-# with SIGKILL loses at most its last batch, and its last line may be cut: the log checker tolerates both.
+# The log is on the APF hot path, so a log call only renders the line (orjson) and appends it to a process-local
+# buffer. A periodic `flush_every` task hands the batch to a worker thread for the write, so the event loop never
+# waits on the file; a buffer that grows past FLUSH_BYTES anyway (a loop too busy to flush) is written in place.
+# At exit everything left is written. A process killed with SIGKILL loses at most its last batch, and its last
+# line may be cut: the log checker tolerates both.
 from __future__ import annotations
 
 import logging
@@ -21,7 +23,7 @@ import orjson
 import structlog
 import trio
 
-FLUSH_BYTES: Final = 64 * 1024
+FLUSH_BYTES: Final = 4 * 1024 * 1024
 FLUSH_INTERVAL_S: Final = 0.05
 
 
@@ -45,18 +47,25 @@ class JsonLinesSink:
     # structlog calls the method named after the level
     info = debug = warning = error = critical = exception = msg
 
-    def flush(self) -> None:
-        if not self._buf:
-            return
+    def take(self) -> bytes:
+        """Remove and return the buffered lines."""
         data = b"".join(self._buf)
         self._buf.clear()
         self._size = 0
+        return data
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
         for out in self._outs:
             try:
                 out.write(data)
                 out.flush()
             except (OSError, ValueError):
                 pass  # a closed stdout (e.g. the reader of a pipe went away) must not take the process down
+
+    def flush(self) -> None:
+        self.write(self.take())
 
     def close(self) -> None:
         self.flush()
@@ -121,7 +130,12 @@ def close() -> None:
 
 
 async def flush_every(interval: float = FLUSH_INTERVAL_S) -> None:
-    """Run in a nursery: keeps the log file at most `interval` behind the process."""
+    """Run in a nursery: keeps the log outputs at most `interval` behind the process, writing from a thread."""
+    limiter = trio.CapacityLimiter(1)  # one writer at a time keeps the lines in order
     while True:
         await trio.sleep(interval)
-        flush()
+        sink = _sink
+        if sink is not None:
+            data = sink.take()
+            if data:
+                await trio.to_thread.run_sync(sink.write, data, limiter=limiter)
