@@ -30,6 +30,7 @@ import trio
 from shared import log as slog
 from shared.abi import (
     KVM_APF_WAKE_ALL_TOKEN,
+    KVM_FEATURE_ASYNC_PF_INT,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
@@ -103,6 +104,7 @@ class GuestKernel:
         try:
             welcome = await self._handshake()
             self.vcpu: int = welcome["vcpu"]
+            self.cpuid: int = welcome["cpuid"]
             if self.cfg.log_dir is not None or self.cfg.log_stdout:
                 slog.configure(self.cfg.log_dir / f"guest-{self.vcpu}.jsonl" if self.cfg.log_dir else None,
                                stdout=self.cfg.log_stdout)
@@ -196,11 +198,21 @@ class GuestKernel:
                       apf=self.cfg.apf, send_always=self.cfg.send_always)
         if not self.cfg.apf:
             return
-        self.apf.flags = 0
-        self.apf.token = 0
+        if not self.cpuid & KVM_FEATURE_ASYNC_PF_INT:  # kvm_guest_cpu_init checks the feature first
+            self.log.warning("guest_no_apf", reason="host does not advertise KVM_FEATURE_ASYNC_PF_INT")
+            return
+        # Zero the area first. Until APF is on its page is ordinary guest memory that may be swapped out, so the
+        # stores go through the EPT like any other access.
+        await self._kernel_store(self.apf.gpa, 0)
+        await self._kernel_store(self.apf.gpa + 4, 0)
         if await self.wrmsr(MSR_KVM_ASYNC_PF_INT, self.cfg.vector):
             value = async_pf_en_value(self.apf.gpa, send_always=self.cfg.send_always)
             self.apf_enabled = await self.wrmsr(MSR_KVM_ASYNC_PF_EN, value)
+
+    async def _kernel_store(self, gpa: int, value: int) -> None:
+        while (status := self.mem.store_u32(gpa, value)) is not Access.DONE:
+            if status is Access.EXIT:
+                await self.request("exit_mem", gpa=gpa, write=True, user=False, irq=False)
 
     async def _shutdown(self) -> None:
         if self.apf_enabled:

@@ -74,5 +74,21 @@ class GuestMemoryAccess:
             return Access.RETRY, new_seq, False
         return Access.DONE, new_seq, ok
 
+    def store_u32(self, gpa: int, value: int) -> Access:
+        """One aligned 32-bit store to guest memory, under the same EPT protocol (e.g. zeroing the APF area
+        before APF is enabled, when its page is not pinned and may be swapped out)."""
+        u32 = self.u32
+        gfn = gpa // PAGE_SIZE
+        ix = self.ept0 + gfn
+        u32[self.in_access] = gfn + 1
+        entry = u32[ix]
+        if not entry & 1:
+            u32[self.in_access] = 0
+            return Access.EXIT
+        u32[gpa >> 2] = value
+        changed = u32[ix] != entry
+        u32[self.in_access] = 0
+        return Access.RETRY if changed else Access.DONE
+
     def leave(self) -> None:
         self.u32[self.in_access] = 0

@@ -84,8 +84,8 @@ class Vm:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cfg.socket)
         finally:
-            stats = getattr(self, "memory", None)
-            self.log.info("host_stop", **(vars(stats.stats) if stats else {}))
+            memory = getattr(self, "memory", None)  # absent if the memory model refused its configuration
+            self.log.info("host_stop", **(vars(memory.stats) if memory is not None else {}))
             ram.close()
             slog.flush()
 

@@ -103,3 +103,21 @@ async def test_a_broken_shootdown_is_caught_by_the_guest_check():
         del mem
     finally:
         ram.close()
+
+
+async def test_a_store_to_a_swapped_out_page_exits_instead_of_being_lost():
+    from guest_agent.memory import Access, GuestMemoryAccess
+
+    vm = f"shootdown{random.randrange(1 << 30)}"
+    ram = GuestRam.create(vm, RamLayout(8))
+    try:
+        memory = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0))
+        mem = GuestMemoryAccess(ram, 0)
+        assert mem.store_u32(4096 * 6 + 8, 7) is Access.EXIT  # gfn 6 starts swapped out
+        async with trio.open_nursery() as nursery:
+            await memory.fault_in(6, nursery)
+        assert mem.store_u32(4096 * 6 + 8, 7) is Access.DONE
+        assert ram.u32[(4096 * 6 + 8) // 4] == 7
+        del mem
+    finally:
+        ram.close()
