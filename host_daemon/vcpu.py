@@ -100,6 +100,17 @@ class VcpuApf:
         return len(self.queue)
 
     # --- MSRs ----------------------------------------------------------------------------------------------------
+    def area_gfn_enabled_by(self, msr: int, value: int) -> int | None:
+        """The page of the APF area if writing `value` to `msr` would turn APF on, else None."""
+        if msr != MSR_KVM_ASYNC_PF_EN or not 0 <= value <= U64_MAX:
+            return None
+        en = AsyncPfEn(value)
+        if value & KVM_ASYNC_PF_RESERVED or en.delivery_as_pf_vmexit or not en.apf_enabled:
+            return None
+        if en.gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
+            return None
+        return en.gpa // PAGE_SIZE
+
     def write_msr(self, msr: int, value: int) -> MsrResult:
         if not 0 <= value <= U64_MAX:
             result = MsrResult(False, "value is not a u64")

@@ -70,16 +70,23 @@ class VcpuConnection:
             await self.reject(WireError("unexpected", f"{t} after the handshake"))
 
     async def _msr_write(self, msr: int, value: int) -> None:
+        memory = self.vm.memory
+        held = [self.pinned] if self.pinned is not None else []
+        target = self.apf.area_gfn_enabled_by(msr, value)
+        if target is not None:
+            # The host writes the area, so its page must be resident before APF is on and stay so while it is
+            # (KVM's put_user would fault it in): fault it in and pin it before the write takes effect.
+            await memory.fault_in(target, self.vm.nursery)
+            memory.pin(target)
+            held.append(target)
         result = self.apf.write_msr(msr, value)
         area_gfn = self.apf.area.gpa // PAGE_SIZE if self.apf.area is not None else None
-        if area_gfn != self.pinned:
-            if self.pinned is not None:
-                self.vm.memory.unpin(self.pinned)
-            if area_gfn is not None:
-                # The host writes the area, so it must stay resident (KVM's put_user would fault it in).
-                await self.vm.memory.fault_in(area_gfn, self.vm.nursery)
-                self.vm.memory.pin(area_gfn)
-            self.pinned = area_gfn
+        self.pinned = None
+        for gfn in held:  # keep exactly one pin, on the page of the area now in force
+            if gfn == area_gfn and self.pinned is None:
+                self.pinned = gfn
+            else:
+                memory.unpin(gfn)
         if result.rescan:
             # Raised before the reply, so that it is pending when the vCPU re-enters after the wrmsr exit, as KVM
             # injects it on that very entry: the wake-all of an enable is then taken before any later #PF.

@@ -229,3 +229,17 @@ class ReadyQueueMachine(RuleBasedStateMachine):
 
 
 TestReadyQueueMachine = ReadyQueueMachine.TestCase
+
+
+@pytest.mark.parametrize(
+    "msr,value,gfn",
+    [(MSR_KVM_ASYNC_PF_EN, (5 * 4096 + 128) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT, 5),
+     (MSR_KVM_ASYNC_PF_EN, ON | 0x10, None), (MSR_KVM_ASYNC_PF_EN, AREA | KVM_ASYNC_PF_ENABLED, None),
+     (MSR_KVM_ASYNC_PF_EN, 0, None), (MSR_KVM_ASYNC_PF_INT, ON, None),
+     (MSR_KVM_ASYNC_PF_EN, (PAGES * 4096) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT, None)],
+)
+def test_area_gfn_enabled_by_agrees_with_write_msr(msr, value, gfn):
+    vcpu, _ = make_vcpu()
+    assert vcpu.area_gfn_enabled_by(msr, value) == gfn
+    vcpu.write_msr(msr, value)
+    assert (vcpu.area.gpa // 4096 if vcpu.area is not None else None) == gfn
