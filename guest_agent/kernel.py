@@ -242,7 +242,7 @@ class GuestKernel:
             await trio.lowlevel.checkpoint()  # let the reader queue any vector that arrived meanwhile
 
     def _irqs_off(self) -> bool:
-        head = self.runq._q[0] if len(self.runq) else None
+        head = self.runq.peek()
         return head is not None and head.in_irq_off_section
 
     async def _halt(self) -> None:

@@ -70,6 +70,9 @@ class RunQueue:
     def pick(self) -> GuestTask | None:
         return self._q.popleft() if self._q else None
 
+    def peek(self) -> GuestTask | None:
+        return self._q[0] if self._q else None
+
     def put_back(self, task: GuestTask) -> None:
         if task.in_irq_off_section:
             self._q.appendleft(task)
