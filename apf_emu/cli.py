@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGINT/SIGTERM, print a summary and check every protocol invariant over the logs. Exit "
                        "status: 0 clean, 1 an invariant was violated, 3 a process failed.")
     r.add_argument("--vcpus", type=int, default=2, help="guest agent processes, one per vCPU (%(default)s)")
+    r.add_argument("--transport", choices=["socket", "signal"], default="socket",
+                   help="how #PF injection and interrupts reach the guests: msgpack frames on the socket, or POSIX "
+                   "real-time signals with the payload in shared memory (%(default)s)")
+    r.add_argument("--apf-reinit-every", type=float, default=None, metavar="SECONDS",
+                   help="guests disable and re-enable APF this often under load, as CPU offline/online does")
     r.add_argument("--duration", type=float, default=10.0, help="seconds to run (%(default)s)")
     r.add_argument("--log-dir", type=Path, default=None,
                    help="where host.jsonl and guest-<vcpu>.jsonl go (default apf-emu-logs/<vm>); earlier logs "
@@ -169,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("apf-emu run: --duration must be positive", file=sys.stderr)
         return 2
     opts = RunOptions(
-        vcpus=args.vcpus, duration=args.duration, log_dir=args.log_dir, seed=args.seed, vector=args.vector,
+        vcpus=args.vcpus, transport=args.transport, apf_reinit_every=args.apf_reinit_every, duration=args.duration, log_dir=args.log_dir, seed=args.seed, vector=args.vector,
         pages=args.pages, resident=args.resident, page_in_latency=args.page_in_latency, tasks=args.tasks,
         send_always=args.send_always, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio, vm=args.vm, log_stdout=args.log_stdout,
     )

@@ -27,6 +27,8 @@ HOST_GRACE_S = 10.0
 @dataclass
 class RunOptions:
     vcpus: int = 2
+    transport: str = "socket"
+    apf_reinit_every: float | None = None
     duration: float = 10.0
     log_dir: Path | None = None
     seed: int = 0
@@ -77,8 +79,10 @@ async def run(opts: RunOptions) -> RunResult:
         )
         for i in range(opts.vcpus):
             extra: list[object] = ["--send-always"] if opts.send_always else []
+            if opts.apf_reinit_every:
+                extra += ["--apf-reinit-every", opts.apf_reinit_every]
             procs[f"guest-{i}"] = await trio.lowlevel.open_process(
-                _argv("guest_agent", *common, "--vcpu", i, "--tasks", opts.tasks, "--vector", opts.vector,
+                _argv("guest_agent", *common, "--vcpu", i, "--transport", opts.transport, "--tasks", opts.tasks, "--vector", opts.vector,
                       "--kernel-ratio", opts.kernel_ratio, "--irq-off-ratio", opts.irq_off_ratio, *extra),
                 start_new_session=True,
             )

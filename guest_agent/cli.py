@@ -6,8 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import trio
-
 from shared import log as slog
 from shared.guest_ram import check_vm_id
 
@@ -29,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vm", default=env("vm", "vm0"), type=check_vm_id, help="VM id (%(default)s)")
     p.add_argument("--socket", type=Path, default=Path(env("socket", "/tmp/apf-emu-vm0.sock")),
                    help="the host daemon's Unix socket (%(default)s)")
+    p.add_argument("--transport", choices=["socket", "signal"], default=env("transport", "socket"),
+                   help="how #PF injection and interrupts reach the guest: socket frames or real-time signals "
+                   "(%(default)s)")
     p.add_argument("--vcpu", type=int, default=int(env("vcpu", "-1")),
                    help="vCPU id to claim; default: the host assigns one")
     p.add_argument("--boot", type=int, default=int(env("boot", "1")), help="boot number of this vCPU (%(default)s)")
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of accesses made in kernel mode (%(default)s)")
     p.add_argument("--irq-off-ratio", type=float, default=float(env("irq_off_ratio", "0.05")),
                    help="share of accesses that open an interrupts-off section (%(default)s)")
+    p.add_argument("--apf-reinit-every", type=float, default=None, metavar="SECONDS",
+                   help="disable and re-enable APF this often, as CPU offline/online does (default never)")
     p.add_argument("--seed", type=int, default=int(env("seed", "0")), help="random seed (%(default)s)")
     p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
     p.add_argument("--log-dir", type=Path, default=Path(env("log_dir", "")) if env("log_dir", "") else None,
@@ -66,30 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         print("apf-guest: --kernel-ratio and --irq-off-ratio must be within 0..1", file=sys.stderr)
         return 2
     config = GuestConfig(
-        vm=args.vm, socket=args.socket, vcpu=None if args.vcpu < 0 else args.vcpu, boot=args.boot, kind=args.kind,
+        vm=args.vm, socket=args.socket, transport=args.transport, apf_reinit_every=args.apf_reinit_every, vcpu=None if args.vcpu < 0 else args.vcpu, boot=args.boot, kind=args.kind,
         tasks=args.tasks, vector=args.vector, send_always=args.send_always, apf=args.apf, seed=args.seed,
         log_dir=args.log_dir, log_stdout=args.log_stdout, connect_timeout=args.connect_timeout,
         duration=args.duration, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio,
     )
     try:
-        trio.run(GuestKernel(config).run)
-    except BaseExceptionGroup as group:
-        _, rest = group.split((GuestError, OSError))
-        if rest is not None:
-            raise rest from None
-        for exc in _leaves(group):
-            print(f"apf-guest: {exc}", file=sys.stderr)
-        return 3
+        GuestKernel(config).run()
     except (GuestError, OSError) as exc:
         print(f"apf-guest: {exc}", file=sys.stderr)
         return 3
     finally:
         slog.close()
     return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out

@@ -1,31 +1,35 @@
 # The guest kernel of one vCPU: boot, the vCPU loop, the #PF handler and the page-ready interrupt handler, after
 # arch/x86/kernel/kvm.c.
 #
-# - Boot (`kvm_guest_cpu_init`): wrmsr MSR_KVM_ASYNC_PF_INT = vector first, then MSR_KVM_ASYNC_PF_EN =
-#   area | ENABLED | DELIVERY_AS_INT [| SEND_ALWAYS]. The area is this vCPU's 64-byte slot in guest page 0.
-# - The vCPU loop runs one task access at a time. Between accesses, with interrupts on, it takes pending vectors;
-#   with nothing runnable it halts until a vector arrives.
-# - #PF (`__kvm_handle_async_pf`): read and reset `flags`. 0 is a genuine fault. PAGE_NOT_PRESENT puts the task to
-#   sleep on the token (CR2) in the sleep table, or finds the dummy a faster page-ready left and retries at once.
+# - Boot (`kvm_guest_cpu_init`): if CPUID has KVM_FEATURE_ASYNC_PF_INT, wrmsr MSR_KVM_ASYNC_PF_INT = vector first,
+#   then MSR_KVM_ASYNC_PF_EN = area | ENABLED | DELIVERY_AS_INT [| SEND_ALWAYS]. The area is this vCPU's 64-byte
+#   slot in guest page 0.
+# - The vCPU loop: the scheduler (kernel, interrupts off) picks a task; the task's access runs in user mode with
+#   interrupts on, or inside an interrupts-off section; an access to a non-present page is a VM exit.
+# - #PF (`__kvm_handle_async_pf`), entered with interrupts off (an interrupt gate): read and reset `flags`; 0 is a
+#   genuine fault; PAGE_NOT_PRESENT puts the task to sleep on the token (CR2) in the sleep table, or finds the dummy
+#   a faster page-ready left and retries at once.
 # - Page-ready interrupt (`sysvec_kvm_asyncpf_interrupt`): read `token`, wake its sleeper (or leave a dummy), wake
 #   everything on 0xffffffff, write 0 to `token`, wrmsr MSR_KVM_ASYNC_PF_ACK = 1.
-# - Stop (SIGTERM/SIGINT): run no new accesses, keep taking page-ready interrupts until no task sleeps (or the
-#   drain timeout), then disable APF as the reboot path does (`kvm_pv_disable_apf`) and leave.
+# - Re-init (optional, `--apf-reinit-every`): disable and re-enable APF under load, as CPU offline/online does; the
+#   host eats the outstanding completions and its wake-all makes every sleeping task retry.
+# - Stop (SIGTERM/SIGINT or --duration): run no new accesses, keep taking page-ready interrupts until no task
+#   sleeps (or the drain timeout), then disable APF as the reboot path does (`kvm_pv_disable_apf`) and leave.
 #
-# With the socket transport an interrupt arrives as a message; a reader task queues it and the vCPU loop takes it at
-# the next instruction boundary where interrupts are on, which is where a real CPU would take it.
+# The vCPU is single-threaded and blocking. Interrupts reach it through guest_agent/transport.py and are taken or
+# deferred by guest_agent/cpu.py; all kernel data (run queue, sleep table) is touched only with interrupts off or
+# from the interrupt handler, as in Linux.
 from __future__ import annotations
 
 import math
 import os
 import random
 import signal
-from collections import deque
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
-
-import trio
 
 from shared import log as slog
 from shared.abi import (
@@ -38,23 +42,23 @@ from shared.abi import (
     async_pf_en_value,
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
-from shared.channel import MessageChannel
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
-from shared.wire import HOST_TO_GUEST, PROTOCOL_VERSION, Message, WireError
+from shared.wire import PROTOCOL_VERSION
 
+from .cpu import Cpu
 from .memory import Access, GuestMemoryAccess
 from .sleep_table import DuplicateToken, SleepTable
+from .transport import GuestError, Transport, open_transport
 from .workload import GuestTask, RunQueue, task_pages
 
-
-class GuestError(Exception):
-    """The guest cannot go on (host refused it, went away, or broke the protocol)."""
+__all__ = ["GuestConfig", "GuestError", "GuestKernel"]
 
 
 @dataclass(frozen=True)
 class GuestConfig:
     vm: str
     socket: Path
+    transport: str = "socket"
     vcpu: int | None = None
     boot: int = 1
     kind: str = "normal"
@@ -65,22 +69,12 @@ class GuestConfig:
     seed: int = 0
     kernel_ratio: float = 0.1
     irq_off_ratio: float = 0.05
+    apf_reinit_every: float | None = None
     log_dir: Path | None = None
     log_stdout: bool = False
     connect_timeout: float = 10.0
     drain_timeout: float = 5.0
     duration: float | None = None
-
-
-async def connect(path: Path, timeout: float) -> trio.SocketStream:
-    """Connect, retrying while the host is not listening yet (it may be starting or restarting)."""
-    with trio.move_on_after(timeout):
-        while True:
-            try:
-                return await trio.open_unix_socket(os.fspath(path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                await trio.sleep(0.02)
-    raise GuestError(f"no host listening on {path} after {timeout} s")
 
 
 class GuestKernel:
@@ -89,113 +83,73 @@ class GuestKernel:
         self.log: Any = None
         self.sleep: SleepTable[GuestTask] = SleepTable()
         self.runq = RunQueue()
-        self.pending: deque[int] = deque()  # vectors raised but not yet taken (the IRR)
         self.apf_enabled = False
         self.stopping = False
         self.drain_deadline = math.inf
-        self._kick = trio.Event()
         self.counts = {"accesses": 0, "data_checks": 0, "data_check_failures": 0, "apf_waits": 0, "exits": 0,
                        "interrupts": 0}
 
     # --- plumbing ------------------------------------------------------------------------------------------------
-    async def run(self) -> None:
-        stream = await connect(self.cfg.socket, self.cfg.connect_timeout)
-        self.chan = MessageChannel(stream, HOST_TO_GUEST)
+    def run(self) -> None:
+        cfg = self.cfg
+        old_handlers = {s: signal.signal(s, self._on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.transport: Transport = open_transport(cfg.transport, cfg.socket, cfg.connect_timeout)
         try:
-            welcome = await self._handshake()
+            welcome = self.transport.handshake(proto=PROTOCOL_VERSION, vm=cfg.vm, vcpu=cfg.vcpu, boot=cfg.boot,
+                                               kind=cfg.kind, pid=os.getpid())
             self.vcpu: int = welcome["vcpu"]
             self.cpuid: int = welcome["cpuid"]
-            if self.cfg.log_dir is not None or self.cfg.log_stdout:
-                slog.configure(self.cfg.log_dir / f"guest-{self.vcpu}.jsonl" if self.cfg.log_dir else None,
-                               stdout=self.cfg.log_stdout)
-            self.log = slog.get_logger("guest", self.cfg.vm, vcpu=self.vcpu, boot=self.cfg.boot)
-            ram = GuestRam.open(self.cfg.vm, RamLayout(welcome["pages"]))
+            if cfg.log_dir is not None or cfg.log_stdout:
+                slog.configure(cfg.log_dir / f"guest-{self.vcpu}.jsonl" if cfg.log_dir else None,
+                               stdout=cfg.log_stdout)
+            self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=cfg.boot)
+            flusher = slog.start_flush_thread()
+            ram = GuestRam.open(cfg.vm, RamLayout(welcome["pages"]))
             try:
                 self.mem = GuestMemoryAccess(ram, self.vcpu)
                 self.apf = KvmVcpuPvApfData(ram.u32, self.vcpu * KVM_VCPU_PV_APF_DATA_SIZE)
-                for tid in range(self.cfg.tasks):
-                    pages = task_pages(welcome["pages"], welcome["vcpus"], self.vcpu, self.cfg.tasks, tid)
+                self.cpu = Cpu(self._interrupt, self.log)
+                self.transport.attach(self.cpu, ram, self.vcpu)
+                for tid in range(cfg.tasks):
+                    pages = task_pages(welcome["pages"], welcome["vcpus"], self.vcpu, cfg.tasks, tid)
                     if pages:
-                        rng = random.Random(f"{self.cfg.seed}/{self.vcpu}/{self.cfg.boot}/{tid}")
-                        self.runq.add(GuestTask(tid, pages, rng, self.cfg.kernel_ratio, self.cfg.irq_off_ratio))
-                self._replies_send, self._replies = trio.open_memory_channel[Message](1)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader)
-                    nursery.start_soon(slog.flush_every)
-                    nursery.start_soon(self._signals)
-                    await self._boot()
-                    await self._vcpu_loop()
-                    await self._shutdown()
-                    nursery.cancel_scope.cancel()
+                        rng = random.Random(f"{cfg.seed}/{self.vcpu}/{cfg.boot}/{tid}")
+                        self.runq.add(GuestTask(tid, pages, rng, cfg.kernel_ratio, cfg.irq_off_ratio))
+                self._boot()
+                self._vcpu_loop()
+                self._shutdown()
             finally:
                 self.mem.leave()
                 self.apf.release()
                 del self.mem
                 ram.close()
+                flusher.stop()
         finally:
-            with trio.CancelScope(shield=True):
-                await self.chan.aclose()
+            self.transport.close()
+            for s, handler in old_handlers.items():
+                signal.signal(s, handler)
 
-    async def _handshake(self) -> Message:
-        await self.chan.send("hello", proto=PROTOCOL_VERSION, vm=self.cfg.vm, vcpu=self.cfg.vcpu,
-                             boot=self.cfg.boot, kind=self.cfg.kind, pid=os.getpid())
-        msg = await self.chan.receive()
-        if msg is None:
-            raise GuestError("host closed the connection during the handshake")
-        if msg["t"] == "error":
-            raise GuestError(f"host refused us: {msg['code']}: {msg['message']}")
-        if msg["t"] != "welcome":
-            raise GuestError(f"expected welcome, got {msg['t']}")
-        return msg
+    def _on_stop_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self._request_stop()
 
-    async def _reader(self) -> None:
-        while True:
-            try:
-                msg = await self.chan.receive()
-            except WireError as exc:
-                raise GuestError(f"bad frame from host: {exc.code}: {exc.message}") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                msg = None
-            if msg is None:
-                raise GuestError("host went away")
-            if msg["t"] == "interrupt":
-                self.pending.append(msg["vector"])
-                self._kick.set()
-            else:
-                await self._replies_send.send(msg)
+    def _request_stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.drain_deadline = time.monotonic() + self.cfg.drain_timeout
 
-    async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            if self.cfg.duration is not None:
-                with trio.move_on_after(self.cfg.duration):
-                    async for _ in signals:
-                        break
-            else:
-                async for _ in signals:
-                    break
-        self.stopping = True
-        self.drain_deadline = trio.current_time() + self.cfg.drain_timeout
-        self._kick.set()
-
-    async def request(self, msg_type: str, **fields: Any) -> Message:
-        """Send a request that exits to the host (wrmsr, EPT violation) and wait for its one reply."""
-        await self.chan.send(msg_type, **fields)
-        reply = await self._replies.receive()
-        if reply["t"] == "error" and reply["fatal"]:
-            raise GuestError(f"host closed us: {reply['code']}: {reply['message']}")
-        return reply
-
-    async def wrmsr(self, msr: int, value: int) -> bool:
-        reply = await self.request("msr_write", msr=msr, value=value)
+    def wrmsr(self, msr: int, value: int) -> bool:
+        with self.cpu.context("exit"):
+            reply = self.transport.wrmsr(msr, value)
         ok = reply["t"] == "msr_result" and reply["ok"]
         if not ok:
             self.log.error("guest_msr_gp", msr=hex(msr), value=value, error=reply.get("error") or reply.get("message"))
         return ok
 
     # --- boot and shutdown ---------------------------------------------------------------------------------------
-    async def _boot(self) -> None:
+    def _boot(self) -> None:
         self.log.info("guest_boot", kind=self.cfg.kind, tasks=len(self.runq), vector=self.cfg.vector,
-                      apf=self.cfg.apf, send_always=self.cfg.send_always)
+                      apf=self.cfg.apf, send_always=self.cfg.send_always, transport=self.cfg.transport)
+        self.cpu.enter("kernel")
         if not self.cfg.apf:
             return
         if not self.cpuid & KVM_FEATURE_ASYNC_PF_INT:  # kvm_guest_cpu_init checks the feature first
@@ -203,59 +157,81 @@ class GuestKernel:
             return
         # Zero the area first. Until APF is on its page is ordinary guest memory that may be swapped out, so the
         # stores go through the EPT like any other access.
-        await self._kernel_store(self.apf.gpa, 0)
-        await self._kernel_store(self.apf.gpa + 4, 0)
-        if await self.wrmsr(MSR_KVM_ASYNC_PF_INT, self.cfg.vector):
+        self._kernel_store(self.apf.gpa, 0)
+        self._kernel_store(self.apf.gpa + 4, 0)
+        self._enable_apf()
+
+    def _enable_apf(self) -> None:
+        if self.wrmsr(MSR_KVM_ASYNC_PF_INT, self.cfg.vector):
             value = async_pf_en_value(self.apf.gpa, send_always=self.cfg.send_always)
-            self.apf_enabled = await self.wrmsr(MSR_KVM_ASYNC_PF_EN, value)
+            self.apf_enabled = self.wrmsr(MSR_KVM_ASYNC_PF_EN, value)
 
-    async def _kernel_store(self, gpa: int, value: int) -> None:
-        while (status := self.mem.store_u32(gpa, value)) is not Access.DONE:
-            if status is Access.EXIT:
-                await self.request("exit_mem", gpa=gpa, write=True, user=False, irq=False)
-
-    async def _shutdown(self) -> None:
+    def _disable_apf(self) -> None:
+        """`kvm_pv_disable_apf`: does not wait for outstanding events."""
         if self.apf_enabled:
             self.apf_enabled = False
-            await self.wrmsr(MSR_KVM_ASYNC_PF_EN, 0)
-        self.log.info("guest_shutdown", sleepers=self.sleep.sleepers, dummies=self.sleep.dummies, **self.counts)
+            self.wrmsr(MSR_KVM_ASYNC_PF_EN, 0)
+
+    def _kernel_store(self, gpa: int, value: int) -> None:
+        while (status := self.mem.store_u32(gpa, value)) is not Access.DONE:
+            if status is Access.EXIT:
+                with self.cpu.context("exit"):
+                    self.transport.exit_mem(gpa, write=True, user=False, irq=False)
+
+    def _shutdown(self) -> None:
+        self.cpu.cli()
+        self.cpu.enter("kernel")
+        self._disable_apf()
+        self.log.info("guest_shutdown", sleepers=self.sleep.sleepers, dummies=self.sleep.dummies,
+                      coalesced=self.cpu.coalesced, deferred=dict(self.cpu.deferred), **self.counts)
 
     # --- the vCPU ------------------------------------------------------------------------------------------------
-    async def _vcpu_loop(self) -> None:
-        runq = self.runq
+    def _vcpu_loop(self) -> None:
+        cpu, runq, transport = self.cpu, self.runq, self.transport
+        stop_at = time.monotonic() + self.cfg.duration if self.cfg.duration is not None else math.inf
+        reinit_every = self.cfg.apf_reinit_every
+        next_reinit = time.monotonic() + reinit_every if reinit_every else math.inf
         while True:
-            if self.pending and not self._irqs_off():
-                await self._take_interrupts()
+            cpu.cli()
+            cpu.enter("kernel")
+            now = time.monotonic()
+            if now >= stop_at:
+                self._request_stop()
             if self.stopping:
                 if self.sleep.sleepers == 0:
                     return
-                if trio.current_time() >= self.drain_deadline:
+                if now >= self.drain_deadline:
                     self.log.error("guest_drain_timeout", sleepers=self.sleep.sleepers)
                     return
-                task = runq.pick() if self._irqs_off() else None
+                head = runq.peek()
+                task = runq.pick() if head is not None and head.in_irq_off_section else None
             else:
+                if now >= next_reinit and self.apf_enabled:
+                    next_reinit = now + (reinit_every or math.inf)
+                    self._reinit_apf()
                 task = runq.pick()
             if task is None:
-                await self._halt()
+                cpu.enter("halt")
+                cpu.sti()
+                # (taking pending interrupts may have made a task runnable; while draining, none is picked)
+                if (self.sleep.sleepers if self.stopping else not len(runq)):
+                    transport.halt(min(self.drain_deadline, stop_at, next_reinit) - time.monotonic())
                 continue
-            await self._step(task)
-            await trio.lowlevel.checkpoint()  # let the reader queue any vector that arrived meanwhile
+            self._run_task(task)
 
-    def _irqs_off(self) -> bool:
-        head = self.runq.peek()
-        return head is not None and head.in_irq_off_section
-
-    async def _halt(self) -> None:
-        """hlt: wait for an interrupt (or the stop signal)."""
-        self._kick = trio.Event()
-        if self.pending:
-            return
-        with trio.move_on_at(self.drain_deadline):
-            await self._kick.wait()
-
-    async def _step(self, task: GuestTask) -> None:
+    def _run_task(self, task: GuestTask) -> None:
+        cpu = self.cpu
         acc = task.next_access()
-        status, seq, ok = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), self.vcpu << 16 | task.tid)
+        if acc.irq:
+            cpu.enter("user")
+            cpu.sti()
+            self.transport.poll()
+        else:
+            cpu.enter("irq_off")
+        with cpu.context("instruction"):
+            status, seq, ok = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), self.vcpu << 16 | task.tid)
+        cpu.cli()
+        cpu.enter("kernel")
         if status is Access.DONE:
             self.counts["accesses"] += 1
             self.counts["data_checks"] += 1
@@ -276,9 +252,10 @@ class GuestKernel:
         else:
             self.counts["exits"] += 1
             task.faulted = True
-            reply = await self.request("exit_mem", gpa=acc.gfn * PAGE_SIZE, write=True, user=acc.user, irq=acc.irq)
+            with cpu.context("exit"):
+                reply = self.transport.exit_mem(acc.gfn * PAGE_SIZE, write=True, user=acc.user, irq=acc.irq)
             if reply["t"] == "inject_pf":
-                await self._page_fault(task, reply["cr2"], acc.user, acc.irq)
+                self._page_fault(task, reply["cr2"], acc.user, acc.irq)
             elif reply["t"] == "resume":
                 self.runq.put_back(task)
             else:
@@ -286,9 +263,16 @@ class GuestKernel:
                 task.finish_access()
                 self.runq.put_back(task)
 
-    # --- #PF -----------------------------------------------------------------------------------------------------
-    async def _page_fault(self, task: GuestTask, cr2: int, user: bool, irq: bool) -> None:
+    def _reinit_apf(self) -> None:
+        self.log.info("guest_apf_reinit", sleepers=self.sleep.sleepers)
+        self._disable_apf()
+        self._enable_apf()
+
+    # --- #PF (entered with interrupts off) -----------------------------------------------------------------------
+    def _page_fault(self, task: GuestTask, cr2: int, user: bool, irq: bool) -> None:
+        self.cpu.enter("pf_entry")
         flags = self.apf.read_and_reset_flags()
+        self.cpu.enter("pf")
         if flags == 0:
             self.log.error("guest_genuine_pf", cr2=cr2, task=task.tid)
             task.finish_access()
@@ -315,12 +299,8 @@ class GuestKernel:
         if not len(self.runq):
             self.log.info("guest_apf_halt", token=cr2)
 
-    # --- page-ready interrupt ------------------------------------------------------------------------------------
-    async def _take_interrupts(self) -> None:
-        while self.pending and not self._irqs_off():
-            await self._interrupt(self.pending.popleft())
-
-    async def _interrupt(self, vector: int) -> None:
+    # --- page-ready interrupt (runs with interrupts off) ---------------------------------------------------------
+    def _interrupt(self, vector: int) -> None:
         self.counts["interrupts"] += 1
         if vector != self.cfg.vector or not self.apf_enabled:
             self.log.warning("guest_spurious_interrupt", vector=vector, apf_enabled=self.apf_enabled)
@@ -344,7 +324,7 @@ class GuestKernel:
                 self.log.info("guest_apf_dummy", token=token, action="created" if dummy_created else "removed")
         self.log.info("guest_apf_ack", token=token)
         self.apf.token = 0
-        await self.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
+        self.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
 
     def _resume(self, task: GuestTask) -> None:
         task.token = None

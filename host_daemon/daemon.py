@@ -9,6 +9,8 @@ import contextlib
 import os
 import random
 import signal
+import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from shared.guest_ram import GuestRam, RamLayout
 from shared.wire import GUEST_TO_HOST, PROTOCOL_VERSION, WireError
 
 from .memory import GuestMemory, PageInLatency
+from .notify import Notifier, SignalNotifier, SocketNotifier
 from .vcpu_conn import VcpuConnection
 
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -122,15 +125,24 @@ class Vm:
         if msg["t"] != "hello":
             await self._refuse(chan, "unexpected", f"expected hello, got {msg['t']}")
             return
-        problem = self._check_hello(msg)
+        problem = self._check_hello(msg) or self._check_peer(chan, msg)
         if problem:
             await self._refuse(chan, *problem)
             return
         vcpu_id = msg["vcpu"] if msg["vcpu"] is not None else min(set(range(self.config.vcpus)) - self.vcpus.keys())
+        notifier: Notifier
+        if msg["transport"] == "signal":
+            try:
+                notifier = SignalNotifier(self.memory.ram, vcpu_id, msg["pid"])
+            except OSError as exc:
+                await self._refuse(chan, "bad_pid", f"cannot open a pidfd for pid {msg['pid']}: {exc.strerror}")
+                return
+        else:
+            notifier = SocketNotifier(chan)
         log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=msg["boot"])
-        conn = VcpuConnection(self, chan, vcpu_id, msg["boot"], log)
+        conn = VcpuConnection(self, chan, notifier, vcpu_id, msg["boot"], log)
         self.vcpus[vcpu_id] = conn
-        log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"])
+        log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"], transport=msg["transport"])
         try:
             await chan.send(
                 "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, vcpus=self.config.vcpus,
@@ -148,6 +160,8 @@ class Vm:
             return "bad_version", f"protocol {msg['proto']} is not {PROTOCOL_VERSION}"
         if msg["vm"] != self.config.vm:
             return "wrong_vm", f"this host runs VM {self.config.vm!r}, not {msg['vm']!r}"
+        if msg["transport"] not in ("socket", "signal"):
+            return "bad_field", "transport must be socket or signal"
         if msg["kind"] not in ("normal", "kdump"):
             return "bad_field", "kind must be normal or kdump"
         if msg["boot"] < 1:
@@ -160,6 +174,18 @@ class Vm:
             return "bad_vcpu", f"vCPU {vcpu} is not in 0..{self.config.vcpus - 1}"
         elif vcpu in self.vcpus:
             return "vcpu_busy", f"vCPU {vcpu} is already connected"
+        return None
+
+    def _check_peer(self, chan: MessageChannel, msg: dict[str, Any]) -> tuple[str, str] | None:
+        """The signal transport signals the guest's PID: only if the kernel says that PID is our peer."""
+        if msg["transport"] != "signal":
+            return None
+        stream = chan.stream
+        assert isinstance(stream, trio.SocketStream)
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, _uid, _gid = struct.unpack("3i", creds)
+        if pid != msg["pid"]:
+            return "bad_pid", f"hello claims pid {msg['pid']} but the socket's peer is pid {pid}"
         return None
 
     async def _refuse(self, chan: MessageChannel, code: str, message: str) -> None:

@@ -1,8 +1,9 @@
 # One guest agent's connection: the vCPU "thread" that runs the state machine of host_daemon/vcpu.py against the
 # wire, the page-ins of host_daemon/memory.py and the guest's APF area.
 #
-# Every request from the guest gets exactly one reply (its result, or an `error`); page-ready interrupts are pushed
-# whenever a completion or an ACK lets one out. A bad frame is answered with an `error` and logged; only a fatal one
+# Every request from the guest gets exactly one reply (its result, an `error`, or for an APF the #PF itself);
+# page-ready interrupts are pushed whenever a completion or an ACK lets one out. How a #PF or an interrupt reaches
+# the guest is the notifier's business (host_daemon/notify.py). A bad frame is answered with an `error` and logged; only a fatal one
 # (oversized or truncated frame) closes the connection, and nothing here can take the daemon or other vCPUs down.
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from shared.channel import MessageChannel
 from shared.guest_ram import PAGE_SIZE
 from shared.wire import Message, WireError
 
+from .notify import Notifier
 from .vcpu import AsyncPf, VcpuApf
 
 if TYPE_CHECKING:
@@ -21,9 +23,10 @@ if TYPE_CHECKING:
 
 
 class VcpuConnection:
-    def __init__(self, vm: Vm, chan: MessageChannel, vcpu_id: int, boot: int, log: Any) -> None:
+    def __init__(self, vm: Vm, chan: MessageChannel, notifier: Notifier, vcpu_id: int, boot: int, log: Any) -> None:
         self.vm = vm
         self.chan = chan
+        self.notifier = notifier
         self.vcpu_id = vcpu_id
         self.boot = boot
         self.log = log
@@ -109,7 +112,7 @@ class VcpuConnection:
             return
         event = memory.start_page_in(gfn, self.vm.nursery)
         self._nursery.start_soon(self._complete_when, decision.apf, event)
-        await self.chan.send("inject_pf", cr2=decision.apf.token)
+        await self.notifier.inject_pf(decision.apf.token)
 
     async def _complete_when(self, item: AsyncPf, event: trio.Event) -> None:
         await event.wait()  # the page may be evicted again before the guest retries: it then faults anew
@@ -119,15 +122,13 @@ class VcpuConnection:
     async def deliver_ready(self) -> None:
         vector = self.apf.check_completion()
         if vector is not None:
-            try:
-                await self.chan.send("interrupt", vector=vector)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await self.notifier.interrupt(vector)
 
     def reset(self, reason: str) -> None:
         """The vCPU is gone: drop its APF state, as KVM does on vCPU reset or destroy."""
         self.apf.drop_all(reason)
         self.apf.area = None
+        self.notifier.close()
         if self.pinned is not None:
             self.vm.memory.unpin(self.pinned)
             self.pinned = None

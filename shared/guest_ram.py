@@ -3,9 +3,11 @@
 #   [0, pages * PAGE_SIZE)    guest-physical RAM. gpa == offset. The APF areas live here, where the guest put them.
 #   [ept_offset, ...)         the emulated EPT: one u32 per gfn, `(generation << 1) | present`, written by the host
 #                             only. A guest access to a gfn whose entry is not present is the VM exit.
-#   [vcpu_ctl_offset, ...)    one 64-byte line per vCPU slot, written by that vCPU's guest only:
-#                             u32 `in_access` = gfn + 1 while the guest is inside an access, else 0. It is what the
-#                             host's TLB shootdown waits on before it copies a page out (host_daemon/memory.py).
+#   [vcpu_ctl_offset, ...)    one 2 KiB block per vCPU slot (VcpuCtl below):
+#                             u32 `in_access` (guest) = gfn + 1 while the guest is inside an access, else 0: what the
+#                             host's TLB shootdown waits on before it copies a page out (host_daemon/memory.py);
+#                             and, for the signal transport, what a signal cannot carry (host-written): `cr2` and
+#                             `pf_seq` of the last injected #PF, and one raise counter per interrupt vector.
 #
 # The object is created by the host (O_CREX, mode 0600) and unlinked by the host at shutdown; guests only open it.
 # Owning the mmap and the memoryviews over it in one place lets `close()` release them in the right order (an mmap
@@ -22,7 +24,12 @@ import posix_ipc
 from .abi import MAX_VCPUS
 
 PAGE_SIZE: Final = 4096
-VCPU_CTL_SIZE: Final = 64
+VCPU_CTL_SIZE: Final = 2048
+# u32 word offsets inside a vCPU's control block
+CTL_IN_ACCESS: Final = 0  # guest: gfn + 1 while inside an access
+CTL_CR2: Final = 1  # host: CR2 of the last #PF injected by signal
+CTL_PF_SEQ: Final = 2  # host: incremented after CTL_CR2 is written, before the #PF signal
+CTL_IRR: Final = 16  # host: 256 counters, one per vector, incremented before the vector's signal
 EPT_PRESENT: Final = 1
 
 _VM_ID = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
@@ -74,8 +81,12 @@ class RamLayout:
         """Index of gfn's EPT entry in a u32 view of the whole object."""
         return (self.ept_offset >> 2) + gfn
 
+    def ctl_index(self, vcpu: int, word: int = 0) -> int:
+        """Index in a u32 view of the whole object of `word` of vCPU's control block."""
+        return ((self.vcpu_ctl_offset + vcpu * VCPU_CTL_SIZE) >> 2) + word
+
     def in_access_index(self, vcpu: int) -> int:
-        return (self.vcpu_ctl_offset + vcpu * VCPU_CTL_SIZE) >> 2
+        return self.ctl_index(vcpu, CTL_IN_ACCESS)
 
 
 class GuestRam:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from collections.abc import MutableMapping
@@ -48,11 +49,15 @@ class JsonLinesSink:
     info = debug = warning = error = critical = exception = msg
 
     def take(self) -> bytes:
-        """Remove and return the buffered lines."""
-        data = b"".join(self._buf)
-        self._buf.clear()
+        """Remove and return the buffered lines.
+
+        Swapping the list (not clearing it) keeps a line that a signal handler logs in between: it lands either in
+        the batch taken or in the new buffer.
+        """
+        buf = self._buf
+        self._buf = []
         self._size = 0
-        return data
+        return b"".join(buf)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -139,3 +144,28 @@ async def flush_every(interval: float = FLUSH_INTERVAL_S) -> None:
             data = sink.take()
             if data:
                 await trio.to_thread.run_sync(sink.write, data, limiter=limiter)
+
+
+class FlushThread:
+    """For processes without an event loop (the guest vCPU): writes the buffered lines every `interval`."""
+
+    def __init__(self, interval: float = FLUSH_INTERVAL_S) -> None:
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="log-flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            sink = _sink
+            if sink is not None:
+                sink.write(sink.take())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        flush()
+
+
+def start_flush_thread(interval: float = FLUSH_INTERVAL_S) -> FlushThread:
+    return FlushThread(interval)

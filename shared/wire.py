@@ -28,8 +28,10 @@ _BOOL = (bool,)
 
 # type -> {field: accepted Python types}. Every field is required; a None must be sent explicitly.
 GUEST_TO_HOST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
-    # First message on a connection. vcpu=None asks the host to assign one.
-    "hello": {"proto": _INT, "vm": _STR, "vcpu": _OPT_INT, "boot": _INT, "kind": _STR, "pid": _INT},
+    # First message on a connection. vcpu=None asks the host to assign one. transport: "socket" or "signal".
+    "hello": {
+        "proto": _INT, "vm": _STR, "vcpu": _OPT_INT, "boot": _INT, "kind": _STR, "pid": _INT, "transport": _STR,
+    },
     # wrmsr: answered by msr_result (ok=False is a #GP).
     "msr_write": {"msr": _INT, "value": _INT},
     # A guest access found its gfn not present in the EPT: the VM exit. Answered by inject_pf or resume.

@@ -101,7 +101,8 @@ class WireClient:
         return reply
 
     def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1) -> dict[str, Any]:
-        return self.request("hello", proto=1, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid())
+        return self.request("hello", proto=1, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid(),
+                            transport="socket")
 
     def close(self) -> None:
         self.sock.close()

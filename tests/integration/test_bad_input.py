@@ -68,7 +68,8 @@ def healthy(client: WireClient, vm_id: str, vcpu: int, gfn: int) -> None:
         (msgpack.packb({"t": "format_disk"}), "unknown_type"),
         (msgpack.packb({"t": "msr_write", "msr": "EN", "value": 1}), "bad_field"),
         (msgpack.packb({"t": "exit_mem", "gpa": 0}), "bad_field"),
-        (msgpack.packb({"t": "hello", "proto": 1, "vm": "x", "vcpu": 0, "boot": 1, "kind": "normal", "pid": 1}),
+        (msgpack.packb({"t": "hello", "proto": 1, "vm": "x", "vcpu": 0, "boot": 1, "kind": "normal", "pid": 1,
+                       "transport": "socket"}),
          "unexpected"),
     ],
 )

@@ -9,7 +9,7 @@ from shared import wire
 from shared.wire import GUEST_TO_HOST, HOST_TO_GUEST, MAX_FRAME, FrameReader, WireError, decode, encode
 
 SAMPLES = {
-    "hello": dict(proto=1, vm="vm0", vcpu=None, boot=1, kind="normal", pid=42),
+    "hello": dict(proto=1, vm="vm0", vcpu=None, boot=1, kind="normal", pid=42, transport="socket"),
     "msr_write": dict(msr=0x4B564D02, value=(1 << 64) - 1),
     "exit_mem": dict(gpa=4096, write=True, user=False, irq=True),
     "welcome": dict(proto=1, vm="vm0", vcpu=0, vcpus=2, pages=8, page_size=4096, shm="/x", cpuid=16400),

@@ -1,0 +1,228 @@
+# How the guest's VM exits reach the host and how exceptions and interrupts reach the guest: the two transports.
+#
+# Both keep the Unix socket for what needs a reply (handshake, wrmsr, the EPT-violation exit) and differ in how the
+# host gets *into* the guest:
+# - socket: `inject_pf` and `interrupt` are frames. The guest reads them while it waits for a reply (they are then
+#   pending until the exit ends) and, between instructions, with a non-blocking read (`poll`).
+# - signal: #PF injection and interrupts are POSIX real-time signals (shared/signals.py); CR2 and the raised
+#   vectors are in the vCPU's control block in shared memory, written before the signal. A Python signal handler
+#   runs between any two bytecodes of the guest, so an interrupt really can arrive anywhere; the Cpu decides
+#   whether it is taken or stays pending. The host only signals the PID that connected (checked with SO_PEERCRED)
+#   through a pidfd, so a recycled PID is never signalled.
+# The guest is single-threaded and blocking, like a vCPU: an exit blocks until the host answers. A self-pipe
+# (signal.set_wakeup_fd) wakes a halted vCPU when a signal arrives, including SIGTERM.
+from __future__ import annotations
+
+import math
+import os
+import select
+import signal
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from shared.guest_ram import CTL_CR2, CTL_IRR, CTL_PF_SEQ, GuestRam
+from shared.signals import SIG_PF, interrupt_signals, signal_vectors
+from shared.wire import HOST_TO_GUEST, FrameReader, Message, WireError, decode, encode
+
+from .cpu import Cpu
+
+
+class GuestError(Exception):
+    """The guest cannot go on (host refused it, went away, or broke the protocol)."""
+
+
+class Transport:
+    name = "socket"
+
+    def __init__(self, path: Path, connect_timeout: float) -> None:
+        self.sock = _connect(path, connect_timeout)
+        self.reader = FrameReader()
+        self.frames: deque[bytes] = deque()
+        self.cpu: Cpu | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+    # --- framing -------------------------------------------------------------------------------------------------
+    def send(self, msg_type: str, **fields: Any) -> None:
+        self.sock.sendall(encode(msg_type, **fields))
+
+    def _fill(self, *, block: bool) -> bool:
+        """Read what the socket has into frames. False if nothing was there (non-blocking)."""
+        try:
+            data = self.sock.recv(65536) if block else self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise GuestError(f"connection to the host failed: {exc}") from None
+        if not data:
+            raise GuestError("host went away")
+        try:
+            self.frames.extend(self.reader.feed(data))
+        except WireError as exc:
+            raise GuestError(f"bad frame from host: {exc.message}") from None
+        return True
+
+    def _next(self, *, block: bool) -> Message | None:
+        while not self.frames:
+            if not self._fill(block=block):
+                return None
+        try:
+            return decode(self.frames.popleft(), HOST_TO_GUEST)
+        except WireError as exc:
+            raise GuestError(f"bad message from host: {exc.message}") from None
+
+    def _reply(self) -> Message:
+        """The reply to the one outstanding request; interrupts that come first stay pending."""
+        while True:
+            msg = self._next(block=True)
+            assert msg is not None
+            if msg["t"] == "interrupt":
+                self._interrupt_frame(msg)
+                continue
+            if msg["t"] == "error" and msg["fatal"]:
+                raise GuestError(f"host closed us: {msg['code']}: {msg['message']}")
+            return msg
+
+    def _interrupt_frame(self, msg: Message) -> None:
+        assert self.cpu is not None
+        self.cpu.raise_irq(msg["vector"])
+
+    # --- the guest's view ----------------------------------------------------------------------------------------
+    def handshake(self, **hello: Any) -> Message:
+        self.send("hello", transport=self.name, **hello)
+        msg = self._next(block=True)
+        assert msg is not None
+        if msg["t"] == "error":
+            raise GuestError(f"host refused us: {msg['code']}: {msg['message']}")
+        if msg["t"] != "welcome":
+            raise GuestError(f"expected welcome, got {msg['t']}")
+        return msg
+
+    def attach(self, cpu: Cpu, ram: GuestRam, vcpu: int) -> None:
+        self.cpu = cpu
+
+    def wrmsr(self, msr: int, value: int) -> Message:
+        self.send("msr_write", msr=msr, value=value)
+        return self._reply()
+
+    def exit_mem(self, gpa: int, *, write: bool, user: bool, irq: bool) -> Message:
+        self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
+        return self._reply()
+
+    def poll(self) -> None:
+        """At an instruction boundary: pick up interrupts that arrived as frames."""
+        while (msg := self._next(block=False)) is not None:
+            if msg["t"] != "interrupt":
+                raise GuestError(f"unexpected {msg['t']} from host with no request outstanding")
+            self._interrupt_frame(msg)
+
+    def halt(self, timeout: float) -> None:
+        """hlt: sleep until an interrupt (frame or signal) or `timeout`."""
+        self.poll()
+        if self.cpu is not None and self.cpu.pending:
+            return
+        wait = None if math.isinf(timeout) else max(0.0, timeout)
+        readable, _, _ = select.select([self.sock, self._wake_r], [], [], wait)
+        self._drain_wakeup()
+        if self.sock in readable:
+            self.poll()
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for s in (self.sock, self._wake_r, self._wake_w):
+            s.close()
+
+
+class SignalTransport(Transport):
+    name = "signal"
+
+    def attach(self, cpu: Cpu, ram: GuestRam, vcpu: int) -> None:
+        super().attach(cpu, ram, vcpu)
+        self.u32 = ram.u32
+        self._cr2 = ram.layout.ctl_index(vcpu, CTL_CR2)
+        self._pf_seq = ram.layout.ctl_index(vcpu, CTL_PF_SEQ)
+        self._irr0 = ram.layout.ctl_index(vcpu, CTL_IRR)
+        # Counters left by an earlier boot of this vCPU are not ours.
+        self._pf_seen = self.u32[self._pf_seq]
+        self._irr_seen = list(self.u32[self._irr0 : self._irr0 + 256])
+        cpu.probe = self._probe
+        signal.signal(SIG_PF, _ignore)  # the self-pipe wakes the exit wait; pf_seq says what happened
+        for signum in interrupt_signals():
+            signal.signal(signum, self._on_vector_signal)
+
+    def _probe(self) -> str | None:
+        # A #PF injected but not yet taken: an interrupt arriving now arrived "between the #PF and reading flags".
+        return "pf_injected" if self.u32[self._pf_seq] != self._pf_seen else None
+
+    def _on_vector_signal(self, signum: int, _frame: FrameType | None) -> None:
+        assert self.cpu is not None
+        for vector in signal_vectors(signum):
+            count = self.u32[self._irr0 + vector]
+            if count != self._irr_seen[vector]:
+                self._irr_seen[vector] = count
+                self.cpu.raise_irq(vector)
+
+    def _interrupt_frame(self, msg: Message) -> None:
+        raise GuestError("the host sent an interrupt frame on the signal transport")
+
+    def exit_mem(self, gpa: int, *, write: bool, user: bool, irq: bool) -> Message:
+        self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
+        while True:
+            seq = self.u32[self._pf_seq]
+            if seq != self._pf_seen:  # the reply was a #PF (signal): CR2 was written before pf_seq
+                self._pf_seen = seq
+                return {"t": "inject_pf", "cr2": int(self.u32[self._cr2])}
+            if self.frames:
+                return self._reply()
+            readable, _, _ = select.select([self.sock, self._wake_r], [], [])
+            self._drain_wakeup()
+            if self.sock in readable:
+                self._fill(block=True)
+
+    def poll(self) -> None:
+        return None  # interrupts arrive by signal
+
+    def close(self) -> None:
+        for signum in [SIG_PF, *interrupt_signals()]:
+            signal.signal(signum, signal.SIG_IGN)
+        super().close()
+
+
+def _ignore(_signum: int, _frame: FrameType | None) -> None:
+    return None
+
+
+def _connect(path: Path, timeout: float) -> socket.socket:
+    """Connect, retrying while the host is not listening yet (it may be starting or restarting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.fspath(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise GuestError(f"no host listening on {path} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+def open_transport(kind: str, path: Path, connect_timeout: float) -> Transport:
+    if kind == "socket":
+        return Transport(path, connect_timeout)
+    if kind == "signal":
+        return SignalTransport(path, connect_timeout)
+    raise ValueError(f"unknown transport {kind!r}")
