@@ -119,8 +119,10 @@ class Checker:
             st = self._h(key)
             st.enabled = AsyncPfEn(int(ev["value"])).apf_enabled
             if not st.enabled:
+                # Outstanding events are eaten. A page-ready already delivered is not: its token stays in the
+                # slot until the guest clears it, and a guest that re-enables may still take it (the host delivers
+                # nothing new, not even the wake-all, until it does).
                 st.outstanding.clear()
-                st.unacked = None
 
     def _not_present(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._h(key)

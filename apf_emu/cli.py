@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from shared.guest_ram import check_vm_id
 from .checker import INVARIANTS, Checker, Violation
 from .logs import LogInputError, ReadReport, read_merged
 from .runner import RunOptions, RunResult, run
-from .stats import LATENCIES, Stats
+from .stats import INTERLEAVINGS, LATENCIES, Stats
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return cmd_run(args)
-    if args.command == "check":
-        return cmd_check(args)
-    return cmd_stats(args)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "check":
+            return cmd_check(args)
+        return cmd_stats(args)
+    except BrokenPipeError:  # `apf-emu check ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # --- check and stats --------------------------------------------------------------------------------------------
@@ -141,6 +146,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             print(f"{name:32} {n:10}")
         for lat in LATENCIES:
             print(f"{lat:32} {_pct(stats.percentiles(lat))}")
+        for name in INTERLEAVINGS:
+            print(f"{name:32} {stats.interleavings[name]:10}")
     return 0
 
 
@@ -155,6 +162,7 @@ def stats_json(stats: Stats) -> dict[str, Any]:
         "data_checks": stats.data_checks,
         "data_check_failures": stats.data_check_failures,
         "latency_us": {lat: stats.percentiles(lat) for lat in LATENCIES},
+        "interleavings": {name: stats.interleavings[name] for name in INTERLEAVINGS},
         "seconds": stats.seconds,
     }
 
@@ -214,6 +222,8 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation]) 
     print(f"  APF cycle (not-present -> wake)   {_pct(stats.percentiles('not_present_to_wake'))}")
     print(f"  data checks passed                {stats.data_checks - stats.data_check_failures:9} of "
           f"{stats.data_checks}")
+    seen = ", ".join(f"{k} {stats.interleavings[k]}" for k in INTERLEAVINGS)
+    print(f"  interleavings seen                {seen}")
     for line in result.unexpected_exits + [f"left behind: {x}" for x in result.leftovers]:
         print(f"  ! {line}")
     bad = {k: v for k, v in result.exit_codes.items() if v != 0}

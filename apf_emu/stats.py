@@ -24,6 +24,18 @@ LATENCIES = {
 }
 
 
+# The interleavings the seed thread worries about, recognised in the logs (guest_agent/cpu.py names the contexts).
+INTERLEAVINGS = {
+    "ready_between_pf_and_flags": "a page-ready arrived after a not-present #PF was injected and before the guest "
+    "read `flags`",
+    "ready_while_irqs_off": "a page-ready arrived while the guest had interrupts off",
+    "back_to_back_readies": "a page-ready arrived while the handler of the previous one was still running",
+    "wake_all_raced_not_present": "a wake-all woke a task whose own page-ready had not come (its completion was "
+    "eaten by a disable)",
+    "signals_coalesced": "a vector was raised again while still pending and taken once",
+}
+
+
 def _histogram() -> HdrHistogram:
     return HdrHistogram(1, 60_000_000, 3)  # 1 µs .. 60 s
 
@@ -37,6 +49,7 @@ class Stats:
     dropped_reasons: Counter[str] = field(default_factory=Counter)
     data_checks: int = 0
     data_check_failures: int = 0
+    interleavings: Counter[str] = field(default_factory=Counter)
     first_ns: int | None = None
     last_ns: int | None = None
     _stamps: dict[tuple[Any, Any, Any, str], int] = field(default_factory=dict)
@@ -53,6 +66,16 @@ class Stats:
         self.per_vcpu.setdefault(vkey, Counter())[name] += 1
         key = (ev.get("vm"), ev.get("vcpu"))
         token = ev.get("token")
+        if name == "guest_irq_pending":
+            context = str(ev.get("context"))
+            if "pf_injected" in context or "pf_entry" in context:
+                self.interleavings["ready_between_pf_and_flags"] += 1
+            if "irq_off" in context or "if=0" in context:
+                self.interleavings["ready_while_irqs_off"] += 1
+            if "irq_handler" in context:
+                self.interleavings["back_to_back_readies"] += 1
+        elif name == "guest_apf_wake" and ev.get("all") and token != KVM_APF_WAKE_ALL_TOKEN:
+            self.interleavings["wake_all_raced_not_present"] += 1
         if name == "apf_sync_fault":
             self.sync_reasons[str(ev.get("reason"))] += 1
         elif name == "apf_ready_dropped":
@@ -60,6 +83,7 @@ class Stats:
         if name == "guest_shutdown":
             self.data_checks += int(ev.get("data_checks", 0))
             self.data_check_failures += int(ev.get("data_check_failures", 0))
+            self.interleavings["signals_coalesced"] += int(ev.get("coalesced", 0))
         if name == "apf_ack":
             ready = self._last_ready.pop(key, None)
             if ready is not None:

@@ -76,6 +76,13 @@ class Cpu:
         if self.pending and self.if_flag and self.stack[-1] in _OPEN:
             self.take_interrupts()
 
+    def push(self, name: str) -> None:
+        self.stack.append(name)
+
+    def pop(self) -> None:
+        """Leave the innermost context without taking interrupts (e.g. an exit that injects an exception)."""
+        self.stack.pop()
+
     @contextmanager
     def context(self, name: str) -> Iterator[None]:
         self.stack.append(name)

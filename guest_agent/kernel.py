@@ -227,9 +227,30 @@ class GuestKernel:
             cpu.sti()
             self.transport.poll()
         else:
-            cpu.enter("irq_off")
-        with cpu.context("instruction"):
-            status, seq, ok = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), self.vcpu << 16 | task.tid)
+            cpu.enter("irq_off")  # a spin_lock_irqsave section in kernel mode
+        cpu.push("instruction")
+        status, seq, ok = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), self.vcpu << 16 | task.tid)
+        cpu.pop()
+        if status is Access.EXIT:
+            self.counts["exits"] += 1
+            task.faulted = True
+            cpu.push("exit")  # no interrupt between the faulting access and its exit, nor before an injected #PF
+            try:
+                reply = self.transport.exit_mem(acc.gfn * PAGE_SIZE, write=True, user=acc.user, irq=acc.irq)
+            finally:
+                cpu.pop()
+            cpu.cli()
+            cpu.enter("kernel")
+            if reply["t"] == "inject_pf":
+                self._page_fault(task, reply["cr2"], acc.user, acc.irq)
+            elif reply["t"] == "resume":
+                self.runq.put_back(task)
+            else:
+                self.log.error("guest_host_error", code=reply.get("code"), message=reply.get("message"))
+                task.finish_access()
+                self.runq.put_back(task)
+            return
+        cpu.boundary()  # the access retired: a pending interrupt may be taken here
         cpu.cli()
         cpu.enter("kernel")
         if status is Access.DONE:
@@ -243,25 +264,11 @@ class GuestKernel:
                 self.log.info("guest_data_check", gfn=acc.gfn, ok=True, task=task.tid)
             task.accept[acc.gfn] = (seq,)
             task.finish_access()
-            self.runq.put_back(task)
-        elif status is Access.RETRY:
+        else:
             prev = task.accept.get(acc.gfn)
             if prev is not None:
                 task.accept[acc.gfn] = (*prev, seq)  # our write may or may not have made it into the copy
-            self.runq.put_back(task)
-        else:
-            self.counts["exits"] += 1
-            task.faulted = True
-            with cpu.context("exit"):
-                reply = self.transport.exit_mem(acc.gfn * PAGE_SIZE, write=True, user=acc.user, irq=acc.irq)
-            if reply["t"] == "inject_pf":
-                self._page_fault(task, reply["cr2"], acc.user, acc.irq)
-            elif reply["t"] == "resume":
-                self.runq.put_back(task)
-            else:
-                self.log.error("guest_host_error", code=reply.get("code"), message=reply.get("message"))
-                task.finish_access()
-                self.runq.put_back(task)
+        self.runq.put_back(task)
 
     def _reinit_apf(self) -> None:
         self.log.info("guest_apf_reinit", sleepers=self.sleep.sleepers)

@@ -115,17 +115,20 @@ class Transport:
         self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
         return self._reply()
 
-    def poll(self) -> None:
-        """At an instruction boundary: pick up interrupts that arrived as frames."""
+    def poll(self) -> int:
+        """At an instruction boundary: pick up interrupts that arrived as frames. Returns how many."""
+        n = 0
         while (msg := self._next(block=False)) is not None:
             if msg["t"] != "interrupt":
                 raise GuestError(f"unexpected {msg['t']} from host with no request outstanding")
             self._interrupt_frame(msg)
+            n += 1
+        return n
 
     def halt(self, timeout: float) -> None:
-        """hlt: sleep until an interrupt (frame or signal) or `timeout`."""
-        self.poll()
-        if self.cpu is not None and self.cpu.pending:
+        """hlt: sleep until an interrupt (frame or signal) or `timeout`. An interrupt already there ends it at
+        once: its handler may have made a task runnable."""
+        if self.poll() or (self.cpu is not None and self.cpu.pending):
             return
         wait = None if math.isinf(timeout) else max(0.0, timeout)
         readable, _, _ = select.select([self.sock, self._wake_r], [], [], wait)
@@ -154,10 +157,9 @@ class SignalTransport(Transport):
         self.u32 = ram.u32
         self._cr2 = ram.layout.ctl_index(vcpu, CTL_CR2)
         self._pf_seq = ram.layout.ctl_index(vcpu, CTL_PF_SEQ)
-        self._irr0 = ram.layout.ctl_index(vcpu, CTL_IRR)
         # Counters left by an earlier boot of this vCPU are not ours.
         self._pf_seen = self.u32[self._pf_seq]
-        self._irr_seen = list(self.u32[self._irr0 : self._irr0 + 256])
+        self.irr = IrrReader(self.u32, ram.layout.ctl_index(vcpu, CTL_IRR))
         cpu.probe = self._probe
         signal.signal(SIG_PF, _ignore)  # the self-pipe wakes the exit wait; pf_seq says what happened
         for signum in interrupt_signals():
@@ -169,11 +171,8 @@ class SignalTransport(Transport):
 
     def _on_vector_signal(self, signum: int, _frame: FrameType | None) -> None:
         assert self.cpu is not None
-        for vector in signal_vectors(signum):
-            count = self.u32[self._irr0 + vector]
-            if count != self._irr_seen[vector]:
-                self._irr_seen[vector] = count
-                self.cpu.raise_irq(vector)
+        for vector in self.irr.raised(signum):
+            self.cpu.raise_irq(vector)
 
     def _interrupt_frame(self, msg: Message) -> None:
         raise GuestError("the host sent an interrupt frame on the signal transport")
@@ -192,13 +191,35 @@ class SignalTransport(Transport):
             if self.sock in readable:
                 self._fill(block=True)
 
-    def poll(self) -> None:
-        return None  # interrupts arrive by signal
+    def poll(self) -> int:
+        return 0  # interrupts arrive by signal
 
     def close(self) -> None:
         for signum in [SIG_PF, *interrupt_signals()]:
             signal.signal(signum, signal.SIG_IGN)
         super().close()
+
+
+class IrrReader:
+    """Which vectors a vector signal stands for: those whose raise counter moved since the last look.
+
+    However many signals were merged into one handler call, each raised vector is seen; a vector raised several
+    times while pending is seen once, as the IRR holds one bit per vector.
+    """
+
+    def __init__(self, u32: memoryview, irr0: int) -> None:
+        self.u32 = u32
+        self.irr0 = irr0
+        self.seen = list(u32[irr0 : irr0 + 256])
+
+    def raised(self, signum: int) -> list[int]:
+        out = []
+        for vector in signal_vectors(signum):
+            count = self.u32[self.irr0 + vector]
+            if count != self.seen[vector]:
+                self.seen[vector] = count
+                out.append(vector)
+        return out
 
 
 def _ignore(_signum: int, _frame: FrameType | None) -> None:

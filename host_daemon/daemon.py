@@ -103,8 +103,10 @@ class Vm:
         chan = MessageChannel(stream, GUEST_TO_HOST)
         try:
             await self._session(chan)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except Exception as exc:  # also an ExceptionGroup of Exceptions; Cancelled is a BaseException and passes
+            # One connection's failure must never take the daemon or the other vCPUs down.
+            if not _only_disconnects(exc):
+                self.log.exception("vcpu_crash", error=repr(exc))
         finally:
             with trio.CancelScope(shield=True):
                 await chan.aclose()
@@ -192,6 +194,12 @@ class Vm:
         self.log.error("wire_error", code=code, message=message, fatal=True)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await chan.send("error", code=code, message=message, fatal=True)
+
+
+def _only_disconnects(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_disconnects(e) for e in exc.exceptions)
+    return isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError))
 
 
 async def serve(config: HostConfig) -> None:

@@ -54,7 +54,10 @@ class VcpuConnection:
                 return
             if msg is None:
                 return
-            await self._dispatch(msg)
+            try:
+                await self._dispatch(msg)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the guest went away while we answered
 
     async def reject(self, exc: WireError) -> None:
         self.log.error("wire_error", code=exc.code, message=exc.message, fatal=exc.fatal)

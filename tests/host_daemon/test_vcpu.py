@@ -212,6 +212,8 @@ class ReadyQueueMachine(RuleBasedStateMachine):
         # was not eaten by a disable gets exactly one page-ready.
         while self.in_flight:
             self.complete_now(self.in_flight.pop())
+        if self.slot_holder is None:
+            self.ack()  # a guest that released the slot ACKs too (KVM re-scans only on ACK or a new completion)
         while self.slot_holder is not None:
             self.guest_interrupt(ack_first=True)
         dropped = {kw["token"] for e, kw in self.log.events if e == "apf_ready_dropped"}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from shared.guest_ram import shm_name
 
@@ -53,8 +54,9 @@ def test_a_full_run_leaves_nothing_behind(tmp_path, vm_id):
     assert_nothing_left(tmp_path, vm_id)
 
 
-def test_sigint_stops_a_run_cleanly(tmp_path, vm_id):
-    proc = start_run(tmp_path, vm_id, "--vcpus", "4", "--duration", "120")
+@pytest.mark.parametrize("transport", ["socket", "signal"])
+def test_sigint_stops_a_run_cleanly(tmp_path, vm_id, transport):
+    proc = start_run(tmp_path, vm_id, "--vcpus", "4", "--duration", "120", "--transport", transport)
     host_log = tmp_path / "logs" / "host.jsonl"
     wait_until(lambda: any(e["event"] == "kvm_async_pf_ready" for e in read_events(host_log)), 30,
                "APF traffic")

@@ -1,5 +1,5 @@
 # Every invariant the checker knows, checked over the logs of real multi-process `apf-emu run`s, in three
-# configurations. Each test also asserts that its invariant was actually exercised (the events it reads are there),
+# configurations, each on both transports (socket frames and real-time signals). Each test also asserts that its invariant was actually exercised (the events it reads are there),
 # so a run that did nothing cannot pass.
 from __future__ import annotations
 
@@ -40,16 +40,19 @@ EVIDENCE = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=[(c, t) for c in sorted(CONFIGS) for t in ("socket", "signal")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def run(request, tmp_path_factory):
-    log_dir: Path = tmp_path_factory.mktemp(request.param)
+    config, transport = request.param
+    log_dir: Path = tmp_path_factory.mktemp(f"{config}-{transport}")
     proc = subprocess.run(
-        [sys.executable, "-m", "apf_emu", "run", "--json", "--log-dir", str(log_dir), *CONFIGS[request.param]],
+        [sys.executable, "-m", "apf_emu", "run", "--json", "--log-dir", str(log_dir), "--transport", transport,
+         *CONFIGS[config]],
         cwd=ROOT, capture_output=True, timeout=120,
     )
     assert proc.stdout, proc.stderr.decode()
     summary = orjson.loads(proc.stdout)
-    return request.param, proc.returncode, summary
+    return config, proc.returncode, summary
 
 
 def test_every_invariant_has_evidence_listed():
@@ -79,6 +82,9 @@ def test_runs_do_real_work(run):
     assert stats["apfs"] > 100
     assert stats["data_checks"] > 300 and stats["data_check_failures"] == 0
     assert stats["events"]["guest_apf_wait"] == stats["events"]["guest_apf_wake"]  # wake-all logs each task too
+    # every vCPU kept going for the whole run (a lost wakeup leaves one halted with runnable tasks)
+    waits = {k: v.get("guest_apf_wait", 0) for k, v in stats["per_vcpu"].items() if "guest_boot" in v}
+    assert waits and min(waits.values()) > 100, waits
     if name == "deep_queue":
         # 90 tasks on one vCPU with 30 ms page-ins: the 64-deep queue fills up
         assert stats["sync_reasons"].get("queue_full", 0) > 0
