@@ -32,7 +32,10 @@ INVARIANTS: Final = {
     "data_check": "every verification of guest page contents passes",
     "guest_panic": "the guest never hits a condition on which Linux panics (async #PF with interrupts off, in "
     "kernel mode without SEND_ALWAYS, a reused live token)",
+    "ready_latency": "a completed page-in is delivered as page-ready within the configured limit (default 1 s; "
+    "`apf-emu check --ready-latency-limit MS`)",
 }
+DEFAULT_READY_LATENCY_LIMIT_MS: Final = 1000.0
 
 CONTEXT_EVENTS: Final = 6
 EN_NAME: Final = MSR_NAMES[MSR_KVM_ASYNC_PF_EN]
@@ -53,6 +56,7 @@ class Violation:
 class _HostVcpu:
     enabled: bool = False
     outstanding: dict[int, int] = field(default_factory=dict)  # token -> gfn
+    completed: dict[int, int] = field(default_factory=dict)  # token -> mono_ns of its completion
     seen: set[int] = field(default_factory=set)
     readied: set[int] = field(default_factory=set)
     unacked: int | None = None
@@ -66,7 +70,8 @@ class _GuestBoot:
 
 
 class Checker:
-    def __init__(self) -> None:
+    def __init__(self, ready_latency_limit_ms: float = DEFAULT_READY_LATENCY_LIMIT_MS) -> None:
+        self.ready_latency_limit_ns = int(ready_latency_limit_ms * 1e6)
         self.violations: list[Violation] = []
         self.events = 0
         self._host: dict[tuple[Any, Any], _HostVcpu] = {}
@@ -158,9 +163,20 @@ class Checker:
             self._violate("ready_after_not_present", f"page-ready {token:#x} without a not-present", ev)
         st.outstanding.pop(token, None)
         st.readied.add(token)
+        done = st.completed.pop(token, None)
+        if done is not None and ev["mono_ns"] - done > self.ready_latency_limit_ns:
+            self._violate("ready_latency", f"page-ready {token:#x} came {(ev['mono_ns'] - done) / 1e6:.1f} ms after "
+                          f"its completion (limit {self.ready_latency_limit_ns / 1e6:g} ms)", ev)
+
+    def _completed(self, ev: Event, key: tuple[Any, Any]) -> None:
+        token = ev.get("token")
+        if isinstance(token, int):
+            self._h(key).completed[token] = ev["mono_ns"]
 
     def _dropped(self, ev: Event, key: tuple[Any, Any]) -> None:
-        self._h(key).outstanding.pop(ev.get("token"), None)  # type: ignore[arg-type]
+        st = self._h(key)
+        st.outstanding.pop(ev.get("token"), None)  # type: ignore[arg-type]
+        st.completed.pop(ev.get("token"), None)  # type: ignore[arg-type]
 
     # --- guest events --------------------------------------------------------------------------------------------
     def _g(self, ev: Event, key: tuple[Any, Any]) -> _GuestBoot:
@@ -258,6 +274,7 @@ _HOST = {
     "msr_write": Checker._msr_write,
     "kvm_async_pf_not_present": Checker._not_present,
     "kvm_async_pf_ready": Checker._ready,
+    "kvm_async_pf_completed": Checker._completed,
     "apf_ready_dropped": Checker._dropped,
     "apf_ack": Checker._host_ack,
 }
@@ -274,5 +291,5 @@ _GUEST = {
 }
 
 
-def check_events(events: Iterable[Event]) -> list[Violation]:
-    return Checker().check(events)
+def check_events(events: Iterable[Event], **options: Any) -> list[Violation]:
+    return Checker(**options).check(events)

@@ -15,10 +15,11 @@ import trio
 
 from shared.guest_ram import check_vm_id
 
-from .checker import INVARIANTS, Checker, Violation
+from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation
 from .logs import LogInputError, ReadReport, read_merged
 from .runner import RunOptions, RunResult, run
 from .stats import INTERLEAVINGS, LATENCIES, Stats
+from .trace import build_trace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "0 clean, 1 violations, 2 unreadable input.")
     c.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
     c.add_argument("--json", action="store_true", help="print violations as JSON lines")
+    c.add_argument("--ready-latency-limit", type=float, default=DEFAULT_READY_LATENCY_LIMIT_MS, metavar="MS",
+                   help="longest allowed time from a completion to its page-ready (%(default)g ms)")
     c.add_argument("--list", action="store_true", help="list the invariants and exit")
+
+    t = sub.add_parser("trace", help="export logs as Chrome Trace Event JSON (Perfetto, chrome://tracing)",
+                       description="Write a timeline: a track per host vCPU and per guest task, a slice per APF "
+                       "from not-present to wake, arrows from the host's page-ready to the guest's wake, instants "
+                       "for ACKs, synchronous faults, dropped completions, boots and shutdowns. Open it in "
+                       "ui.perfetto.dev or chrome://tracing.")
+    t.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
+    t.add_argument("-o", "--output", required=True, help="the JSON file to write (- for stdout)")
 
     s = sub.add_parser("stats", help="event counts and latency distributions over logs")
     s.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
@@ -80,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "trace":
+            return cmd_trace(args)
         return cmd_stats(args)
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -87,9 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --- check and stats --------------------------------------------------------------------------------------------
-def analyse(paths: Sequence[str]) -> tuple[list[Violation], Stats, ReadReport, int]:
+def analyse(paths: Sequence[str], **checker_options: Any) -> tuple[list[Violation], Stats, ReadReport, int]:
     report = ReadReport()
-    checker = Checker()
+    checker = Checker(**checker_options)
     stats = Stats()
     for ev in read_merged(paths, report):
         checker.feed(ev)
@@ -119,7 +132,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{name}: {text}")
         return 0
     try:
-        violations, _stats, report, events = analyse(args.logs)
+        violations, _stats, report, events = analyse(args.logs, ready_latency_limit_ms=args.ready_latency_limit)
     except LogInputError as exc:
         print(f"apf-emu check: {exc}", file=sys.stderr)
         return 2
@@ -133,6 +146,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    report = ReadReport()
+    try:
+        trace = build_trace(read_merged(args.logs, report))
+    except LogInputError as exc:
+        print(f"apf-emu trace: {exc}", file=sys.stderr)
+        return 2
+    data = orjson.dumps(trace)
+    if args.output == "-":
+        sys.stdout.buffer.write(data + b"\n")
+    else:
+        Path(args.output).write_bytes(data)
+        print(f"apf-emu trace: {len(trace['traceEvents'])} trace events from {report.lines} log lines -> "
+              f"{args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     try:
         _v, stats, _r, _e = analyse(args.logs)
@@ -142,8 +172,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps(stats_json(stats)).decode())
     else:
+        vcpus = sorted(stats.per_vcpu)
+        print(f"{'event':32} {'total':>10}" + "".join(f" {v:>12}" for v in vcpus))
         for name, n in sorted(stats.events.items()):
-            print(f"{name:32} {n:10}")
+            print(f"{name:32} {n:10}" + "".join(f" {stats.per_vcpu[v][name]:12}" for v in vcpus))
+        print(f"\nAPFs {stats.apfs}, synchronous faults {stats.sync_faults} "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(stats.sync_reasons.items())) or 'none'})")
+        print("outstanding APFs, high-water mark per vCPU: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(stats.outstanding_max.items())) or "none"))
+        print(f"data checks {stats.data_checks}, failed {stats.data_check_failures}\n")
         for lat in LATENCIES:
             print(f"{lat:32} {_pct(stats.percentiles(lat))}")
         for name in INTERLEAVINGS:
@@ -163,6 +200,7 @@ def stats_json(stats: Stats) -> dict[str, Any]:
         "data_check_failures": stats.data_check_failures,
         "latency_us": {lat: stats.percentiles(lat) for lat in LATENCIES},
         "interleavings": {name: stats.interleavings[name] for name in INTERLEAVINGS},
+        "outstanding_max": dict(stats.outstanding_max),
         "seconds": stats.seconds,
     }
 
@@ -170,7 +208,8 @@ def stats_json(stats: Stats) -> dict[str, Any]:
 def _pct(p: dict[str, float]) -> str:
     if not p.get("count"):
         return "-"
-    return f"p50 {p['p50_us']:>7} us  p99 {p['p99_us']:>7} us  max {p['max_us']:>8} us  (n={p['count']})"
+    return (f"p50 {p['p50_us']:>7} us  p90 {p['p90_us']:>7} us  p99 {p['p99_us']:>7} us  max {p['max_us']:>8} us"
+            f"  (n={p['count']})")
 
 
 # --- run --------------------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ class Stats:
     data_checks: int = 0
     data_check_failures: int = 0
     interleavings: Counter[str] = field(default_factory=Counter)
+    outstanding: Counter[str] = field(default_factory=Counter)  # vCPU -> not-present events not yet settled
+    outstanding_max: Counter[str] = field(default_factory=Counter)  # vCPU -> high-water mark
     first_ns: int | None = None
     last_ns: int | None = None
     _stamps: dict[tuple[Any, Any, Any, str], int] = field(default_factory=dict)
@@ -76,6 +78,14 @@ class Stats:
                 self.interleavings["back_to_back_readies"] += 1
         elif name == "guest_apf_wake" and ev.get("all") and token != KVM_APF_WAKE_ALL_TOKEN:
             self.interleavings["wake_all_raced_not_present"] += 1
+        if name == "kvm_async_pf_not_present":
+            self.outstanding[vkey] += 1
+            if self.outstanding[vkey] > self.outstanding_max[vkey]:
+                self.outstanding_max[vkey] = self.outstanding[vkey]
+        elif name in ("kvm_async_pf_ready", "apf_ready_dropped") and token != KVM_APF_WAKE_ALL_TOKEN:
+            self.outstanding[vkey] = max(0, self.outstanding[vkey] - 1)
+        elif name in ("vcpu_connect", "vcpu_disconnect"):
+            self.outstanding[vkey] = 0
         if name == "apf_sync_fault":
             self.sync_reasons[str(ev.get("reason"))] += 1
         elif name == "apf_ready_dropped":
@@ -129,6 +139,7 @@ class Stats:
         return {
             "count": h.get_total_count(),
             "p50_us": h.get_value_at_percentile(50),
+            "p90_us": h.get_value_at_percentile(90),
             "p90_us": h.get_value_at_percentile(90),
             "p99_us": h.get_value_at_percentile(99),
             "max_us": h.get_max_value(),

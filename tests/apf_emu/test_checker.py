@@ -17,17 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 Events = list[dict]
 
 
-@pytest.fixture(scope="module")
-def clean_logs(tmp_path_factory) -> Path:
-    log_dir = tmp_path_factory.mktemp("clean")
-    proc = subprocess.run(
-        [sys.executable, "-m", "apf_emu", "run", "--vcpus", "2", "--duration", "2", "--log-dir", str(log_dir)],
-        cwd=ROOT, capture_output=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout.decode()[-2000:]
-    return log_dir
-
-
 @pytest.fixture
 def events(clean_logs) -> Events:
     return list(read_merged([str(clean_logs)]))
@@ -143,6 +132,13 @@ def guest_panic(evs: Events) -> Events:
     return evs
 
 
+def late_ready(evs: Events) -> Events:
+    _, token = a_token(evs)
+    c = first(evs, "kvm_async_pf_completed", token=token)
+    evs[c] = at(evs, c, mono_ns=evs[c]["mono_ns"] - 2_000_000_000)  # completed 2 s before it was delivered
+    return evs
+
+
 MUTATIONS: dict[str, Callable[[Events], Events]] = {
     "token_format": malformed_token,
     "token_unique": duplicate_token,
@@ -156,7 +152,14 @@ MUTATIONS: dict[str, Callable[[Events], Events]] = {
     "dummy_leak": leak_dummy,
     "data_check": fail_data_check,
     "guest_panic": guest_panic,
+    "ready_latency": late_ready,
 }
+
+
+def test_ready_latency_limit_is_configurable(events):
+    assert check_events(events, ready_latency_limit_ms=60_000) == []
+    tight = check_events(events, ready_latency_limit_ms=0.000001)
+    assert tight and {v.invariant for v in tight} == {"ready_latency"}
 
 
 def test_every_invariant_has_a_mutation():
@@ -205,3 +208,27 @@ def test_check_command_exit_status(clean_logs, tmp_path, args, status):
     assert proc.returncode == status, proc.stdout + proc.stderr
     if status == 1:
         assert "VIOLATION data_check" in proc.stdout
+
+
+def test_check_reads_stdin_like_compose_logs(clean_logs):
+    """`docker compose logs --no-log-prefix | apf-emu check -`: all processes' lines interleaved on one stream."""
+    data = b"".join(f.read_bytes() for f in sorted(clean_logs.glob("*.jsonl")))
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "check", "-"], cwd=ROOT, input=data,
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stdout.decode()[-2000:]
+    assert b"0 violations" in proc.stdout
+
+
+def test_check_json_output_names_the_invariant_and_context(clean_logs, tmp_path):
+    import orjson
+
+    evs = drop_wake(list(read_merged([str(clean_logs)])))
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in evs))
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "check", "--json", str(path)], cwd=ROOT,
+                          capture_output=True)
+    assert proc.returncode == 1
+    lines = [orjson.loads(line) for line in proc.stdout.splitlines()]
+    assert lines and all({"invariant", "message", "event", "context"} <= set(v) for v in lines)
+    assert "wait_woken" in {v["invariant"] for v in lines}
+    assert all(len(v["context"]) <= 6 for v in lines)

@@ -37,6 +37,7 @@ EVIDENCE = {
     "dummy_leak": ["guest_shutdown"],
     "data_check": ["guest_data_check"],
     "guest_panic": ["guest_boot"],
+    "ready_latency": ["kvm_async_pf_completed", "kvm_async_pf_ready"],
 }
 
 
