@@ -2,7 +2,7 @@
 # (hdrhistogram, microseconds) of the APF cycle, joined across processes by (vm, vcpu, token).
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +55,7 @@ class Stats:
     first_ns: int | None = None
     last_ns: int | None = None
     _stamps: dict[tuple[Any, Any, Any, str], int] = field(default_factory=dict)
-    _last_ready: dict[tuple[Any, Any], tuple[int, int]] = field(default_factory=dict)
+    _unacked: dict[tuple[Any, Any], deque[int]] = field(default_factory=dict)  # vCPU -> ready times, oldest first
 
     def feed(self, ev: Event) -> None:
         name = ev["event"]
@@ -86,6 +86,7 @@ class Stats:
             self.outstanding[vkey] = max(0, self.outstanding[vkey] - 1)
         elif name in ("vcpu_connect", "vcpu_disconnect"):
             self.outstanding[vkey] = 0
+            self._unacked.pop(key, None)
         if name == "apf_sync_fault":
             self.sync_reasons[str(ev.get("reason"))] += 1
         elif name == "apf_ready_dropped":
@@ -95,14 +96,14 @@ class Stats:
             self.data_check_failures += int(ev.get("data_check_failures", 0))
             self.interleavings["signals_coalesced"] += int(ev.get("coalesced", 0))
         if name == "apf_ack":
-            ready = self._last_ready.pop(key, None)
-            if ready is not None:
-                self._record("ready_to_ack", t - ready[1])
-            return
-        if token is None or token == KVM_APF_WAKE_ALL_TOKEN:
+            readies = self._unacked.get(key)
+            if readies:  # ACKs answer page-readies in order
+                self._record("ready_to_ack", t - readies.popleft())
             return
         if name == "kvm_async_pf_ready":
-            self._last_ready[key] = (token, t)
+            self._unacked.setdefault(key, deque()).append(t)
+        if token is None or token == KVM_APF_WAKE_ALL_TOKEN:
+            return
         stamp_key = (key[0], key[1], token, name)
         self._stamps[stamp_key] = t
         for lat, (a, b) in LATENCIES.items():
