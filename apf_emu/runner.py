@@ -90,9 +90,9 @@ async def run(opts: RunOptions) -> RunResult:
     finally:
         with trio.CancelScope(shield=True):
             await _stop(procs, result)
-            with contextlib.suppress(ValueError):
-                if unlink(shm_name(vm)):
-                    result.leftovers.append(f"shm {shm_name(vm)} (removed by the runner)")
+            for name in (shm_name(vm), f"/apf-emu-{vm}-swap"):
+                if unlink(name):
+                    result.leftovers.append(f"shm {name} (removed by the runner)")
             if sock.exists():
                 result.leftovers.append(f"socket {sock} (removed by the runner)")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=int(env("seed", "0")), help="random seed (%(default)s)")
     p.add_argument("--log-dir", type=Path, default=Path(env("log_dir", "")) if env("log_dir", "") else None,
                    help="write host.jsonl here")
+    p.add_argument("--recover", action="store_true", default=env("recover", "") == "1",
+                   help="take over the VM of a host that was killed: keep guest RAM, the swap and the saved vCPU "
+                   "registers, rebuild residency from them, and restore each vCPU when its guest reconnects")
     p.add_argument("--log-stdout", action="store_true", default=env("log_stdout", "") == "1",
                    help="also write JSON log lines to stdout")
     return p
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     config = HostConfig(
         vm=args.vm, socket=args.socket, vcpus=args.vcpus, pages=args.pages, resident=args.resident,
         latency=args.page_in_latency, seed=args.seed, log_dir=args.log_dir, log_stdout=args.log_stdout,
+        recover=args.recover,
     )
     try:
         config.validate()
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     slog.configure(args.log_dir / "host.jsonl" if args.log_dir else None, stdout=args.log_stdout)
     try:
         trio.run(serve, config)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"apf-host: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import posix_ipc
 import trio
 
 from shared import log as slog
@@ -23,6 +24,7 @@ from shared.channel import MessageChannel
 from shared.guest_ram import GuestRam, RamLayout
 from shared.wire import GUEST_TO_HOST, PROTOCOL_VERSION, WireError
 
+from .backing_store import BackingStore
 from .memory import GuestMemory, PageInLatency
 from .notify import Notifier, SignalNotifier, SocketNotifier
 from .vcpu_conn import VcpuConnection
@@ -42,6 +44,7 @@ class HostConfig:
     seed: int = 0
     log_dir: Path | None = None
     log_stdout: bool = False
+    recover: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
@@ -63,9 +66,22 @@ class Vm:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
-        ram = GuestRam.create(cfg.vm, RamLayout(cfg.pages))
+        layout = RamLayout(cfg.pages)
+        if cfg.recover:
+            # A previous host of this VM was killed: guest RAM, the swap and the saved registers are still there.
+            try:
+                ram = GuestRam.open(cfg.vm, layout)
+                backing = BackingStore(cfg.vm, cfg.pages, recover=True)
+            except posix_ipc.ExistentialError:
+                raise ValueError(f"--recover: there is no VM {cfg.vm!r} to recover") from None
+            ram.owner = True
+        else:
+            ram = GuestRam.create(cfg.vm, layout)
+            backing = BackingStore(cfg.vm, cfg.pages, recover=False)
+        clean = False
         try:
-            self.memory = GuestMemory(ram, cfg.resident, cfg.latency, random.Random(cfg.seed))
+            self.memory = GuestMemory(ram, cfg.resident, cfg.latency, random.Random(cfg.seed), backing,
+                                      recover=cfg.recover)
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.socket)
@@ -79,17 +95,25 @@ class Vm:
                     nursery.start_soon(self._signals, nursery.cancel_scope)
                     self.log.info(
                         "host_ready", socket=str(cfg.socket), shm=ram.name, pages=cfg.pages, resident=cfg.resident,
-                        vcpus=cfg.vcpus, latency=str(cfg.latency), seed=cfg.seed,
+                        vcpus=cfg.vcpus, latency=str(cfg.latency), seed=cfg.seed, recovered=cfg.recover,
+                        recovered_pages=self.memory.stats.recovered_pages, resident_now=self.memory.resident,
                     )
                     await nursery.start(trio.serve_listeners, self._handle, [trio.SocketListener(sock)])
                     task_status.started()
+                clean = True
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(cfg.socket)
         finally:
             memory = getattr(self, "memory", None)  # absent if the memory model refused its configuration
             self.log.info("host_stop", **(vars(memory.stats) if memory is not None else {}))
-            ram.close()
+            # The VM ends with a clean stop. After a crash inside the daemon the state stays for --recover; the
+            # runner removes it if nobody recovers it.
+            if clean:
+                ram.close()
+            else:
+                ram.close_keep()
+            backing.close(unlink_it=clean)
             slog.flush()
 
     async def _signals(self, scope: trio.CancelScope) -> None:
@@ -132,6 +156,16 @@ class Vm:
             await self._refuse(chan, *problem)
             return
         vcpu_id = msg["vcpu"] if msg["vcpu"] is not None else min(set(range(self.config.vcpus)) - self.vcpus.keys())
+        old = self.vcpus.get(vcpu_id)
+        if old is not None:
+            # A newer boot of this vCPU: the guest that held it is gone even if its connection has not ended yet.
+            old.log.info("vcpu_replaced", by_boot=msg["boot"])
+            old.scope.cancel()
+            with trio.move_on_after(5):
+                await old.done.wait()
+            if self.vcpus.get(vcpu_id) is old:
+                await self._refuse(chan, "vcpu_busy", f"vCPU {vcpu_id} did not let go of its old connection")
+                return
         notifier: Notifier
         if msg["transport"] == "signal":
             try:
@@ -144,8 +178,11 @@ class Vm:
         log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=msg["boot"])
         conn = VcpuConnection(self, chan, notifier, vcpu_id, msg["boot"], log)
         self.vcpus[vcpu_id] = conn
-        log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"], transport=msg["transport"])
+        saved = self.memory.backing.saved_vcpu(vcpu_id)
+        log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"], transport=msg["transport"],
+                 restored=saved is not None and saved.boot == msg["boot"])
         try:
+            await conn.start(saved)
             await chan.send(
                 "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, vcpus=self.config.vcpus,
                 pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,
@@ -154,7 +191,8 @@ class Vm:
             await conn.serve()
         finally:
             conn.reset("vcpu_reset")
-            del self.vcpus[vcpu_id]
+            if self.vcpus.get(vcpu_id) is conn:
+                del self.vcpus[vcpu_id]
             log.info("vcpu_disconnect")
 
     def _check_hello(self, msg: dict[str, Any]) -> tuple[str, str] | None:
@@ -174,8 +212,8 @@ class Vm:
                 return "no_vcpu", f"all {self.config.vcpus} vCPUs are taken"
         elif not 0 <= vcpu < self.config.vcpus:
             return "bad_vcpu", f"vCPU {vcpu} is not in 0..{self.config.vcpus - 1}"
-        elif vcpu in self.vcpus:
-            return "vcpu_busy", f"vCPU {vcpu} is already connected"
+        elif vcpu in self.vcpus and msg["boot"] <= self.vcpus[vcpu].boot:
+            return "vcpu_busy", f"vCPU {vcpu} is connected (boot {self.vcpus[vcpu].boot})"
         return None
 
     def _check_peer(self, chan: MessageChannel, msg: dict[str, Any]) -> tuple[str, str] | None:

@@ -17,6 +17,9 @@
 #
 # A vCPU that stays inside an access (SIGSTOPped guest) would block eviction of that one page: after a bounded wait
 # the host remaps the page under a new generation and picks another victim.
+#
+# Evicted contents go to the crash-consistent swap of host_daemon/backing_store.py, so a host killed at any point
+# and restarted with --recover rebuilds this model from the EPT and the swap's commit words (`recover`).
 from __future__ import annotations
 
 import random
@@ -30,8 +33,9 @@ import trio
 from shared.abi import MAX_VCPUS
 from shared.guest_ram import EPT_PRESENT, PAGE_SIZE, VCPU_CTL_SIZE, GuestRam
 
+from .backing_store import BackingStore
+
 POISON: Final = b"\xdb" * PAGE_SIZE  # what a guest would read from an evicted page if the shootdown were broken
-ZERO_PAGE: Final = bytes(PAGE_SIZE)
 SHOOTDOWN_MAX_YIELDS: Final = 2000
 
 
@@ -88,28 +92,13 @@ def _seconds(text: str) -> float:
     return value
 
 
-class BackingStore:
-    """Contents of evicted pages (the swap device). A page never written and never evicted reads as zeros."""
-
-    def __init__(self) -> None:
-        self._pages: dict[int, bytes] = {}
-
-    def put(self, gfn: int, data: bytes) -> None:
-        self._pages[gfn] = data
-
-    def take(self, gfn: int) -> bytes:
-        return self._pages.pop(gfn, ZERO_PAGE)
-
-    def __len__(self) -> int:
-        return len(self._pages)
-
-
 @dataclass
 class MemoryStats:
     page_ins: int = 0
     evictions: int = 0
     shootdown_waits: int = 0
     shootdown_aborts: int = 0
+    recovered_pages: int = 0
 
 
 @dataclass
@@ -118,7 +107,8 @@ class GuestMemory:
     resident_limit: int
     latency: PageInLatency
     rng: random.Random
-    backing: BackingStore = field(default_factory=BackingStore)
+    backing: BackingStore
+    recover: bool = False
     stats: MemoryStats = field(default_factory=MemoryStats)
 
     def __post_init__(self) -> None:
@@ -132,12 +122,31 @@ class GuestMemory:
         self._resident = 0
         self._page_ins: dict[int, trio.Event] = {}
         self._install_lock = trio.Lock()
-        # Boot state: the first R pages resident, the rest swapped out (their contents: zeros).
         u32 = self.ram.u32
+        if self.recover:
+            self._recover()
+            return
+        # Boot state: the first R pages resident, the rest swapped out (their contents: zeros, generation 0, which
+        # is what a new swap object says).
         for gfn in range(pages):
             u32[self._ept0 + gfn] = EPT_PRESENT if gfn < self.resident_limit else 0
         self._fifo.extend(range(self.resident_limit))
         self._resident = self.resident_limit
+
+    def _recover(self) -> None:
+        """Rebuild residency after a host restart from what survived: the EPT and the swap's commit words."""
+        u32 = self.ram.u32
+        for gfn in range(self.ram.layout.pages):
+            ix = self._ept0 + gfn
+            entry = u32[ix]
+            if not entry & EPT_PRESENT and not self.backing.holds(gfn, entry >> 1):
+                # An eviction that never committed (or a page-in that did not finish marking it present, which
+                # leaves the swap copy valid and lands in the branch below instead): guest RAM still holds the page.
+                u32[ix] = ((entry >> 1) + 1) << 1 | EPT_PRESENT
+                self.stats.recovered_pages += 1
+            if u32[ix] & EPT_PRESENT:
+                self._fifo.append(gfn)
+                self._resident += 1
 
     # --- queries -------------------------------------------------------------------------------------------------
     def present(self, gfn: int) -> bool:
@@ -174,9 +183,8 @@ class GuestMemory:
             async with self._install_lock:
                 while self._resident >= self.resident_limit:
                     await self._evict_one()
-                data = self.backing.take(gfn)
                 off = gfn * PAGE_SIZE
-                self.ram.mem[off : off + PAGE_SIZE] = data
+                self.ram.mem[off : off + PAGE_SIZE] = self.backing.read(gfn)
                 ix = self._ept0 + gfn
                 self.ram.u32[ix] = ((self.ram.u32[ix] >> 1) + 1) << 1 | EPT_PRESENT
                 self._resident += 1
@@ -217,7 +225,7 @@ class GuestMemory:
                 return False
             await trio.sleep(0)
         off = gfn * PAGE_SIZE
-        self.backing.put(gfn, bytes(self.ram.mem[off : off + PAGE_SIZE]))  # 3. copy out
+        self.backing.write(gfn, gen + 1, self.ram.mem[off : off + PAGE_SIZE])  # 3. copy out and commit
         self.ram.mem[off : off + PAGE_SIZE] = POISON
         self._resident -= 1
         self.stats.evictions += 1

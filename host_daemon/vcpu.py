@@ -156,6 +156,20 @@ class VcpuApf:
         self._queue_wakeup_all()
         return MsrResult(True, rescan=True)
 
+    def restore(self, msr_en: int, msr_int: int, apf_id: int) -> None:
+        """Load registers saved before a host restart (as a VMM restores MSR_KVM_ASYNC_PF_EN/_INT after a
+        snapshot or live update). The events in flight died with the old host: a wake-all replaces them, so every
+        task sleeping on one of their tokens retries."""
+        self.msr_int = msr_int
+        self.apf_id = apf_id
+        en = AsyncPfEn(msr_en)
+        self.msr_en = msr_en
+        if en.apf_enabled and en.gpa + KVM_VCPU_PV_APF_DATA_SIZE <= self.ram_pages * PAGE_SIZE:
+            self.area = KvmVcpuPvApfData(self.ram_u32, en.gpa)
+            self.slot_token = self.area.token  # whatever the old host delivered last is not garbage
+            self._queue_wakeup_all()
+        self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, apf_enabled=self.apf_enabled)
+
     def _queue_wakeup_all(self) -> None:
         item = AsyncPf(KVM_APF_WAKE_ALL_TOKEN, -1, wakeup_all=True, done=True)
         self.queue[id(item)] = item  # not a real token: keyed apart so it never collides with one

@@ -15,6 +15,7 @@ from shared.channel import MessageChannel
 from shared.guest_ram import PAGE_SIZE
 from shared.wire import Message, WireError
 
+from .backing_store import SavedVcpu
 from .notify import Notifier
 from .vcpu import AsyncPf, VcpuApf
 
@@ -32,14 +33,32 @@ class VcpuConnection:
         self.log = log
         self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log)
         self.pinned: int | None = None
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()  # set once reset() ran
+
+    async def start(self, saved: SavedVcpu | None) -> None:
+        """Continue the vCPU's token ids across boots; restore its registers if this boot is the one saved."""
+        backing = self.vm.memory.backing
+        if saved is not None and saved.boot == self.boot:
+            self.apf.restore(saved.msr_en, saved.msr_int, saved.apf_id)
+            await self._sync_pin()
+        else:
+            self.apf.apf_id = saved.apf_id if saved is not None else 0
+            backing.save_vcpu(self.vcpu_id, self.boot, 0, 0, self.apf.apf_id)
+
+    def _save(self) -> None:
+        self.vm.memory.backing.save_vcpu(self.vcpu_id, self.boot, self.apf.msr_en, self.apf.msr_int, self.apf.apf_id)
 
     async def serve(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                await self._message_loop()
-            finally:
-                nursery.cancel_scope.cancel()
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    if self.apf.done:  # a restore queued a wake-all
+                        await self.deliver_ready()
+                    await self._message_loop()
+                finally:
+                    nursery.cancel_scope.cancel()
 
     async def _message_loop(self) -> None:
         while True:
@@ -76,28 +95,36 @@ class VcpuConnection:
             await self.reject(WireError("unexpected", f"{t} after the handshake"))
 
     async def _msr_write(self, msr: int, value: int) -> None:
-        memory = self.vm.memory
-        held = [self.pinned] if self.pinned is not None else []
         target = self.apf.area_gfn_enabled_by(msr, value)
         if target is not None:
             # The host writes the area, so its page must be resident before APF is on and stay so while it is
             # (KVM's put_user would fault it in): fault it in and pin it before the write takes effect.
-            await memory.fault_in(target, self.vm.nursery)
-            memory.pin(target)
-            held.append(target)
+            await self._pin(target)
         result = self.apf.write_msr(msr, value)
-        area_gfn = self.apf.area.gpa // PAGE_SIZE if self.apf.area is not None else None
-        self.pinned = None
-        for gfn in held:  # keep exactly one pin, on the page of the area now in force
-            if gfn == area_gfn and self.pinned is None:
-                self.pinned = gfn
-            else:
-                memory.unpin(gfn)
+        await self._sync_pin()
+        if target is not None:
+            self.vm.memory.unpin(target)
+        if result.ok:
+            self._save()
         if result.rescan:
             # Raised before the reply, so that it is pending when the vCPU re-enters after the wrmsr exit, as KVM
             # injects it on that very entry: the wake-all of an enable is then taken before any later #PF.
             await self.deliver_ready()
         await self.chan.send("msr_result", msr=msr, ok=result.ok, error=result.error)
+
+    async def _pin(self, gfn: int) -> None:
+        await self.vm.memory.fault_in(gfn, self.vm.nursery)
+        self.vm.memory.pin(gfn)
+
+    async def _sync_pin(self) -> None:
+        """Keep exactly one pin, on the page of the APF area in force (none while APF is off)."""
+        area_gfn = self.apf.area.gpa // PAGE_SIZE if self.apf.area is not None else None
+        if area_gfn != self.pinned:
+            if area_gfn is not None:
+                await self._pin(area_gfn)
+            if self.pinned is not None:
+                self.vm.memory.unpin(self.pinned)
+            self.pinned = area_gfn
 
     async def _exit_mem(self, gpa: int, *, user: bool, irq: bool) -> None:
         gfn = gpa // PAGE_SIZE
@@ -113,6 +140,7 @@ class VcpuConnection:
             await memory.fault_in(gfn, self.vm.nursery)  # the vCPU is halted until the page is in
             await self.chan.send("resume", gpa=gpa)
             return
+        self.vm.memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
         event = memory.start_page_in(gfn, self.vm.nursery)
         self._nursery.start_soon(self._complete_when, decision.apf, event)
         await self.notifier.inject_pf(decision.apf.token)
@@ -136,3 +164,4 @@ class VcpuConnection:
             self.vm.memory.unpin(self.pinned)
             self.pinned = None
         self.vm.memory.clear_in_access(self.vcpu_id)
+        self.done.set()

@@ -127,13 +127,20 @@ class GuestRam:
 
     def close(self) -> None:
         """Release the views and the mapping; the owner also unlinks the name. Idempotent."""
+        self._release(unlink_it=self.owner)
+
+    def close_keep(self) -> None:
+        """Release the mapping but leave the object for a successor (a host that will --recover)."""
+        self._release(unlink_it=False)
+
+    def _release(self, *, unlink_it: bool) -> None:
         if self._map is None:
             return
         self.u32.release()
         self.mem.release()
         self._map.close()
         self._map = None
-        if self.owner:
+        if unlink_it:
             unlink(self.name)
 
 

@@ -6,6 +6,7 @@ import random
 import pytest
 import trio
 
+from host_daemon.backing_store import BackingStore
 from host_daemon.memory import POISON, GuestMemory, PageInLatency
 from shared.guest_ram import GuestRam, RamLayout
 
@@ -15,6 +16,13 @@ def ram(vm_id):
     r = GuestRam.create(vm_id, RamLayout(16))
     yield r
     r.close()
+
+
+@pytest.fixture
+def backing(vm_id):
+    b = BackingStore(vm_id, 16, recover=False)
+    yield b
+    b.close(unlink_it=True)
 
 
 @pytest.mark.parametrize(
@@ -35,8 +43,8 @@ def test_bad_latency_specs_are_refused(spec):
         PageInLatency.parse(spec)
 
 
-async def test_boot_state_and_residency_limit(ram):
-    mem = GuestMemory(ram, 6, PageInLatency.parse("0"), random.Random(0))
+async def test_boot_state_and_residency_limit(ram, backing):
+    mem = GuestMemory(ram, 6, PageInLatency.parse("0"), random.Random(0), backing)
     assert [mem.present(g) for g in range(16)] == [True] * 6 + [False] * 10
     async with trio.open_nursery() as nursery:
         for gfn in range(6, 16):
@@ -46,8 +54,8 @@ async def test_boot_state_and_residency_limit(ram):
             assert sum(mem.present(g) for g in range(16)) == 6
 
 
-async def test_page_in_brings_back_exactly_what_was_evicted(ram):
-    mem = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0))
+async def test_page_in_brings_back_exactly_what_was_evicted(ram, backing):
+    mem = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0), backing)
     rng = random.Random(1)
     contents = {g: rng.randbytes(4096) for g in range(4)}
     for g, data in contents.items():
@@ -63,8 +71,8 @@ async def test_page_in_brings_back_exactly_what_was_evicted(ram):
         assert all(bytes(ram.page(g)) == contents[g] for g in range(4))
 
 
-async def test_pinned_pages_are_never_evicted(ram):
-    mem = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0))
+async def test_pinned_pages_are_never_evicted(ram, backing):
+    mem = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0), backing)
     mem.pin(0)
     async with trio.open_nursery() as nursery:
         for g in range(4, 16):
@@ -73,8 +81,8 @@ async def test_pinned_pages_are_never_evicted(ram):
     mem.unpin(0)
 
 
-async def test_concurrent_page_ins_of_one_gfn_share_one_copy(ram):
-    mem = GuestMemory(ram, 4, PageInLatency.parse("fixed:5ms"), random.Random(0))
+async def test_concurrent_page_ins_of_one_gfn_share_one_copy(ram, backing):
+    mem = GuestMemory(ram, 4, PageInLatency.parse("fixed:5ms"), random.Random(0), backing)
     async with trio.open_nursery() as nursery:
         e1 = mem.start_page_in(9, nursery)
         e2 = mem.start_page_in(9, nursery)
@@ -83,9 +91,9 @@ async def test_concurrent_page_ins_of_one_gfn_share_one_copy(ram):
     assert mem.stats.page_ins == 1 and mem.present(9)
 
 
-async def test_a_vcpu_stuck_inside_an_access_cannot_block_eviction_forever(ram):
+async def test_a_vcpu_stuck_inside_an_access_cannot_block_eviction_forever(ram, backing):
     """A SIGSTOPped guest inside an access to the victim: the host gives up on that page and evicts another."""
-    mem = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0))
+    mem = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0), backing)
     ram.u32[ram.layout.in_access_index(2)] = 0 + 1  # vCPU 2 is "inside" an access to gfn 0, the oldest page
     async with trio.open_nursery() as nursery:
         await mem.fault_in(10, nursery)

@@ -11,6 +11,7 @@ import textwrap
 
 import trio
 
+from host_daemon.backing_store import BackingStore
 from host_daemon.memory import GuestMemory, PageInLatency
 from shared.guest_ram import GuestRam, RamLayout
 
@@ -55,8 +56,9 @@ ACCESSOR = textwrap.dedent(
 async def test_eviction_races_accesses_without_losing_data(tmp_path):
     vm = f"shootdown{random.randrange(1 << 30)}"
     ram = GuestRam.create(vm, RamLayout(PAGES))
+    backing = BackingStore(vm, PAGES, recover=False)
     try:
-        memory = GuestMemory(ram, RESIDENT, PageInLatency.parse("0"), random.Random(2))
+        memory = GuestMemory(ram, RESIDENT, PageInLatency.parse("0"), random.Random(2), backing)
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-c", ACCESSOR, vm, str(PAGES), str(ACCESSES)], stdout=subprocess.PIPE
         )
@@ -77,6 +79,7 @@ async def test_eviction_races_accesses_without_losing_data(tmp_path):
         counts = json.loads(rest.decode().split("ready\n", 1)[1])
     finally:
         ram.close()
+        backing.close(unlink_it=True)
     assert proc.returncode == 0
     assert counts["done"] == ACCESSES
     assert counts["failures"] == 0, counts
@@ -92,8 +95,9 @@ async def test_a_broken_shootdown_is_caught_by_the_guest_check():
 
     vm = f"shootdown{random.randrange(1 << 30)}"
     ram = GuestRam.create(vm, RamLayout(8))
+    backing = BackingStore(vm, 8, recover=False)
     try:
-        GuestMemory(ram, 6, PageInLatency.parse("0"), random.Random(0))
+        GuestMemory(ram, 6, PageInLatency.parse("0"), random.Random(0), backing)
         mem = GuestMemoryAccess(ram, 0)
         status, seq, ok = mem.update_page(1, None, 1)
         assert (status, ok) == (Access.DONE, True)
@@ -103,6 +107,7 @@ async def test_a_broken_shootdown_is_caught_by_the_guest_check():
         del mem
     finally:
         ram.close()
+        backing.close(unlink_it=True)
 
 
 async def test_a_store_to_a_swapped_out_page_exits_instead_of_being_lost():
@@ -110,8 +115,9 @@ async def test_a_store_to_a_swapped_out_page_exits_instead_of_being_lost():
 
     vm = f"shootdown{random.randrange(1 << 30)}"
     ram = GuestRam.create(vm, RamLayout(8))
+    backing = BackingStore(vm, 8, recover=False)
     try:
-        memory = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0))
+        memory = GuestMemory(ram, 4, PageInLatency.parse("0"), random.Random(0), backing)
         mem = GuestMemoryAccess(ram, 0)
         assert mem.store_u32(4096 * 6 + 8, 7) is Access.EXIT  # gfn 6 starts swapped out
         async with trio.open_nursery() as nursery:
@@ -121,3 +127,4 @@ async def test_a_store_to_a_swapped_out_page_exits_instead_of_being_lost():
         del mem
     finally:
         ram.close()
+        backing.close(unlink_it=True)
