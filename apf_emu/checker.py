@@ -34,6 +34,7 @@ INVARIANTS: Final = {
     "kernel mode without SEND_ALWAYS, a reused live token)",
     "ready_latency": "a completed page-in is delivered as page-ready within the configured limit (default 1 s; "
     "`apf-emu check --ready-latency-limit MS`)",
+    "stale_token": "no not-present or page-ready of an earlier boot reaches a later boot of the vCPU",
 }
 DEFAULT_READY_LATENCY_LIMIT_MS: Final = 1000.0
 
@@ -60,6 +61,7 @@ class _HostVcpu:
     seen: set[int] = field(default_factory=set)
     readied: set[int] = field(default_factory=set)
     unacked: int | None = None
+    issued_boot: dict[int, Any] = field(default_factory=dict)  # token -> the guest boot it was issued to
 
 
 @dataclass
@@ -115,9 +117,16 @@ class Checker:
 
     def _host_reset(self, ev: Event, key: tuple[Any, Any]) -> None:
         old = self._host.get(key)
+        if old is not None and ev["event"] == "vcpu_connect" and ev.get("restored"):
+            # A restarted host took the vCPU back (same boot): registers and the token slot carry over; the events
+            # that were in flight died with the old host, and a wake-all replaces them.
+            old.outstanding.clear()
+            old.completed.clear()
+            return
         st = self._host[key] = _HostVcpu()
         if old is not None:
             st.seen = old.seen  # tokens stay unique for the vCPU across boots
+            st.issued_boot = old.issued_boot
 
     def _msr_write(self, ev: Event, key: tuple[Any, Any]) -> None:
         if ev.get("msr") == EN_NAME and ev.get("ok"):
@@ -141,6 +150,8 @@ class Checker:
         if token in st.seen:
             self._violate("token_unique", f"token {token:#x} handed out again", ev)
         st.seen.add(token)
+        st.issued_boot[token] = ev.get("boot")
+        self._check_boot(ev, key, "not-present")
         st.outstanding[token] = ev.get("gfn", -1)
         if len(st.outstanding) > ASYNC_PF_PER_VCPU:
             self._violate("outstanding_limit", f"{len(st.outstanding)} not-present events outstanding", ev)
@@ -153,8 +164,12 @@ class Checker:
         if st.unacked is not None:
             self._violate("one_unacked_ready", f"page-ready {token!r} while {st.unacked:#x} is not released", ev)
         st.unacked = token if isinstance(token, int) else None
+        self._check_boot(ev, key, "page-ready")
         if token == KVM_APF_WAKE_ALL_TOKEN:
             return
+        issued = st.issued_boot.get(token) if isinstance(token, int) else None
+        if issued is not None and issued != ev.get("boot"):
+            self._violate("stale_token", f"page-ready {token:#x} of boot {issued} sent in boot {ev.get('boot')}", ev)
         if not isinstance(token, int) or not isinstance(key[1], int) or not token_is_well_formed(token, key[1]):
             self._violate("token_format", f"page-ready token {token!r} is malformed", ev)
         elif token in st.readied:
@@ -167,6 +182,12 @@ class Checker:
         if done is not None and ev["mono_ns"] - done > self.ready_latency_limit_ns:
             self._violate("ready_latency", f"page-ready {token:#x} came {(ev['mono_ns'] - done) / 1e6:.1f} ms after "
                           f"its completion (limit {self.ready_latency_limit_ns / 1e6:g} ms)", ev)
+
+    def _check_boot(self, ev: Event, key: tuple[Any, Any], what: str) -> None:
+        current = self._current_boot.get(key)
+        if current is not None and ev.get("boot") is not None and ev.get("boot") != current:
+            self._violate("stale_token", f"{what} {ev.get('token')!r} for boot {ev.get('boot')} while boot "
+                          f"{current} runs", ev)
 
     def _completed(self, ev: Event, key: tuple[Any, Any]) -> None:
         token = ev.get("token")
@@ -198,6 +219,10 @@ class Checker:
     def _shutdown(self, ev: Event, key: tuple[Any, Any]) -> None:
         self._end_boot(self._g(ev, key), key, clean=True, ev=ev)
 
+    def _abrupt_end(self, ev: Event, key: tuple[Any, Any]) -> None:
+        # A crash or reboot: the kernel's sleeping tasks and its sleep table die with it.
+        self._end_boot(self._g(ev, key), key, clean=False, ev=ev)
+
     def _end_boot(self, st: _GuestBoot, key: tuple[Any, Any], *, clean: bool, ev: Event | None = None,
                   at_end_of_log: bool = False) -> None:
         st.ended = True
@@ -222,6 +247,10 @@ class Checker:
         token, task = ev.get("token"), ev.get("task", -1)
         if not ev.get("all"):
             self._check_slot(ev, key, token)
+            host = self._host.get(key)
+            issued = host.issued_boot.get(token) if host is not None and isinstance(token, int) else None
+            if issued is not None and issued != ev.get("boot"):
+                self._violate("stale_token", f"boot {ev.get('boot')} woke for {token:#x} of boot {issued}", ev)
         waited = st.waits.pop(task, None)
         if waited is not None and waited[0] != token:
             self._violate("wake_matches_ready", f"task {task} slept on {waited[0]:#x} but woke for {token!r}", ev)
@@ -281,6 +310,8 @@ _HOST = {
 _GUEST = {
     "guest_boot": Checker._boot,
     "guest_shutdown": Checker._shutdown,
+    "guest_crash": Checker._abrupt_end,
+    "guest_reboot": Checker._abrupt_end,
     "guest_apf_wait": Checker._wait,
     "guest_apf_wake": Checker._wake,
     "guest_apf_wake_all": Checker._wake_all,

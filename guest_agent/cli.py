@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="An apf-emu guest agent: the guest kernel of one vCPU. Connects to the host daemon, enables "
         "async page faults (MSR_KVM_ASYNC_PF_INT, then MSR_KVM_ASYNC_PF_EN), runs tasks that write and verify "
         "guest RAM, sleeps tasks on not-present #PFs and wakes them on page-ready interrupts. On SIGTERM/SIGINT "
-        "it stops starting work, waits for sleeping tasks to be woken, disables APF and exits.",
+        "it stops starting work, waits for sleeping tasks to be woken, disables APF and exits 0. SIGUSR1 panics "
+        "(crash path: APF disabled without waiting, exit 70: boot a kdump kernel next); SIGUSR2 reboots (exit 71). "
+        "If the host goes away it reconnects as the same boot and retries.",
     )
     p.add_argument("--vm", default=env("vm", "vm0"), type=check_vm_id, help="VM id (%(default)s)")
     p.add_argument("--socket", type=Path, default=Path(env("socket", "/tmp/apf-emu-vm0.sock")),
@@ -47,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of accesses that open an interrupts-off section (%(default)s)")
     p.add_argument("--apf-reinit-every", type=float, default=None, metavar="SECONDS",
                    help="disable and re-enable APF this often, as CPU offline/online does (default never)")
+    p.add_argument("--kdump-apf", action="store_true", default=env("kdump_apf", "") == "1",
+                   help="with --kind kdump: the crash kernel enables APF afresh (default: it never does)")
+    p.add_argument("--reconnect-timeout", type=float, default=30.0,
+                   help="seconds to keep reconnecting when the host goes away (%(default)s)")
     p.add_argument("--seed", type=int, default=int(env("seed", "0")), help="random seed (%(default)s)")
     p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
     p.add_argument("--log-dir", type=Path, default=Path(env("log_dir", "")) if env("log_dir", "") else None,
@@ -73,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         tasks=args.tasks, vector=args.vector, send_always=args.send_always, apf=args.apf, seed=args.seed,
         log_dir=args.log_dir, log_stdout=args.log_stdout, connect_timeout=args.connect_timeout,
         duration=args.duration, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio,
+        kdump_apf=args.kdump_apf, reconnect_timeout=args.reconnect_timeout,
     )
+    kernel = GuestKernel(config)
     try:
-        GuestKernel(config).run()
+        kernel.run()
     except (GuestError, OSError) as exc:
         print(f"apf-guest: {exc}", file=sys.stderr)
         return 3
     finally:
         slog.close()
-    return 0
+    return kernel.exit_code

@@ -51,7 +51,10 @@ from .sleep_table import DuplicateToken, SleepTable
 from .transport import GuestError, Transport, open_transport
 from .workload import GuestTask, RunQueue, task_pages
 
-__all__ = ["GuestConfig", "GuestError", "GuestKernel"]
+__all__ = ["EXIT_CRASH", "EXIT_REBOOT", "GuestConfig", "GuestError", "GuestKernel"]
+
+EXIT_CRASH = 70  # the guest panicked: boot the kdump kernel next
+EXIT_REBOOT = 71  # the guest rebooted: boot a normal kernel next
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class GuestConfig:
     kernel_ratio: float = 0.1
     irq_off_ratio: float = 0.05
     apf_reinit_every: float | None = None
+    kdump_apf: bool = False  # does a kdump kernel enable APF?
+    reconnect_timeout: float = 30.0
     log_dir: Path | None = None
     log_stdout: bool = False
     connect_timeout: float = 10.0
@@ -85,15 +90,20 @@ class GuestKernel:
         self.runq = RunQueue()
         self.apf_enabled = False
         self.stopping = False
+        self.lifecycle: str | None = None  # "crash" or "reboot", requested by SIGUSR1 / SIGUSR2
+        self.exit_code = 0
         self.drain_deadline = math.inf
         self.counts = {"accesses": 0, "data_checks": 0, "data_check_failures": 0, "apf_waits": 0, "exits": 0,
-                       "interrupts": 0}
+                       "interrupts": 0, "torn_pages": 0}
 
     # --- plumbing ------------------------------------------------------------------------------------------------
     def run(self) -> None:
         cfg = self.cfg
         old_handlers = {s: signal.signal(s, self._on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self.transport: Transport = open_transport(cfg.transport, cfg.socket, cfg.connect_timeout)
+        old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_lifecycle_signal)
+        old_handlers[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, self._on_lifecycle_signal)
+        self.transport: Transport = open_transport(cfg.transport, cfg.socket, cfg.connect_timeout,
+                                                   cfg.reconnect_timeout)
         try:
             welcome = self.transport.handshake(proto=PROTOCOL_VERSION, vm=cfg.vm, vcpu=cfg.vcpu, boot=cfg.boot,
                                                kind=cfg.kind, pid=os.getpid())
@@ -103,7 +113,7 @@ class GuestKernel:
                 slog.configure(cfg.log_dir / f"guest-{self.vcpu}.jsonl" if cfg.log_dir else None,
                                stdout=cfg.log_stdout)
             self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=cfg.boot)
-            flusher = slog.start_flush_thread()
+            self.transport.on_reconnect = self._on_reconnect
             ram = GuestRam.open(cfg.vm, RamLayout(welcome["pages"]))
             try:
                 self.mem = GuestMemoryAccess(ram, self.vcpu)
@@ -117,13 +127,17 @@ class GuestKernel:
                         self.runq.add(GuestTask(tid, pages, rng, cfg.kernel_ratio, cfg.irq_off_ratio))
                 self._boot()
                 self._vcpu_loop()
-                self._shutdown()
+                if self.lifecycle == "crash":
+                    self._crash()
+                elif self.lifecycle == "reboot":
+                    self._reboot()
+                else:
+                    self._shutdown()
             finally:
                 self.mem.leave()
                 self.apf.release()
                 del self.mem
                 ram.close()
-                flusher.stop()
         finally:
             self.transport.close()
             for s, handler in old_handlers.items():
@@ -131,6 +145,13 @@ class GuestKernel:
 
     def _on_stop_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self._request_stop()
+
+    def _on_lifecycle_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.lifecycle is None:
+            self.lifecycle = "crash" if signum == signal.SIGUSR1 else "reboot"
+
+    def _on_reconnect(self, count: int, seconds: float) -> None:
+        self.log.info("guest_reconnect", reconnects=count, seconds=round(seconds, 3))
 
     def _request_stop(self) -> None:
         if not self.stopping:
@@ -147,10 +168,11 @@ class GuestKernel:
 
     # --- boot and shutdown ---------------------------------------------------------------------------------------
     def _boot(self) -> None:
+        apf = self.cfg.apf and (self.cfg.kind != "kdump" or self.cfg.kdump_apf)
         self.log.info("guest_boot", kind=self.cfg.kind, tasks=len(self.runq), vector=self.cfg.vector,
-                      apf=self.cfg.apf, send_always=self.cfg.send_always, transport=self.cfg.transport)
+                      apf=apf, send_always=self.cfg.send_always, transport=self.cfg.transport)
         self.cpu.enter("kernel")
-        if not self.cfg.apf:
+        if not self.cfg.apf or (self.cfg.kind == "kdump" and not self.cfg.kdump_apf):
             return
         if not self.cpuid & KVM_FEATURE_ASYNC_PF_INT:  # kvm_guest_cpu_init checks the feature first
             self.log.warning("guest_no_apf", reason="host does not advertise KVM_FEATURE_ASYNC_PF_INT")
@@ -178,6 +200,23 @@ class GuestKernel:
                 with self.cpu.context("exit"):
                     self.transport.exit_mem(gpa, write=True, user=False, irq=False)
 
+    def _crash(self) -> None:
+        """panic() with a working crash path (`kvm_crash_shutdown`): disable APF without waiting for the events in
+        flight, and go (to the kdump kernel the supervisor boots next). Sleeping tasks die with this kernel."""
+        self.cpu.cli()
+        self.cpu.enter("kernel")
+        self.log.error("guest_crash", reason="panic (SIGUSR1)", sleepers=self.sleep.sleepers)
+        self._disable_apf()
+        self.exit_code = EXIT_CRASH
+
+    def _reboot(self) -> None:
+        """The reboot path (`kvm_pv_guest_cpu_reboot`): disable APF, no wait; the next boot is a normal kernel."""
+        self.cpu.cli()
+        self.cpu.enter("kernel")
+        self.log.info("guest_reboot", sleepers=self.sleep.sleepers)
+        self._disable_apf()
+        self.exit_code = EXIT_REBOOT
+
     def _shutdown(self) -> None:
         self.cpu.cli()
         self.cpu.enter("kernel")
@@ -195,6 +234,8 @@ class GuestKernel:
             cpu.cli()
             cpu.enter("kernel")
             now = time.monotonic()
+            if self.lifecycle is not None:
+                return
             if now >= stop_at:
                 self._request_stop()
             if self.stopping:
@@ -229,7 +270,8 @@ class GuestKernel:
         else:
             cpu.enter("irq_off")  # a spin_lock_irqsave section in kernel mode
         cpu.push("instruction")
-        status, seq, ok = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), self.vcpu << 16 | task.tid)
+        writer = (self.cfg.boot & 0xFFFF) << 16 | (self.vcpu & 0xFF) << 8 | (task.tid & 0xFF)
+        status, seq, ok, torn = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), writer)
         cpu.pop()
         if status is Access.EXIT:
             self.counts["exits"] += 1
@@ -260,6 +302,9 @@ class GuestKernel:
                 self.counts["data_check_failures"] += 1
                 self.log.error("guest_data_check", gfn=acc.gfn, ok=False, task=task.tid,
                                expected=list(task.accept.get(acc.gfn, ())))
+            elif torn:
+                self.counts["torn_pages"] += 1
+                self.log.info("guest_data_torn", gfn=acc.gfn, task=task.tid)
             elif task.faulted:
                 self.log.info("guest_data_check", gfn=acc.gfn, ok=True, task=task.tid)
             task.accept[acc.gfn] = (seq,)

@@ -11,6 +11,10 @@
 #   through a pidfd, so a recycled PID is never signalled.
 # The guest is single-threaded and blocking, like a vCPU: an exit blocks until the host answers. A self-pipe
 # (signal.set_wakeup_fd) wakes a halted vCPU when a signal arrives, including SIGTERM.
+#
+# If the host goes away (killed, restarting with --recover), the guest keeps its state, reconnects with the same
+# hello (same boot) for up to `reconnect_timeout` seconds, and retries the exit it was in: the restarted host
+# restores the vCPU's registers and sends a wake-all for the events that died with its predecessor.
 from __future__ import annotations
 
 import math
@@ -21,6 +25,7 @@ import socket
 import time
 from collections import deque
 from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -32,13 +37,22 @@ from .cpu import Cpu
 
 
 class GuestError(Exception):
-    """The guest cannot go on (host refused it, went away, or broke the protocol)."""
+    """The guest cannot go on (host refused it, went away for good, or broke the protocol)."""
+
+
+class HostGone(GuestError):
+    """The connection to the host ended."""
 
 
 class Transport:
     name = "socket"
 
-    def __init__(self, path: Path, connect_timeout: float) -> None:
+    def __init__(self, path: Path, connect_timeout: float, reconnect_timeout: float = 30.0) -> None:
+        self.path = path
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnects = 0
+        self.on_reconnect: Callable[[int, float], None] | None = None
+        self._hello: dict[str, Any] = {}
         self.sock = _connect(path, connect_timeout)
         self.reader = FrameReader()
         self.frames: deque[bytes] = deque()
@@ -50,7 +64,10 @@ class Transport:
 
     # --- framing -------------------------------------------------------------------------------------------------
     def send(self, msg_type: str, **fields: Any) -> None:
-        self.sock.sendall(encode(msg_type, **fields))
+        try:
+            self.sock.sendall(encode(msg_type, **fields))
+        except OSError as exc:
+            raise HostGone(f"connection to the host failed: {exc}") from None
 
     def _fill(self, *, block: bool) -> bool:
         """Read what the socket has into frames. False if nothing was there (non-blocking)."""
@@ -59,9 +76,9 @@ class Transport:
         except BlockingIOError:
             return False
         except OSError as exc:
-            raise GuestError(f"connection to the host failed: {exc}") from None
+            raise HostGone(f"connection to the host failed: {exc}") from None
         if not data:
-            raise GuestError("host went away")
+            raise HostGone("host went away")
         try:
             self.frames.extend(self.reader.feed(data))
         except WireError as exc:
@@ -95,7 +112,8 @@ class Transport:
 
     # --- the guest's view ----------------------------------------------------------------------------------------
     def handshake(self, **hello: Any) -> Message:
-        self.send("hello", transport=self.name, **hello)
+        self._hello = dict(hello, transport=self.name)
+        self.send("hello", **self._hello)
         msg = self._next(block=True)
         assert msg is not None
         if msg["t"] == "error":
@@ -104,19 +122,64 @@ class Transport:
             raise GuestError(f"expected welcome, got {msg['t']}")
         return msg
 
+    def _reconnect(self) -> None:
+        """The host went away: connect again, as the same vCPU and boot, until reconnect_timeout."""
+        start = time.monotonic()
+        deadline = start + self.reconnect_timeout
+        self.sock.close()
+        self.reader = FrameReader()
+        self.frames.clear()
+        while True:
+            try:
+                self.sock = _connect(self.path, max(0.0, deadline - time.monotonic()))
+                welcome = self.handshake(**{k: v for k, v in self._hello.items() if k != "transport"})
+                break
+            except HostGone:
+                pass
+            except GuestError as exc:
+                if "vcpu_busy" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            self.sock.close()
+            time.sleep(0.05)  # the host has not noticed our old connection's end yet
+        del welcome
+        self.reconnects += 1
+        if self.on_reconnect is not None:
+            self.on_reconnect(self.reconnects, time.monotonic() - start)
+
+    def _retrying(self, attempt: Callable[[], Message]) -> Message:
+        """Run a request; if the host goes away meanwhile, reconnect and run it again (the exit is retried)."""
+        while True:
+            try:
+                return attempt()
+            except HostGone:
+                self._reconnect()
+
     def attach(self, cpu: Cpu, ram: GuestRam, vcpu: int) -> None:
         self.cpu = cpu
 
     def wrmsr(self, msr: int, value: int) -> Message:
-        self.send("msr_write", msr=msr, value=value)
-        return self._reply()
+        def attempt() -> Message:
+            self.send("msr_write", msr=msr, value=value)
+            return self._reply()
+
+        return self._retrying(attempt)
 
     def exit_mem(self, gpa: int, *, write: bool, user: bool, irq: bool) -> Message:
-        self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
-        return self._reply()
+        def attempt() -> Message:
+            self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
+            return self._reply()
+
+        return self._retrying(attempt)
 
     def poll(self) -> int:
         """At an instruction boundary: pick up interrupts that arrived as frames. Returns how many."""
+        try:
+            return self._poll()
+        except HostGone:
+            self._reconnect()
+            return 1  # not an interrupt, but the caller must look again: the new host may have sent a wake-all
+
+    def _poll(self) -> int:
         n = 0
         while (msg := self._next(block=False)) is not None:
             if msg["t"] != "interrupt":
@@ -178,20 +241,25 @@ class SignalTransport(Transport):
         raise GuestError("the host sent an interrupt frame on the signal transport")
 
     def exit_mem(self, gpa: int, *, write: bool, user: bool, irq: bool) -> Message:
-        self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
-        while True:
-            seq = self.u32[self._pf_seq]
-            if seq != self._pf_seen:  # the reply was a #PF (signal): CR2 was written before pf_seq
-                self._pf_seen = seq
-                return {"t": "inject_pf", "cr2": int(self.u32[self._cr2])}
-            if self.frames:
-                return self._reply()
-            readable, _, _ = select.select([self.sock, self._wake_r], [], [])
-            self._drain_wakeup()
-            if self.sock in readable:
-                self._fill(block=True)
+        def attempt() -> Message:
+            self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
+            while True:
+                seq = self.u32[self._pf_seq]
+                if seq != self._pf_seen:  # the reply was a #PF (signal): CR2 was written before pf_seq
+                    self._pf_seen = seq
+                    return {"t": "inject_pf", "cr2": int(self.u32[self._cr2])}
+                if self.frames:
+                    return self._reply()
+                readable, _, _ = select.select([self.sock, self._wake_r], [], [])
+                self._drain_wakeup()
+                if self.sock in readable:
+                    self._fill(block=True)
 
-    def poll(self) -> int:
+        return self._retrying(attempt)
+
+    def _poll(self) -> int:
+        if self.frames or _readable(self.sock):
+            self._fill(block=False)  # only an end of connection (or a protocol error) can be there
         return 0  # interrupts arrive by signal
 
     def close(self) -> None:
@@ -222,6 +290,11 @@ class IrrReader:
         return out
 
 
+def _readable(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 def _ignore(_signum: int, _frame: FrameType | None) -> None:
     return None
 
@@ -241,9 +314,9 @@ def _connect(path: Path, timeout: float) -> socket.socket:
             time.sleep(0.02)
 
 
-def open_transport(kind: str, path: Path, connect_timeout: float) -> Transport:
+def open_transport(kind: str, path: Path, connect_timeout: float, reconnect_timeout: float = 30.0) -> Transport:
     if kind == "socket":
-        return Transport(path, connect_timeout)
+        return Transport(path, connect_timeout, reconnect_timeout)
     if kind == "signal":
-        return SignalTransport(path, connect_timeout)
+        return SignalTransport(path, connect_timeout, reconnect_timeout)
     raise ValueError(f"unknown transport {kind!r}")

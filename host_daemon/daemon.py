@@ -19,9 +19,9 @@ import posix_ipc
 import trio
 
 from shared import log as slog
-from shared.abi import APF_EMU_CPUID_FEATURES, MAX_VCPUS
+from shared.abi import APF_EMU_CPUID_FEATURES, MAX_VCPUS, AsyncPfEn
 from shared.channel import MessageChannel
-from shared.guest_ram import GuestRam, RamLayout
+from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
 from shared.wire import GUEST_TO_HOST, PROTOCOL_VERSION, WireError
 
 from .backing_store import BackingStore
@@ -63,6 +63,7 @@ class Vm:
         self.memory: GuestMemory
         self.nursery: trio.Nursery
         self.vcpus: dict[int, VcpuConnection] = {}
+        self.recovery_pins: dict[int, int] = {}  # vCPU -> APF-area page pinned until that vCPU reconnects
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -91,8 +92,9 @@ class Vm:
                 sock.listen(128)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
-                    nursery.start_soon(slog.flush_every)
                     nursery.start_soon(self._signals, nursery.cancel_scope)
+                    if cfg.recover:
+                        await self._pin_saved_areas()
                     self.log.info(
                         "host_ready", socket=str(cfg.socket), shm=ram.name, pages=cfg.pages, resident=cfg.resident,
                         vcpus=cfg.vcpus, latency=str(cfg.latency), seed=cfg.seed, recovered=cfg.recover,
@@ -114,7 +116,20 @@ class Vm:
             else:
                 ram.close_keep()
             backing.close(unlink_it=clean)
-            slog.flush()
+
+    async def _pin_saved_areas(self) -> None:
+        """Until each vCPU is back, keep the page of its saved APF area resident: its guest still runs and writes
+        the area directly (clearing the token slot), which must not land on a page the new host swapped out."""
+        for vcpu in range(self.config.vcpus):
+            saved = self.memory.backing.saved_vcpu(vcpu)
+            if saved is None:
+                continue
+            en = AsyncPfEn(saved.msr_en)
+            if en.apf_enabled and en.gpa < self.memory.ram.layout.ram_size:
+                gfn = en.gpa // PAGE_SIZE
+                await self.memory.fault_in(gfn, self.nursery)
+                self.memory.pin(gfn)
+                self.recovery_pins[vcpu] = gfn
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -183,6 +198,8 @@ class Vm:
                  restored=saved is not None and saved.boot == msg["boot"])
         try:
             await conn.start(saved)
+            if vcpu_id in self.recovery_pins:
+                self.memory.unpin(self.recovery_pins.pop(vcpu_id))
             await chan.send(
                 "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, vcpus=self.config.vcpus,
                 pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,

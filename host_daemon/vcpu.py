@@ -84,6 +84,7 @@ class VcpuApf:
     done: deque[AsyncPf] = field(default_factory=deque)
     gfn_hash: set[int] = field(default_factory=set)  # gfns being paged in asynchronously for this vCPU
     slot_token: int = 0  # the last token the host wrote into the `token` slot
+    reraise: bool = False  # restore found a published page-ready whose interrupt may have been lost
     _garbage_reported: bool = False
 
     # --- state ---------------------------------------------------------------------------------------------------
@@ -167,8 +168,12 @@ class VcpuApf:
         if en.apf_enabled and en.gpa + KVM_VCPU_PV_APF_DATA_SIZE <= self.ram_pages * PAGE_SIZE:
             self.area = KvmVcpuPvApfData(self.ram_u32, en.gpa)
             self.slot_token = self.area.token  # whatever the old host delivered last is not garbage
+            # A page-ready the old host published may have lost its interrupt with it (the LAPIC state a VMM
+            # restores): raise the vector again. A guest that already took it finds the slot empty.
+            self.reraise = self.slot_token != 0
             self._queue_wakeup_all()
-        self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, apf_enabled=self.apf_enabled)
+        self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, apf_enabled=self.apf_enabled,
+                      slot=self.slot_token)
 
     def _queue_wakeup_all(self) -> None:
         item = AsyncPf(KVM_APF_WAKE_ALL_TOKEN, -1, wakeup_all=True, done=True)

@@ -54,6 +54,9 @@ class VcpuConnection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
+                    if self.apf.reraise:
+                        self.apf.reraise = False
+                        await self.notifier.interrupt(self.apf.vector)
                     if self.apf.done:  # a restore queued a wake-all
                         await self.deliver_ready()
                     await self._message_loop()

@@ -139,6 +139,13 @@ def late_ready(evs: Events) -> Events:
     return evs
 
 
+def stale_boot_ready(evs: Events) -> Events:
+    _, token = a_token(evs)
+    r = first(evs, "kvm_async_pf_ready", token=token)
+    evs[r] = at(evs, r, boot=evs[r]["boot"] - 1)  # sent by the connection of an earlier boot
+    return evs
+
+
 MUTATIONS: dict[str, Callable[[Events], Events]] = {
     "token_format": malformed_token,
     "token_unique": duplicate_token,
@@ -153,6 +160,7 @@ MUTATIONS: dict[str, Callable[[Events], Events]] = {
     "data_check": fail_data_check,
     "guest_panic": guest_panic,
     "ready_latency": late_ready,
+    "stale_token": stale_boot_ready,
 }
 
 

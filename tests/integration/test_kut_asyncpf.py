@@ -48,7 +48,7 @@ def test_kvm_unit_tests_asyncpf_scenario(tmp_path, vm_id):
 
         serviced = 0
         for gfn in range(RESIDENT + 1, RESIDENT + 9):  # pages above the resident limit start swapped out
-            status, _, _ = mem.update_page(gfn, None, 1)
+            status, _, _, _ = mem.update_page(gfn, None, 1)
             assert status is Access.EXIT
             pf = guest.request("exit_mem", gpa=gfn * PAGE_SIZE, write=True, user=True, irq=True)
             assert pf["t"] == "inject_pf"
@@ -62,7 +62,7 @@ def test_kvm_unit_tests_asyncpf_scenario(tmp_path, vm_id):
             assert guest.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=1)["ok"]
             serviced += 1
             # the retried access succeeds with no further #PF
-            status, _, ok = mem.update_page(gfn, None, 1)
+            status, _, ok, _ = mem.update_page(gfn, None, 1)
             assert status is Access.DONE and ok
             assert area.flags == 0
         assert serviced == 8

@@ -38,6 +38,7 @@ EVIDENCE = {
     "data_check": ["guest_data_check"],
     "guest_panic": ["guest_boot"],
     "ready_latency": ["kvm_async_pf_completed", "kvm_async_pf_ready"],
+    "stale_token": ["guest_boot", "kvm_async_pf_ready"],
 }
 
 

@@ -33,7 +33,7 @@ ACCESSOR = textwrap.dedent(
     print("ready", flush=True)
     while counts["done"] < n:
         gfn = rng.randrange(1, pages)
-        status, seq, ok = mem.update_page(gfn, accept.get(gfn), 7)
+        status, seq, ok, _torn = mem.update_page(gfn, accept.get(gfn), 7)
         if status is Access.DONE:
             counts["done"] += 1
             if not ok:
@@ -99,10 +99,10 @@ async def test_a_broken_shootdown_is_caught_by_the_guest_check():
     try:
         GuestMemory(ram, 6, PageInLatency.parse("0"), random.Random(0), backing)
         mem = GuestMemoryAccess(ram, 0)
-        status, seq, ok = mem.update_page(1, None, 1)
+        status, seq, ok, _ = mem.update_page(1, None, 1)
         assert (status, ok) == (Access.DONE, True)
         ram.page(1)[:] = b"\xdb" * 4096  # what a racing eviction would leave
-        status, _seq, ok = mem.update_page(1, (seq,), 1)
+        status, _seq, ok, _ = mem.update_page(1, (seq,), 1)
         assert status is Access.DONE and not ok
         del mem
     finally:
