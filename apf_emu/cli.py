@@ -17,6 +17,7 @@ from shared.guest_ram import check_vm_id
 
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation
 from .logs import LogInputError, ReadReport, read_merged
+from .chaos import CHAOS_LATENCY_SLACK_S, ChaosOptions, ChaosResult, chaos
 from .runner import RunOptions, RunResult, run
 from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
@@ -61,6 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-stdout", action="store_true", help="children also print their JSON lines")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    x = sub.add_parser("chaos", help="run under a seeded schedule of kills, panics and pauses, then check",
+                       description="Run the native topology while a seeded, reproducible schedule SIGKILLs and "
+                       "panics guests, SIGKILLs the host, and pauses both; everything that dies is brought back "
+                       "(a killed guest as its next boot, a panicked one as a kdump kernel, the host with "
+                       "--recover). Ends with the checker's verdict and a summary. Exit status: 0 clean, 1 an "
+                       "invariant was violated, 3 the harness saw a problem (unexpected exit, leftovers).")
+    x.add_argument("--duration", type=float, default=60.0, help="seconds to run (%(default)s)")
+    x.add_argument("--vcpus", type=int, default=3, help="guest agents (%(default)s)")
+    x.add_argument("--seed", type=int, default=1, help="seed of the fault schedule and the workload (%(default)s)")
+    x.add_argument("--guest-kills", type=int, default=10, help="guest SIGKILLs (%(default)s)")
+    x.add_argument("--guest-panics", type=int, default=3, help="guest panics, each followed by a kdump boot "
+                   "(%(default)s)")
+    x.add_argument("--host-kills", type=int, default=2, help="host SIGKILLs, each followed by --recover "
+                   "(%(default)s)")
+    x.add_argument("--pauses", type=int, default=5, help="SIGSTOP/SIGCONT pauses of a guest or the host "
+                   "(%(default)s)")
+    x.add_argument("--kdump-apf", action="store_true", help="kdump kernels enable APF afresh (default: never)")
+    x.add_argument("--transport", choices=["socket", "signal"], default="socket", help="(%(default)s)")
+    x.add_argument("--tasks", type=int, default=4, help="guest tasks per vCPU (%(default)s)")
+    x.add_argument("--page-in-latency", default="exp:2ms", help="(%(default)s)")
+    x.add_argument("--log-dir", type=Path, default=None, help="default apf-emu-logs/<vm>")
+    x.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default chaos<pid>)")
+    x.add_argument("--json", action="store_true", help="print the summary as JSON")
+
     c = sub.add_parser("check", help="check protocol invariants over logs",
                        description="Merge host and guest logs by mono_ns and verify every invariant. Exit status: "
                        "0 clean, 1 violations, 2 unreadable input.")
@@ -93,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "trace":
             return cmd_trace(args)
+        if args.command == "chaos":
+            return cmd_chaos(args)
         return cmd_stats(args)
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -210,6 +237,76 @@ def _pct(p: dict[str, float]) -> str:
         return "-"
     return (f"p50 {p['p50_us']:>7} us  p90 {p['p90_us']:>7} us  p99 {p['p99_us']:>7} us  max {p['max_us']:>8} us"
             f"  (n={p['count']})")
+
+
+# --- chaos ------------------------------------------------------------------------------------------------------
+def cmd_chaos(args: argparse.Namespace) -> int:
+    if not 1 <= args.vcpus <= 64 or args.duration <= 0:
+        print("apf-emu chaos: --vcpus must be 1..64 and --duration positive", file=sys.stderr)
+        return 2
+    opts = ChaosOptions(
+        vcpus=args.vcpus, duration=args.duration, seed=args.seed, guest_kills=args.guest_kills,
+        guest_panics=args.guest_panics, host_kills=args.host_kills, pauses=args.pauses, kdump_apf=args.kdump_apf,
+        transport=args.transport, tasks=args.tasks, page_in_latency=args.page_in_latency, log_dir=args.log_dir,
+        vm=args.vm,
+    )
+    result = trio.run(chaos, opts)
+    # A paused guest cannot free its token slot, and a killed host delivers nothing until it is back: page-ready
+    # may legitimately wait that long, so the latency bound allows for the longest pause plus a host restart.
+    longest_pause = max((f.seconds for f in result.schedule), default=0.0)
+    limit_ms = max(DEFAULT_READY_LATENCY_LIMIT_MS, (longest_pause + CHAOS_LATENCY_SLACK_S) * 1000)
+    violations, stats, report, _events = analyse([str(result.log_dir)], ready_latency_limit_ms=limit_ms)
+    summary = chaos_json(result, stats, violations, report)
+    if args.json:
+        print(orjson.dumps(summary).decode())
+    else:
+        print_chaos(summary, violations)
+    if violations:
+        return 1
+    return 3 if result.problems or result.leftovers else 0
+
+
+def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], report: ReadReport) -> dict[str, Any]:
+    wake_all_retries = stats.interleavings["wake_all_raced_not_present"]
+    return {
+        "vm": result.vm, "log_dir": str(result.log_dir),
+        "schedule": [str(f) for f in result.schedule],
+        "faults_applied": dict(result.applied), "faults_skipped": dict(result.skipped),
+        "boots": {str(k): v for k, v in result.boots.items()}, "host_starts": result.host_starts,
+        "completions_eaten": dict(stats.dropped_reasons),
+        "tasks_retried_after_wake_all": wake_all_retries,
+        "data_checks": stats.data_checks, "data_check_failures": stats.data_check_failures,
+        "torn_pages": stats.events["guest_data_torn"],
+        "apfs": stats.apfs, "reconnects": stats.events["guest_reconnect"],
+        "truncated_lines": report.truncated, "problems": result.problems, "leftovers": result.leftovers,
+        "violations": [v.as_dict() for v in violations], "stats": stats_json(stats),
+    }
+
+
+def print_chaos(summary: dict[str, Any], violations: list[Violation]) -> None:
+    print(f"apf-emu chaos: VM {summary['vm']}, logs in {summary['log_dir']}")
+    print("  schedule:")
+    for line in summary["schedule"]:
+        print(f"    {line}")
+    applied = ", ".join(f"{k} {v}" for k, v in sorted(summary["faults_applied"].items())) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["faults_skipped"].items()))
+    print(f"  faults injected     {applied}" + (f" (skipped: {skipped})" if skipped else ""))
+    for vcpu, kinds in summary["boots"].items():
+        print(f"  vcpu {vcpu} boots       {len(kinds)}: {' '.join(kinds)}")
+    print(f"  host starts         {summary['host_starts']}, guest reconnects {summary['reconnects']}")
+    eaten = ", ".join(f"{k} {v}" for k, v in sorted(summary["completions_eaten"].items())) or "none"
+    print(f"  completions eaten   {eaten}")
+    print(f"  tasks retried after a wake-all  {summary['tasks_retried_after_wake_all']}")
+    print(f"  APFs {summary['apfs']}, data checks {summary['data_checks'] - summary['data_check_failures']} of "
+          f"{summary['data_checks']} passed, pages torn by killed boots {summary['torn_pages']}")
+    for line in summary["problems"]:
+        print(f"  ! {line}")
+    print(f"  left behind: {', '.join(summary['leftovers']) if summary['leftovers'] else 'nothing'}")
+    if violations:
+        print(f"  invariants: {len(violations)} VIOLATIONS")
+        print_violations(violations[:20], as_json=False)
+    else:
+        print(f"  invariants: all {len(INVARIANTS)} hold")
 
 
 # --- run --------------------------------------------------------------------------------------------------------

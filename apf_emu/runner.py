@@ -54,7 +54,7 @@ class RunResult:
     leftovers: list[str] = field(default_factory=list)
 
 
-def _argv(module: str, *args: object) -> list[str]:
+def argv(module: str, *args: object) -> list[str]:
     return [sys.executable, "-m", module, *map(str, args)]
 
 
@@ -73,7 +73,7 @@ async def run(opts: RunOptions) -> RunResult:
     procs: dict[str, trio.Process] = {}
     try:
         procs["host"] = await trio.lowlevel.open_process(
-            _argv("host_daemon", *common, "--vcpus", opts.vcpus, "--pages", opts.pages, "--resident",
+            argv("host_daemon", *common, "--vcpus", opts.vcpus, "--pages", opts.pages, "--resident",
                   opts.resident, "--page-in-latency", opts.page_in_latency),
             start_new_session=True,
         )
@@ -82,7 +82,7 @@ async def run(opts: RunOptions) -> RunResult:
             if opts.apf_reinit_every:
                 extra += ["--apf-reinit-every", opts.apf_reinit_every]
             procs[f"guest-{i}"] = await trio.lowlevel.open_process(
-                _argv("guest_agent", *common, "--vcpu", i, "--transport", opts.transport, "--tasks", opts.tasks, "--vector", opts.vector,
+                argv("guest_agent", *common, "--vcpu", i, "--transport", opts.transport, "--tasks", opts.tasks, "--vector", opts.vector,
                       "--kernel-ratio", opts.kernel_ratio, "--irq-off-ratio", opts.irq_off_ratio, *extra),
                 start_new_session=True,
             )
@@ -124,27 +124,30 @@ async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result
 
 async def _stop(procs: dict[str, trio.Process], result: RunResult) -> None:
     guests = {n: p for n, p in procs.items() if n != "host"}
-    await _terminate(guests, GUEST_GRACE_S, result)
+    await terminate(guests, GUEST_GRACE_S, result.exit_codes, result.unexpected_exits)
     if "host" in procs:
-        await _terminate({"host": procs["host"]}, HOST_GRACE_S, result)
+        await terminate({"host": procs["host"]}, HOST_GRACE_S, result.exit_codes, result.unexpected_exits)
 
 
-async def _terminate(procs: dict[str, trio.Process], grace: float, result: RunResult) -> None:
+async def terminate(procs: dict[str, trio.Process], grace: float, exit_codes: dict[str, int | None],
+                    problems: list[str]) -> None:
+    """SIGTERM each process, wait up to `grace`, SIGKILL what is left; record exit statuses and problems."""
     for proc in procs.values():
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
     async with trio.open_nursery() as nursery:
         for name, proc in procs.items():
-            nursery.start_soon(_reap, name, proc, grace, result)
+            nursery.start_soon(_reap, name, proc, grace, exit_codes, problems)
 
 
-async def _reap(name: str, proc: trio.Process, grace: float, result: RunResult) -> None:
+async def _reap(name: str, proc: trio.Process, grace: float, exit_codes: dict[str, int | None],
+                problems: list[str]) -> None:
     with trio.move_on_after(grace):
         await proc.wait()
     if proc.returncode is None:
-        result.unexpected_exits.append(f"{name} did not stop within {grace} s and was killed")
+        problems.append(f"{name} did not stop within {grace} s and was killed")
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
-    result.exit_codes[name] = proc.returncode
+    exit_codes[name] = proc.returncode

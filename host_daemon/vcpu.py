@@ -16,8 +16,13 @@
 # - A fault on a non-resident gfn becomes an APF only if interrupts are on (`kvm_can_do_async_pf`), the gfn is not
 #   already being paged in for this vCPU (else `kvm_async_pf_repeated_fault`), fewer than ASYNC_PF_PER_VCPU items
 #   are queued (`kvm_setup_async_pf`), APF is on, the guest is in user mode or asked for SEND_ALWAYS
-#   (`kvm_can_deliver_async_pf`) and the `flags` slot is free. Otherwise it is a synchronous fault: the vCPU stays
-#   halted until the page is in, and it gets no page-ready later (bugzilla 208081).
+#   (`kvm_can_deliver_async_pf`), the `flags` slot is free and no wake-all is waiting for the token slot. Otherwise
+#   it is a synchronous fault: the vCPU stays halted until the page is in, and it gets no page-ready later
+#   (bugzilla 208081). The wake-all rule is apf-emu's: until the guest has ACKed a wake-all, no new token is
+#   handed out. KVM injects the wake-all of an enable on the next entry, before the guest can fault; but after a
+#   host restore (or a re-enable with a page-ready still unread) it may wait for the slot or sit pending in the
+#   guest, and a not-present injected meanwhile would have its task woken by the wake-all and its own page-ready
+#   leave a dummy behind. The chaos harness found exactly that.
 # - Page-ready (`kvm_check_async_pf_completion`): the first done item goes out only when the `token` slot is 0; the
 #   host writes the token and raises the programmed vector. Wake-all items are always delivered; items whose
 #   not-present was not injected never are.
@@ -85,6 +90,7 @@ class VcpuApf:
     gfn_hash: set[int] = field(default_factory=set)  # gfns being paged in asynchronously for this vCPU
     slot_token: int = 0  # the last token the host wrote into the `token` slot
     reraise: bool = False  # restore found a published page-ready whose interrupt may have been lost
+    wakeup_all_unacked: bool = False
     _garbage_reported: bool = False
 
     # --- state ---------------------------------------------------------------------------------------------------
@@ -126,6 +132,7 @@ class VcpuApf:
         elif msr == MSR_KVM_ASYNC_PF_ACK:
             result = MsrResult(True, rescan=value == 1)
             if value == 1:
+                self.wakeup_all_unacked = False
                 self.log.info("apf_ack")
         else:
             result = MsrResult(False, "unknown MSR")
@@ -175,6 +182,11 @@ class VcpuApf:
         self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, apf_enabled=self.apf_enabled,
                       slot=self.slot_token)
 
+    @property
+    def wakeup_all_queued(self) -> bool:
+        """A wake-all not yet consumed by the guest: queued, or delivered and not yet ACKed."""
+        return self.wakeup_all_unacked or any(item.wakeup_all for item in self.done)
+
     def _queue_wakeup_all(self) -> None:
         item = AsyncPf(KVM_APF_WAKE_ALL_TOKEN, -1, wakeup_all=True, done=True)
         self.queue[id(item)] = item  # not a real token: keyed apart so it never collides with one
@@ -192,6 +204,10 @@ class VcpuApf:
             reason = "queue_full"
         elif not self.apf_enabled:
             reason = "apf_disabled"
+        elif self.wakeup_all_queued:
+            # No new token may exist before the guest has seen the wake-all: a wake-all that overtook a fresh
+            # not-present would wake its task early and leave a dummy for its page-ready (bugzilla 208081's leak).
+            reason = "wake_all_pending"
         elif not user and not AsyncPfEn(self.msr_en).send_always:
             reason = "kernel_mode"
         else:
@@ -246,6 +262,7 @@ class VcpuApf:
             # after reading the slot. The same holds for not-present below.
             self.log.info("kvm_async_pf_ready", token=item.token, gfn=item.gfn, vector=self.vector)
             self.area.token = self.slot_token = item.token  # apf_put_user_ready
+            self.wakeup_all_unacked = item.wakeup_all
             return self.vector
         return None
 
@@ -262,3 +279,4 @@ class VcpuApf:
         self.queue.clear()
         self.done.clear()
         self.gfn_hash.clear()
+        self.wakeup_all_unacked = False

@@ -31,6 +31,15 @@ def make_vcpu(vcpu_id: int = 3) -> tuple[VcpuApf, EventLog]:
     return VcpuApf(vcpu_id, ram, PAGES, log), log
 
 
+def enable(vcpu: VcpuApf, value: int = ON) -> None:
+    """Enable APF as a guest does and consume the wake-all that enabling sends (release the slot, ACK)."""
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, value).ok
+    assert vcpu.check_completion() is not None
+    assert vcpu.area is not None and vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN
+    vcpu.area.token = 0
+    vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1)
+
+
 @pytest.mark.parametrize(
     "msr,value,ok",
     [
@@ -80,7 +89,7 @@ def test_enable_queues_a_wake_all():
 )
 def test_when_an_apf_may_be_delivered(user, irq, send_always, reason):
     vcpu, _ = make_vcpu()
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
+    enable(vcpu, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
     decision = vcpu.on_fault(5, user=user, irq=irq)
     assert decision.reason == reason
     assert (decision.apf is not None) == (reason is None)
@@ -88,7 +97,7 @@ def test_when_an_apf_may_be_delivered(user, irq, send_always, reason):
 
 def test_not_present_writes_flags_and_refuses_while_flags_are_busy():
     vcpu, log = make_vcpu()
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON)
+    enable(vcpu)
     first = vcpu.on_fault(5, user=True, irq=True).apf
     assert first is not None and vcpu.area is not None and vcpu.area.flags == 1
     assert vcpu.on_fault(6, user=True, irq=True).reason == "flags_busy"
@@ -97,12 +106,22 @@ def test_not_present_writes_flags_and_refuses_while_flags_are_busy():
     assert "kvm_async_pf_repeated_fault" in log.names()
 
 
-def test_queue_is_capped_at_64():
+def test_no_token_is_handed_out_before_the_guest_acked_the_wake_all():
     vcpu, _ = make_vcpu()
     vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON)
-    vcpu.check_completion()  # the wake-all
+    assert vcpu.on_fault(5, user=True, irq=True).reason == "wake_all_pending"  # queued
+    vcpu.check_completion()
+    assert vcpu.on_fault(5, user=True, irq=True).reason == "wake_all_pending"  # delivered, not yet taken
     assert vcpu.area is not None
     vcpu.area.token = 0
+    vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1)
+    assert vcpu.on_fault(5, user=True, irq=True).apf is not None
+
+
+def test_queue_is_capped_at_64():
+    vcpu, _ = make_vcpu()
+    enable(vcpu)
+    assert vcpu.area is not None
     for gfn in range(ASYNC_PF_PER_VCPU):
         assert vcpu.on_fault(1000 + gfn, user=True, irq=True).apf is not None
         vcpu.area.flags = 0
@@ -111,8 +130,7 @@ def test_queue_is_capped_at_64():
 
 def test_disable_eats_completions_and_synchronous_faults_get_no_ready():
     vcpu, log = make_vcpu()
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON)
-    vcpu.check_completion()
+    enable(vcpu)
     item = vcpu.on_fault(5, user=True, irq=True).apf
     assert item is not None
     vcpu.on_fault(6, user=True, irq=False)  # synchronous

@@ -35,11 +35,17 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def enable_apf(client: WireClient, vcpu: int) -> None:
+def enable_apf(client: WireClient, vm_id: str, vcpu: int) -> None:
     assert client.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=0xF3)["ok"]
     client.send("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(vcpu * 64))
     replies = [client.receive(), client.receive()]  # the wake-all interrupt, then the result
     assert {r["t"] for r in replies} == {"interrupt", "msr_result"}
+    ram = GuestRam.open(vm_id, RamLayout(PAGES))  # take the wake-all: release the slot and ACK
+    area = KvmVcpuPvApfData(ram.u32, vcpu * 64)
+    area.token = 0
+    area.release()
+    ram.close()
+    assert client.request("msr_write", msr=0x4B564D07, value=1)["ok"]
 
 
 def healthy(client: WireClient, vm_id: str, vcpu: int, gfn: int) -> None:
@@ -78,7 +84,7 @@ def test_bad_messages_are_answered_and_the_connection_lives_on(host, vm_id, payl
     good = WireClient(host.socket)
     assert bad.hello(vm_id, vcpu=0)["t"] == "welcome"
     assert good.hello(vm_id, vcpu=1)["t"] == "welcome"
-    enable_apf(good, 1)
+    enable_apf(good, vm_id, 1)
     bad.send_raw(frame(payload))
     reply = bad.receive()
     assert reply is not None and reply["t"] == "error"
@@ -124,7 +130,7 @@ def test_out_of_range_exit_is_an_error_not_a_crash(host, vm_id):
 def test_fatal_frames_drop_only_their_connection(host, vm_id):
     good = WireClient(host.socket)
     good.hello(vm_id, vcpu=1)
-    enable_apf(good, 1)
+    enable_apf(good, vm_id, 1)
 
     oversized = WireClient(host.socket)
     oversized.hello(vm_id, vcpu=0)
@@ -170,8 +176,8 @@ def test_garbage_in_the_guests_own_apf_area_is_survived(host, vm_id):
     good = WireClient(host.socket)
     bad.hello(vm_id, vcpu=0)
     good.hello(vm_id, vcpu=1)
-    enable_apf(bad, 0)
-    enable_apf(good, 1)
+    enable_apf(bad, vm_id, 0)
+    enable_apf(good, vm_id, 1)
     ram = GuestRam.open(vm_id, RamLayout(PAGES))
     area = KvmVcpuPvApfData(ram.u32, 0)
     area.token = 0x12345678  # garbage

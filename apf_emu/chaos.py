@@ -1,0 +1,264 @@
+# `apf-emu chaos`: the native topology under a seeded, reproducible schedule of faults, with everything that dies
+# brought back, ending with the log checker's verdict.
+#
+# Faults (all real signals to real processes):
+#   guest_kill   SIGKILL a guest: no crash path runs; the host sees the connection end and resets the vCPU; the
+#                vCPU comes back as the next boot of a normal kernel
+#   guest_panic  SIGUSR1: the guest's crash path disables APF without waiting and exits 70; the vCPU comes back as
+#                a kdump kernel (APF on only with --kdump-apf), which reboots into a normal kernel after a while
+#   host_kill    SIGKILL the host daemon; it is restarted with --recover: guest RAM, swap and vCPU registers
+#                survive, guests reconnect, a wake-all replaces the events that died
+#   guest_pause / host_pause   SIGSTOP for a while, then SIGCONT
+# The schedule is a pure function of the seed, the duration, the vCPU count and the fault counts; it is printed.
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from shared.guest_ram import shm_name, unlink
+
+from .runner import HOST_GRACE_S, RunOptions, argv, terminate
+
+EXIT_CRASH = 70  # guest_agent's exit status after its crash path (panic)
+EXIT_REBOOT = 71
+KDUMP_SECONDS = 2.0  # how long a kdump kernel runs before it reboots into a normal kernel
+UP_WAIT_S = 3.0  # how long a fault waits for its target to be (re)started before it is skipped
+CHAOS_LATENCY_SLACK_S = 5.0  # the checker's ready-latency bound: the longest pause plus this
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float  # seconds after the start
+    kind: str
+    vcpu: int | None = None
+    seconds: float = 0.0  # pause length
+
+    def __str__(self) -> str:
+        target = f" vcpu {self.vcpu}" if self.vcpu is not None else ""
+        pause = f" for {self.seconds:.2f} s" if self.seconds else ""
+        return f"{self.at:7.2f} s  {self.kind}{target}{pause}"
+
+
+@dataclass
+class ChaosOptions(RunOptions):
+    guest_kills: int = 10
+    guest_panics: int = 3
+    host_kills: int = 2
+    pauses: int = 5
+    kdump_apf: bool = False
+
+
+def make_schedule(seed: int, duration: float, vcpus: int, opts: ChaosOptions) -> list[Fault]:
+    rng = random.Random(f"apf-emu-chaos/{seed}")
+    faults: list[Fault] = []
+    window = (0.1 * duration, 0.8 * duration)
+    for kind, count in (("guest_kill", opts.guest_kills), ("guest_panic", opts.guest_panics)):
+        faults += [Fault(rng.uniform(*window), kind, rng.randrange(vcpus)) for _ in range(count)]
+    # Host kills evenly spread (with jitter), so that each restart has time to settle before the next.
+    for i in range(opts.host_kills):
+        slot = (window[1] - window[0]) / max(1, opts.host_kills)
+        faults.append(Fault(window[0] + slot * i + rng.uniform(0.2, 0.8) * slot, "host_kill"))
+    for _ in range(opts.pauses):
+        if rng.random() < 0.7:
+            faults.append(Fault(rng.uniform(*window), "guest_pause", rng.randrange(vcpus), rng.uniform(0.5, 2.0)))
+        else:
+            faults.append(Fault(rng.uniform(*window), "host_pause", None, rng.uniform(0.5, 1.5)))
+    return sorted(faults, key=lambda f: f.at)
+
+
+@dataclass
+class ChaosResult:
+    vm: str
+    log_dir: Path
+    schedule: list[Fault]
+    applied: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    boots: dict[int, list[str]] = field(default_factory=dict)  # vCPU -> kinds of its boots, in order
+    host_starts: int = 0
+    problems: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+
+
+class Chaos:
+    def __init__(self, opts: ChaosOptions) -> None:
+        self.opts = opts
+        self.vm = opts.vm or f"chaos{os.getpid()}"
+        self.log_dir = opts.log_dir or Path("apf-emu-logs") / self.vm
+        self.tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
+        self.sock = self.tmp / "host.sock"
+        self.stopping = False
+        self.host: trio.Process | None = None
+        self.guests: dict[int, trio.Process] = {}
+        self.host_up = trio.Event()
+        self.result = ChaosResult(self.vm, self.log_dir, make_schedule(opts.seed, opts.duration, opts.vcpus, opts))
+
+    def _common(self) -> list[object]:
+        return ["--vm", self.vm, "--socket", self.sock, "--log-dir", self.log_dir, "--seed", self.opts.seed]
+
+    # --- processes -----------------------------------------------------------------------------------------------
+    async def _host_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        o = self.opts
+        first = True
+        while not self.stopping:
+            extra: list[object] = [] if first else ["--recover"]
+            self.host = await trio.lowlevel.open_process(
+                argv("host_daemon", *self._common(), "--vcpus", o.vcpus, "--pages", o.pages, "--resident",
+                     o.resident, "--page-in-latency", o.page_in_latency, *extra),
+                start_new_session=True,
+            )
+            self.result.host_starts += 1
+            await self._wait_for_socket(self.host)
+            self.host_up.set()
+            if first:
+                task_status.started()
+                first = False
+            await self.host.wait()
+            self.host_up = trio.Event()
+            if self.stopping:
+                break
+            if self.host.returncode != -signal.SIGKILL:
+                self.result.problems.append(f"host exited with status {self.host.returncode} during the run")
+                break
+
+    async def _wait_for_socket(self, proc: trio.Process) -> None:
+        # The restarted host unlinks the stale socket before it binds: its presence means "listening".
+        with trio.move_on_after(10):
+            while proc.returncode is None and not self.sock.exists():
+                await trio.sleep(0.01)
+
+    async def _guest_loop(self, vcpu: int) -> None:
+        o = self.opts
+        boot, kind = 1, "normal"
+        self.result.boots[vcpu] = []
+        while not self.stopping:
+            extra: list[object] = ["--send-always"] if o.send_always else []
+            if kind == "kdump" and o.kdump_apf:
+                extra.append("--kdump-apf")
+            proc = self.guests[vcpu] = await trio.lowlevel.open_process(
+                argv("guest_agent", *self._common(), "--vcpu", vcpu, "--boot", boot, "--kind", kind, "--transport",
+                     o.transport, "--tasks", o.tasks, "--vector", o.vector, "--kernel-ratio", o.kernel_ratio,
+                     "--irq-off-ratio", o.irq_off_ratio, *extra),
+                start_new_session=True,
+            )
+            self.result.boots[vcpu].append(kind)
+            async with trio.open_nursery() as nursery:
+                if kind == "kdump":
+                    nursery.start_soon(self._kdump_reboot, proc)
+                await proc.wait()
+                nursery.cancel_scope.cancel()
+            if self.stopping:
+                break
+            code = proc.returncode
+            if code not in (EXIT_CRASH, EXIT_REBOOT, -signal.SIGKILL):
+                self.result.problems.append(f"guest {vcpu} boot {boot} exited with status {code}")
+            boot += 1
+            kind = "kdump" if code == EXIT_CRASH else "normal"
+
+    async def _kdump_reboot(self, proc: trio.Process) -> None:
+        await trio.sleep(KDUMP_SECONDS)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGUSR2)
+
+    # --- faults --------------------------------------------------------------------------------------------------
+    async def _inject(self, t0: float) -> None:
+        for fault in self.result.schedule:
+            await trio.sleep_until(t0 + fault.at)
+            if self.stopping:
+                return
+            target = await self._target(fault)
+            if target is None:
+                self.result.skipped[fault.kind] += 1
+                continue
+            self.result.applied[fault.kind] += 1
+            if fault.kind in ("guest_kill", "host_kill"):
+                target.send_signal(signal.SIGKILL)
+            elif fault.kind == "guest_panic":
+                target.send_signal(signal.SIGUSR1)
+            else:
+                target.send_signal(signal.SIGSTOP)
+                try:
+                    await trio.sleep(fault.seconds)
+                finally:
+                    with contextlib.suppress(ProcessLookupError):
+                        target.send_signal(signal.SIGCONT)
+
+    async def _target(self, fault: Fault) -> trio.Process | None:
+        with trio.move_on_after(UP_WAIT_S):
+            while True:
+                proc = self.host if fault.vcpu is None else self.guests.get(fault.vcpu)
+                if proc is not None and proc.returncode is None and (fault.vcpu is not None or self.host_up.is_set()):
+                    return proc
+                await trio.sleep(0.05)
+        return None
+
+    # --- the run -------------------------------------------------------------------------------------------------
+    async def run(self) -> ChaosResult:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in list(self.log_dir.glob("host.jsonl")) + list(self.log_dir.glob("guest-*.jsonl")):
+            old.unlink()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._host_loop)
+                for vcpu in range(self.opts.vcpus):
+                    nursery.start_soon(self._guest_loop, vcpu)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    with trio.move_on_after(self.opts.duration):
+                        async with trio.open_nursery() as inner:
+                            inner.start_soon(self._inject, trio.current_time())
+
+                            async def on_signal() -> None:
+                                async for _ in signals:
+                                    self.result.problems.append("interrupted by a signal")
+                                    inner.cancel_scope.cancel()
+                                    return
+
+                            inner.start_soon(on_signal)
+                            await trio.sleep_forever()
+                await self._stop()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._cleanup()
+        return self.result
+
+    async def _stop(self) -> None:
+        """Everything continues (SIGCONT), the host must be up for the guests to drain; then stop as `run` does."""
+        self.stopping = True
+        for proc in [self.host, *self.guests.values()]:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+        with trio.move_on_after(10):
+            await self.host_up.wait()
+        live = {f"guest-{v}": p for v, p in self.guests.items() if p.returncode is None}
+        await terminate(live, 20.0, self.result.exit_codes, self.result.problems)
+        if self.host is not None:
+            await terminate({"host": self.host}, HOST_GRACE_S, self.result.exit_codes, self.result.problems)
+
+    async def _cleanup(self) -> None:
+        for proc in [self.host, *self.guests.values()]:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                self.result.leftovers.append(f"process {proc.pid} (killed by the harness)")
+        for name in (shm_name(self.vm), f"/apf-emu-{self.vm}-swap"):
+            if unlink(name):
+                self.result.leftovers.append(f"shm {name} (removed by the harness)")
+        if self.sock.exists():
+            self.result.leftovers.append(f"socket {self.sock} (removed by the harness)")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+async def chaos(opts: ChaosOptions) -> ChaosResult:
+    return await Chaos(opts).run()
