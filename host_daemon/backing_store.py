@@ -60,9 +60,10 @@ class BackingStore:
         size = self.slots_off + pages * 2 * PAGE_SIZE
         if recover:
             shm = posix_ipc.SharedMemory(self.name, 0)
-            if shm.size != size:
+            found = shm.size
+            if found != size:
                 shm.close_fd()
-                raise ValueError(f"{self.name} is {shm.size} bytes, not the {size} of a {pages}-page VM")
+                raise ValueError(f"{self.name} is {found} bytes, not the {size} of a {pages}-page VM")
         else:
             unlink(self.name)
             shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=size)

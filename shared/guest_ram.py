@@ -116,9 +116,10 @@ class GuestRam:
     def open(cls, vm: str, layout: RamLayout) -> GuestRam:
         name = shm_name(vm)
         shm = posix_ipc.SharedMemory(name, 0)
-        if shm.size < layout.total_size:
+        found = shm.size
+        if found < layout.total_size:
             shm.close_fd()
-            raise ValueError(f"{name} is {shm.size} bytes, smaller than the announced layout ({layout.total_size})")
+            raise ValueError(f"{name} is {found} bytes, smaller than the announced layout ({layout.total_size})")
         return cls(name, layout, shm, owner=False)
 
     def page(self, gfn: int) -> memoryview:

@@ -106,3 +106,37 @@ class WireClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class GuestProcess:
+    def __init__(self, host: HostProcess, vcpu: int, *args: str, boot: int = 1, kind: str = "normal") -> None:
+        self.log = host.log_dir / f"guest-{vcpu}.jsonl"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "guest_agent", "--vm", host.vm, "--socket", str(host.socket), "--log-dir",
+             str(host.log_dir), "--vcpu", str(vcpu), "--boot", str(boot), "--kind", kind, *args],
+            cwd=ROOT, start_new_session=True,
+        )
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
+
+
+def count_events(path: Path, name: str, **match: Any) -> int:
+    return sum(1 for e in read_events(path) if e["event"] == name and all(e.get(k) == v for k, v in match.items()))
+
+
+def wait_for_events(path: Path, name: str, n: int = 1, timeout: float = 30, **match: Any) -> None:
+    wait_until(lambda: count_events(path, name, **match) >= n, timeout, f"{n} x {name} {match or ''} in {path.name}")
