@@ -30,12 +30,17 @@ HOST_INSTANTS = {
     "apf_ready_dropped": "completion dropped",
     "vcpu_connect": "connect",
     "vcpu_disconnect": "disconnect",
+    "vcpu_restore": "restore",
+    "host_ready": "host start",
     "msr_write": "wrmsr",
     "wire_error": "wire error",
 }
 GUEST_INSTANTS = {
     "guest_boot": "boot",
     "guest_shutdown": "shutdown",
+    "guest_crash": "crash (panic)",
+    "guest_reboot": "reboot",
+    "guest_reconnect": "reconnect",
     "guest_panic": "panic",
     "guest_apf_reinit": "APF re-init",
     "guest_apf_wake_all": "wake-all",

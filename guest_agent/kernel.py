@@ -114,6 +114,7 @@ class GuestKernel:
                                stdout=cfg.log_stdout)
             self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=cfg.boot)
             self.transport.on_reconnect = self._on_reconnect
+            self.transport.give_up = lambda: self.stopping
             ram = GuestRam.open(cfg.vm, RamLayout(welcome["pages"]))
             try:
                 self.mem = GuestMemoryAccess(ram, self.vcpu)

@@ -52,6 +52,7 @@ class Transport:
         self.reconnect_timeout = reconnect_timeout
         self.reconnects = 0
         self.on_reconnect: Callable[[int, float], None] | None = None
+        self.give_up: Callable[[], bool] = lambda: False  # e.g. the guest is stopping: do not wait for a host
         self._hello: dict[str, Any] = {}
         self.sock = _connect(path, connect_timeout)
         self.reader = FrameReader()
@@ -130,14 +131,20 @@ class Transport:
         self.reader = FrameReader()
         self.frames.clear()
         while True:
+            if self.give_up():
+                raise GuestError("the host went away while the guest was stopping")
             try:
-                self.sock = _connect(self.path, max(0.0, deadline - time.monotonic()))
+                self.sock = _connect(self.path, min(1.0, max(0.0, deadline - time.monotonic())))
                 welcome = self.handshake(**{k: v for k, v in self._hello.items() if k != "transport"})
                 break
             except HostGone:
                 pass
             except GuestError as exc:
-                if "vcpu_busy" not in str(exc) or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
+                    raise
+                if "no host listening" in str(exc):
+                    continue  # keep trying until the deadline, looking at give_up every second
+                if "vcpu_busy" not in str(exc):
                     raise
             self.sock.close()
             time.sleep(0.05)  # the host has not noticed our old connection's end yet

@@ -1,0 +1,123 @@
+"""Does the host keep state for dead boots? Its RSS after 1,000 guest kill/restart cycles against after 100.
+
+Each cycle is what a killed-and-restarted guest does to the host: connect as the next boot of vCPU 0, program
+MSR_KVM_ASYNC_PF_INT and _EN, take the wake-all, take a few async page faults, and vanish without a word (the socket
+is reset with page-ins in flight, exactly what the host sees when a guest process is SIGKILLed). A raw wire client
+does it in-process because starting 1,000 Python guest processes would measure process start-up, not the host.
+Usage:  .venv/bin/python bench/host_memory.py [--cycles 1000] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
+from shared.apf_data import KvmVcpuPvApfData
+from shared.guest_ram import GuestRam, RamLayout
+from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES, RESIDENT = 512, 128
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+class Client:
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.reader = FrameReader()
+        self.frames: list[bytes] = []
+
+    def receive(self) -> dict:
+        while not self.frames:
+            self.frames += self.reader.feed(self.sock.recv(65536))
+        return decode(self.frames.pop(0), HOST_TO_GUEST)
+
+    def request(self, t: str, **kw) -> dict:
+        self.sock.sendall(encode(t, **kw))
+        while True:
+            msg = self.receive()
+            if msg["t"] != "interrupt":
+                return msg
+
+    def kill(self) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, like a dead process
+        self.sock.close()
+
+
+def cycle(path: Path, vm: str, boot: int, area: KvmVcpuPvApfData, rng: random.Random) -> None:
+    c = Client(path)
+    c.request("hello", proto=1, vm=vm, vcpu=0, boot=boot, kind="normal", pid=os.getpid(), transport="socket")
+    c.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=0xF3)
+    c.request("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(0))
+    area.token = 0  # take the wake-all
+    c.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=1)
+    for _ in range(5):
+        reply = c.request("exit_mem", gpa=rng.randrange(1, PAGES) * 4096, write=True, user=True, irq=True)
+        if reply["t"] == "inject_pf":
+            area.flags = 0
+    c.kill()
+
+
+def measure(cycles: int) -> dict[str, float]:
+    vm = f"bench{os.getpid()}"
+    with tempfile.TemporaryDirectory(prefix="apf-bench-") as tmp:
+        sock = Path(tmp) / "host.sock"
+        host = subprocess.Popen([sys.executable, "-m", "host_daemon", "--vm", vm, "--socket", str(sock), "--vcpus",
+                                 "1", "--pages", str(PAGES), "--resident", str(RESIDENT), "--page-in-latency",
+                                 "fixed:5ms"], cwd=ROOT)
+        try:
+            while not sock.exists():
+                time.sleep(0.01)
+            ram = GuestRam.open(vm, RamLayout(PAGES))
+            area = KvmVcpuPvApfData(ram.u32, 0)
+            rng = random.Random(0)
+            marks = {}
+            marks_at = sorted({100, cycles // 2, cycles})
+            for boot in range(1, cycles + 1):
+                cycle(sock, vm, boot, area, rng)
+                if boot in marks_at:
+                    time.sleep(0.5)  # let the host finish the resets and the page-ins the dead guests left
+                    marks[boot] = rss_kb(host.pid)
+            area.release()
+            ram.close()
+        finally:
+            host.send_signal(signal.SIGTERM)
+            host.wait(10)
+    out: dict[str, float] = {f"rss_kb_after_{n}": kb for n, kb in marks.items()}
+    out["growth"] = round(marks[cycles] / marks[100] - 1, 4)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cycles", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    result = measure(args.cycles)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        marks = ", ".join(f"{k.removeprefix('rss_kb_after_')} cycles {v} kB" for k, v in result.items() if k != "growth")
+        print(f"host RSS after {marks}: {result['growth']:+.1%} from 100 to {args.cycles}")
+
+
+if __name__ == "__main__":
+    main()
