@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(%(default)s)")
     p.add_argument("--vcpu", type=int, default=int(env("vcpu", "-1")),
                    help="vCPU id to claim; default: the host assigns one")
-    p.add_argument("--boot", type=int, default=int(env("boot", "1")), help="boot number of this vCPU (%(default)s)")
+    p.add_argument("--boot", type=int, default=int(env("boot", "0")),
+                   help="boot number of this vCPU's kernel; default 0: the host numbers it (one more than the last "
+                   "boot of that vCPU it saw)")
     p.add_argument("--kind", choices=["normal", "kdump"], default=env("kind", "normal"), help="kernel kind")
     p.add_argument("--tasks", type=int, default=int(env("tasks", "4")), help="guest tasks (%(default)s)")
     p.add_argument("--vector", type=lambda s: int(s, 0), default=int(env("vector", "0xf3"), 0),

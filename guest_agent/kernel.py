@@ -63,7 +63,7 @@ class GuestConfig:
     socket: Path
     transport: str = "socket"
     vcpu: int | None = None
-    boot: int = 1
+    boot: int = 0  # 0: the host numbers the boot
     kind: str = "normal"
     tasks: int = 4
     vector: int = 0xF3
@@ -108,11 +108,12 @@ class GuestKernel:
             welcome = self.transport.handshake(proto=PROTOCOL_VERSION, vm=cfg.vm, vcpu=cfg.vcpu, boot=cfg.boot,
                                                kind=cfg.kind, pid=os.getpid())
             self.vcpu: int = welcome["vcpu"]
+            self.boot: int = welcome["boot"]
             self.cpuid: int = welcome["cpuid"]
             if cfg.log_dir is not None or cfg.log_stdout:
                 slog.configure(cfg.log_dir / f"guest-{self.vcpu}.jsonl" if cfg.log_dir else None,
                                stdout=cfg.log_stdout)
-            self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=cfg.boot)
+            self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=self.boot)
             self.transport.on_reconnect = self._on_reconnect
             self.transport.give_up = lambda: self.stopping
             ram = GuestRam.open(cfg.vm, RamLayout(welcome["pages"]))
@@ -124,7 +125,7 @@ class GuestKernel:
                 for tid in range(cfg.tasks):
                     pages = task_pages(welcome["pages"], welcome["vcpus"], self.vcpu, cfg.tasks, tid)
                     if pages:
-                        rng = random.Random(f"{cfg.seed}/{self.vcpu}/{cfg.boot}/{tid}")
+                        rng = random.Random(f"{cfg.seed}/{self.vcpu}/{self.boot}/{tid}")
                         self.runq.add(GuestTask(tid, pages, rng, cfg.kernel_ratio, cfg.irq_off_ratio))
                 self._boot()
                 self._vcpu_loop()
@@ -271,7 +272,7 @@ class GuestKernel:
         else:
             cpu.enter("irq_off")  # a spin_lock_irqsave section in kernel mode
         cpu.push("instruction")
-        writer = (self.cfg.boot & 0xFFFF) << 16 | (self.vcpu & 0xFF) << 8 | (task.tid & 0xFF)
+        writer = (self.boot & 0xFFFF) << 16 | (self.vcpu & 0xFF) << 8 | (task.tid & 0xFF)
         status, seq, ok, torn = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), writer)
         cpu.pop()
         if status is Access.EXIT:

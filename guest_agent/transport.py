@@ -121,10 +121,24 @@ class Transport:
             raise GuestError(f"host refused us: {msg['code']}: {msg['message']}")
         if msg["t"] != "welcome":
             raise GuestError(f"expected welcome, got {msg['t']}")
+        # A reconnect (after the host went away) claims what this handshake was given: same vCPU, same boot.
+        self._hello.update(vcpu=msg["vcpu"], boot=msg["boot"])
         return msg
 
     def _reconnect(self) -> None:
-        """The host went away: connect again, as the same vCPU and boot, until reconnect_timeout."""
+        """The host went away: connect again, as the same vCPU and boot, until reconnect_timeout. The vCPU is not
+        running meanwhile (the VMM is away): an interrupt arriving now (a vector signal) stays pending, or its
+        handler's ACK would be sent in the middle of the handshake."""
+        if self.cpu is None:
+            self._reconnect_now()
+            return
+        self.cpu.push("reconnect")
+        try:
+            self._reconnect_now()
+        finally:
+            self.cpu.pop()
+
+    def _reconnect_now(self) -> None:
         start = time.monotonic()
         deadline = start + self.reconnect_timeout
         self.sock.close()

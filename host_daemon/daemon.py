@@ -46,11 +46,17 @@ class HostConfig:
     log_stdout: bool = False
     recover: bool = False
 
+    @property
+    def staging_socket(self) -> Path:
+        """Where the socket is bound before it is renamed to `socket`."""
+        return self.socket.with_name(f".apf-{os.getpid()}")
+
     def validate(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise ValueError(f"--vcpus must be 1..{MAX_VCPUS}")
-        if len(os.fsencode(self.socket)) > MAX_SOCKET_PATH:
-            raise ValueError(f"socket path {self.socket} is longer than the {MAX_SOCKET_PATH} bytes Unix allows")
+        for path in (self.socket, self.staging_socket):
+            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                raise ValueError(f"socket path {path} is longer than the {MAX_SOCKET_PATH} bytes Unix allows")
         RamLayout(self.pages)
         if not 2 <= self.resident < self.pages:
             raise ValueError("--resident must be at least 2 and less than --pages")
@@ -64,6 +70,7 @@ class Vm:
         self.nursery: trio.Nursery
         self.vcpus: dict[int, VcpuConnection] = {}
         self.recovery_pins: dict[int, int] = {}  # vCPU -> APF-area page pinned until that vCPU reconnects
+        self.last_boot: dict[int, int] = {}  # vCPU -> newest boot that connected, to number a hello with boot 0
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -84,12 +91,16 @@ class Vm:
             self.memory = GuestMemory(ram, cfg.resident, cfg.latency, random.Random(cfg.seed), backing,
                                       recover=cfg.recover)
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            # Bound and listening under a temporary name, then renamed into place: whoever sees the socket file
+            # (a guest, a health check, a test) can connect to it.
+            staging = cfg.staging_socket
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(cfg.socket)
-            await sock.bind(os.fspath(cfg.socket))
+                os.unlink(staging)
+            await sock.bind(os.fspath(staging))
             try:
-                os.chmod(cfg.socket, 0o600)
+                os.chmod(staging, 0o600)
                 sock.listen(128)
+                os.replace(staging, cfg.socket)
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     nursery.start_soon(self._signals, nursery.cancel_scope)
@@ -104,8 +115,9 @@ class Vm:
                     task_status.started()
                 clean = True
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(cfg.socket)
+                for path in (staging, cfg.socket):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
         finally:
             memory = getattr(self, "memory", None)  # absent if the memory model refused its configuration
             self.log.info("host_stop", **(vars(memory.stats) if memory is not None else {}))
@@ -171,10 +183,11 @@ class Vm:
             await self._refuse(chan, *problem)
             return
         vcpu_id = msg["vcpu"] if msg["vcpu"] is not None else min(set(range(self.config.vcpus)) - self.vcpus.keys())
+        boot = msg["boot"] or self._next_boot(vcpu_id)
         old = self.vcpus.get(vcpu_id)
         if old is not None:
             # A newer boot of this vCPU: the guest that held it is gone even if its connection has not ended yet.
-            old.log.info("vcpu_replaced", by_boot=msg["boot"])
+            old.log.info("vcpu_replaced", by_boot=boot)
             old.scope.cancel()
             with trio.move_on_after(5):
                 await old.done.wait()
@@ -190,18 +203,19 @@ class Vm:
                 return
         else:
             notifier = SocketNotifier(chan)
-        log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=msg["boot"])
-        conn = VcpuConnection(self, chan, notifier, vcpu_id, msg["boot"], log)
+        log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=boot)
+        conn = VcpuConnection(self, chan, notifier, vcpu_id, boot, log)
         self.vcpus[vcpu_id] = conn
+        self.last_boot[vcpu_id] = max(boot, self.last_boot.get(vcpu_id, 0))
         saved = self.memory.backing.saved_vcpu(vcpu_id)
         log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"], transport=msg["transport"],
-                 restored=saved is not None and saved.boot == msg["boot"])
+                 restored=saved is not None and saved.boot == boot, assigned=msg["vcpu"] is None or not msg["boot"])
         try:
             await conn.start(saved)
             if vcpu_id in self.recovery_pins:
                 self.memory.unpin(self.recovery_pins.pop(vcpu_id))
             await chan.send(
-                "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, vcpus=self.config.vcpus,
+                "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, boot=boot, vcpus=self.config.vcpus,
                 pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,
                 cpuid=APF_EMU_CPUID_FEATURES,
             )
@@ -221,17 +235,23 @@ class Vm:
             return "bad_field", "transport must be socket or signal"
         if msg["kind"] not in ("normal", "kdump"):
             return "bad_field", "kind must be normal or kdump"
-        if msg["boot"] < 1:
-            return "bad_field", "boot numbers start at 1"
+        if msg["boot"] < 0:
+            return "bad_field", "boot numbers start at 1 (0 asks the host to number the boot)"
         vcpu = msg["vcpu"]
         if vcpu is None:
             if len(self.vcpus) >= self.config.vcpus:
                 return "no_vcpu", f"all {self.config.vcpus} vCPUs are taken"
         elif not 0 <= vcpu < self.config.vcpus:
             return "bad_vcpu", f"vCPU {vcpu} is not in 0..{self.config.vcpus - 1}"
-        elif vcpu in self.vcpus and msg["boot"] <= self.vcpus[vcpu].boot:
+        elif vcpu in self.vcpus and msg["boot"] and msg["boot"] <= self.vcpus[vcpu].boot:
             return "vcpu_busy", f"vCPU {vcpu} is connected (boot {self.vcpus[vcpu].boot})"
         return None
+
+    def _next_boot(self, vcpu: int) -> int:
+        """The boot number for a guest that asked the host to count: one more than any boot of this vCPU that
+        connected to this host or, after --recover, to the host before it."""
+        saved = self.memory.backing.saved_vcpu(vcpu)
+        return max(self.last_boot.get(vcpu, 0), saved.boot if saved is not None else 0) + 1
 
     def _check_peer(self, chan: MessageChannel, msg: dict[str, Any]) -> tuple[str, str] | None:
         """The signal transport signals the guest's PID: only if the kernel says that PID is our peer."""

@@ -28,7 +28,9 @@ _BOOL = (bool,)
 
 # type -> {field: accepted Python types}. Every field is required; a None must be sent explicitly.
 GUEST_TO_HOST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
-    # First message on a connection. vcpu=None asks the host to assign one. transport: "socket" or "signal".
+    # First message on a connection. vcpu=None asks the host to assign a free vCPU, boot=0 to number this boot
+    # (one more than the last boot it saw of that vCPU); welcome says what was assigned. transport: "socket" or
+    # "signal".
     "hello": {
         "proto": _INT, "vm": _STR, "vcpu": _OPT_INT, "boot": _INT, "kind": _STR, "pid": _INT, "transport": _STR,
     },
@@ -39,7 +41,7 @@ GUEST_TO_HOST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
 }
 HOST_TO_GUEST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
     "welcome": {
-        "proto": _INT, "vm": _STR, "vcpu": _INT, "vcpus": _INT, "pages": _INT, "page_size": _INT,
+        "proto": _INT, "vm": _STR, "vcpu": _INT, "boot": _INT, "vcpus": _INT, "pages": _INT, "page_size": _INT,
         "shm": _STR, "cpuid": _INT,
     },
     "msr_result": {"msr": _INT, "ok": _BOOL, "error": _OPT_STR},

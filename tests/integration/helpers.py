@@ -109,11 +109,14 @@ class WireClient:
 
 
 class GuestProcess:
-    def __init__(self, host: HostProcess, vcpu: int, *args: str, boot: int = 1, kind: str = "normal") -> None:
+    def __init__(self, host: HostProcess, vcpu: int, *args: str, boot: int = 1, kind: str = "normal",
+                 vcpu_arg: bool = True) -> None:
+        """vcpu_arg=False: pass neither --vcpu nor --boot, the host assigns both (`log` is then only a guess)."""
         self.log = host.log_dir / f"guest-{vcpu}.jsonl"
+        claim = ["--vcpu", str(vcpu), "--boot", str(boot)] if vcpu_arg else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "guest_agent", "--vm", host.vm, "--socket", str(host.socket), "--log-dir",
-             str(host.log_dir), "--vcpu", str(vcpu), "--boot", str(boot), "--kind", kind, *args],
+             str(host.log_dir), *claim, "--kind", kind, *args],
             cwd=ROOT, start_new_session=True,
         )
 

@@ -12,7 +12,7 @@ SAMPLES = {
     "hello": dict(proto=1, vm="vm0", vcpu=None, boot=1, kind="normal", pid=42, transport="socket"),
     "msr_write": dict(msr=0x4B564D02, value=(1 << 64) - 1),
     "exit_mem": dict(gpa=4096, write=True, user=False, irq=True),
-    "welcome": dict(proto=1, vm="vm0", vcpu=0, vcpus=2, pages=8, page_size=4096, shm="/x", cpuid=16400),
+    "welcome": dict(proto=1, vm="vm0", vcpu=0, boot=1, vcpus=2, pages=8, page_size=4096, shm="/x", cpuid=16400),
     "msr_result": dict(msr=1, ok=False, error="#GP"),
     "inject_pf": dict(cr2=4096),
     "resume": dict(gpa=0),
