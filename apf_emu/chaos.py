@@ -87,6 +87,9 @@ class ChaosResult:
     problems: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    # Panics and kdump reboots that hit a guest before it installed its handlers (Python still starting): the
+    # signal's default action killed it, which is a crash without a crash path, like SIGKILL.
+    early_signal_deaths: int = 0
 
 
 class Chaos:
@@ -159,7 +162,9 @@ class Chaos:
             if self.stopping:
                 break
             code = proc.returncode
-            if code not in (EXIT_CRASH, EXIT_REBOOT, -signal.SIGKILL):
+            if code in (-signal.SIGUSR1, -signal.SIGUSR2):
+                self.result.early_signal_deaths += 1
+            elif code not in (EXIT_CRASH, EXIT_REBOOT, -signal.SIGKILL):
                 self.result.problems.append(f"guest {vcpu} boot {boot} exited with status {code}")
             boot += 1
             kind = "kdump" if code == EXIT_CRASH else "normal"

@@ -273,6 +273,7 @@ def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], r
         "schedule": [str(f) for f in result.schedule],
         "faults_applied": dict(result.applied), "faults_skipped": dict(result.skipped),
         "boots": {str(k): v for k, v in result.boots.items()}, "host_starts": result.host_starts,
+        "early_signal_deaths": result.early_signal_deaths,
         "completions_eaten": dict(stats.dropped_reasons),
         "tasks_retried_after_wake_all": wake_all_retries,
         "data_checks": stats.data_checks, "data_check_failures": stats.data_check_failures,
@@ -294,6 +295,9 @@ def print_chaos(summary: dict[str, Any], violations: list[Violation]) -> None:
     for vcpu, kinds in summary["boots"].items():
         print(f"  vcpu {vcpu} boots       {len(kinds)}: {' '.join(kinds)}")
     print(f"  host starts         {summary['host_starts']}, guest reconnects {summary['reconnects']}")
+    if summary["early_signal_deaths"]:
+        print(f"  panics or reboots that hit a guest still starting (it died as if SIGKILLed): "
+              f"{summary['early_signal_deaths']}")
     eaten = ", ".join(f"{k} {v}" for k, v in sorted(summary["completions_eaten"].items())) or "none"
     print(f"  completions eaten   {eaten}")
     print(f"  tasks retried after a wake-all  {summary['tasks_retried_after_wake_all']}")

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import heapq
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
@@ -48,29 +49,40 @@ def expand(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def _events(name: str, stream: IO[bytes], report: ReadReport) -> Iterator[Event]:
-    lines = stream.read().split(b"\n")
-    ends_clean = lines and lines[-1] == b""
-    if ends_clean:
-        lines.pop()
-    last = len(lines) - 1
-    for i, raw in enumerate(lines):
-        report.lines += 1
-        start = raw.find(b"{")  # tolerate a "service | " prefix from compose logs
-        try:
-            if start < 0:
-                raise ValueError("no JSON object")
-            ev = orjson.loads(raw[start:])
-            if not isinstance(ev, dict) or not isinstance(ev.get("mono_ns"), int) or "event" not in ev:
-                raise ValueError("not an apf-emu event")
-        except (ValueError, orjson.JSONDecodeError):
-            where = f"{name}:{i + 1}"
-            if i == last and not ends_clean:
-                report.truncated.append(where)
-            elif raw.strip():
-                report.unreadable.append(where)
-            continue
-        yield ev
+def _events(name: str, lines: Iterable[bytes], report: ReadReport) -> Iterator[Event]:
+    """Events of one input's lines (each with its newline, but perhaps the last), lazily."""
+    held: bytes | None = None
+    number = 0
+    for raw in lines:
+        if held is not None:
+            ev = _parse(name, held, number, report, last=False)
+            if ev is not None:
+                yield ev
+        held = raw
+        number += 1
+    if held is not None:
+        ev = _parse(name, held, number, report, last=True)
+        if ev is not None:
+            yield ev
+
+
+def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool) -> Event | None:
+    report.lines += 1
+    start = raw.find(b"{")  # tolerate a "service | " prefix from compose logs
+    try:
+        if start < 0:
+            raise ValueError("no JSON object")
+        ev = orjson.loads(raw[start:])
+        if not isinstance(ev, dict) or not isinstance(ev.get("mono_ns"), int) or "event" not in ev:
+            raise ValueError("not an apf-emu event")
+    except (ValueError, orjson.JSONDecodeError):
+        where = f"{name}:{number}"
+        if last and not raw.endswith(b"\n"):
+            report.truncated.append(where)
+        elif raw.strip():
+            report.unreadable.append(where)
+        return None
+    return ev  # type: ignore[no-any-return]
 
 
 def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Iterator[Event]:
@@ -80,18 +92,44 @@ def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Itera
     for name in expand(paths):
         report.files += 1
         if name == "-":
+            # `docker compose logs` interleaves several processes: sort.
             streams.append(_sorted(_events("<stdin>", sys.stdin.buffer, report)))
-        else:
-            try:
-                with open(name, "rb") as f:
-                    streams.append(_sorted(_events(name, f, report)))
-            except OSError as exc:
-                raise LogInputError(f"{name}: {exc.strerror}") from None
+            continue
+        try:
+            ordered = _in_order(name)
+        except OSError as exc:
+            raise LogInputError(f"{name}: {exc.strerror}") from None
+        # A file is written by one process at a time, in order: stream it (a long chaos run's logs are GBs).
+        streams.append(_file_events(name, report) if ordered else _sorted(_file_events(name, report)))
     return heapq.merge(*streams, key=lambda e: e["mono_ns"])
 
 
+def _file_events(name: str, report: ReadReport) -> Iterator[Event]:
+    with open(name, "rb") as f:
+        yield from _events(name, f, report)
+
+
+_MONO = re.compile(rb'"mono_ns":(\d+)')
+
+
+def _in_order(name: str) -> bool:
+    """Whether the file's mono_ns values never go back (a quick scan, without parsing JSON)."""
+    last = -1
+    rest = b""
+    with open(name, "rb") as f:
+        while chunk := f.read(1 << 23):
+            chunk = rest + chunk
+            cut = chunk.rfind(b"\n") + 1
+            rest = chunk[cut:]
+            for m in _MONO.finditer(chunk, 0, cut):
+                value = int(m.group(1))
+                if value < last:
+                    return False
+                last = value
+    return True
+
+
 def _sorted(events: Iterator[Event]) -> Iterator[Event]:
-    # One file is usually one process (already ordered); stdin from `docker compose logs` interleaves several.
     evs = list(events)
     evs.sort(key=lambda e: e["mono_ns"])
     return iter(evs)

@@ -17,6 +17,10 @@ from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Every process a test starts and every VM it names, so that conftest.py can reap what a failing test left.
+STARTED: list[subprocess.Popen[bytes]] = []
+VMS: set[str] = set()
+
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.01) -> None:
     """Poll a condition (another process's state) until it holds; fail with `what` after `timeout`."""
@@ -50,6 +54,8 @@ class HostProcess:
              *args],
             cwd=ROOT, start_new_session=True,
         )
+        STARTED.append(self.proc)
+        VMS.add(vm)
         wait_until(lambda: self.proc.poll() is not None or self.socket.exists(), 10, "the host's socket")
         assert self.proc.poll() is None, f"host exited with {self.proc.returncode}"
 
@@ -119,6 +125,7 @@ class GuestProcess:
              str(host.log_dir), *claim, "--kind", kind, *args],
             cwd=ROOT, start_new_session=True,
         )
+        STARTED.append(self.proc)
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
