@@ -106,10 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="event counts and latency distributions over logs")
     s.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
     s.add_argument("--json", action="store_true", help="print JSON")
+
+    sub.add_parser("bench", help="run the benchmarks in bench/ (needs a source checkout); "
+                   "`apf-emu bench --help` for their options", add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
@@ -124,6 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """The benchmarks live in the checkout's bench/ (they are not installed): run them from there."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "run.py").is_file():
+        print(f"apf-emu bench: no bench/ next to {root / 'apf_emu'}; run it from a source checkout "
+              "(pip install -e .)", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.run import main as bench_main
+
+    return bench_main(argv)
 
 
 # --- check and stats --------------------------------------------------------------------------------------------

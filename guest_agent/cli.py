@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boot number of this vCPU's kernel; default 0: the host numbers it (one more than the last "
                    "boot of that vCPU it saw)")
     p.add_argument("--kind", choices=["normal", "kdump"], default=env("kind", "normal"), help="kernel kind")
-    p.add_argument("--tasks", type=int, default=int(env("tasks", "4")), help="guest tasks (%(default)s)")
+    p.add_argument("--tasks", type=int, default=int(env("tasks", "4")),
+                   help="guest tasks that write and verify guest RAM (%(default)s)")
+    p.add_argument("--counting-tasks", type=int, default=int(env("counting_tasks", "0")),
+                   help="guest tasks that only count (CPU work, no memory): what a vCPU can run while others wait "
+                   "for pages; their total is `count_work` in guest_shutdown (%(default)s)")
     p.add_argument("--vector", type=lambda s: int(s, 0), default=int(env("vector", "0xf3"), 0),
                    help="page-ready vector written to MSR_KVM_ASYNC_PF_INT (default 0xf3)")
     p.add_argument("--send-always", action="store_true", default=env("send_always", "") == "1",
@@ -67,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 1 <= args.tasks <= 1024:
-        print("apf-guest: --tasks must be 1..1024", file=sys.stderr)
+    if not 1 <= args.tasks <= 1024 or not 0 <= args.counting_tasks <= 1024:
+        print("apf-guest: --tasks must be 1..1024 and --counting-tasks 0..1024", file=sys.stderr)
         return 2
     if not 0 <= args.vector <= 255:
         print("apf-guest: --vector must be 0..255", file=sys.stderr)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = GuestConfig(
         vm=args.vm, socket=args.socket, transport=args.transport, apf_reinit_every=args.apf_reinit_every, vcpu=None if args.vcpu < 0 else args.vcpu, boot=args.boot, kind=args.kind,
-        tasks=args.tasks, vector=args.vector, send_always=args.send_always, apf=args.apf, seed=args.seed,
+        tasks=args.tasks, counting_tasks=args.counting_tasks, vector=args.vector, send_always=args.send_always, apf=args.apf, seed=args.seed,
         log_dir=args.log_dir, log_stdout=args.log_stdout, connect_timeout=args.connect_timeout,
         duration=args.duration, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio,
         kdump_apf=args.kdump_apf, reconnect_timeout=args.reconnect_timeout,

@@ -49,7 +49,7 @@ from .cpu import Cpu
 from .memory import Access, GuestMemoryAccess
 from .sleep_table import DuplicateToken, SleepTable
 from .transport import GuestError, Transport, open_transport
-from .workload import GuestTask, RunQueue, task_pages
+from .workload import GuestTask, RunQueue, count_quantum, task_pages
 
 __all__ = ["EXIT_CRASH", "EXIT_REBOOT", "GuestConfig", "GuestError", "GuestKernel"]
 
@@ -66,6 +66,7 @@ class GuestConfig:
     boot: int = 0  # 0: the host numbers the boot
     kind: str = "normal"
     tasks: int = 4
+    counting_tasks: int = 0
     vector: int = 0xF3
     send_always: bool = False
     apf: bool = True
@@ -94,7 +95,8 @@ class GuestKernel:
         self.exit_code = 0
         self.drain_deadline = math.inf
         self.counts = {"accesses": 0, "data_checks": 0, "data_check_failures": 0, "apf_waits": 0, "exits": 0,
-                       "interrupts": 0, "torn_pages": 0}
+                       "interrupts": 0, "torn_pages": 0, "count_work": 0,
+                       "count_ns": 0, "exit_ns": 0}
 
     # --- plumbing ------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -127,6 +129,8 @@ class GuestKernel:
                     if pages:
                         rng = random.Random(f"{cfg.seed}/{self.vcpu}/{self.boot}/{tid}")
                         self.runq.add(GuestTask(tid, pages, rng, cfg.kernel_ratio, cfg.irq_off_ratio))
+                for tid in range(cfg.tasks, cfg.tasks + cfg.counting_tasks):
+                    self.runq.add(GuestTask(tid, [], random.Random(tid), counting=True))
                 self._boot()
                 self._vcpu_loop()
                 if self.lifecycle == "crash":
@@ -264,6 +268,18 @@ class GuestKernel:
 
     def _run_task(self, task: GuestTask) -> None:
         cpu = self.cpu
+        if task.counting:
+            cpu.enter("user")
+            cpu.sti()
+            self.transport.poll()
+            t0 = time.monotonic_ns()
+            self.counts["count_work"] += count_quantum()
+            self.counts["count_ns"] += time.monotonic_ns() - t0
+            cpu.boundary()
+            cpu.cli()
+            cpu.enter("kernel")
+            self.runq.put_back(task)
+            return
         acc = task.next_access()
         if acc.irq:
             cpu.enter("user")
@@ -279,10 +295,12 @@ class GuestKernel:
             self.counts["exits"] += 1
             task.faulted = True
             cpu.push("exit")  # no interrupt between the faulting access and its exit, nor before an injected #PF
+            t0 = time.monotonic_ns()
             try:
                 reply = self.transport.exit_mem(acc.gfn * PAGE_SIZE, write=True, user=acc.user, irq=acc.irq)
             finally:
                 cpu.pop()
+            self.counts["exit_ns"] += time.monotonic_ns() - t0  # the vCPU was out of the guest (halted if sync)
             cpu.cli()
             cpu.enter("kernel")
             if reply["t"] == "inject_pf":

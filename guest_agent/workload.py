@@ -4,6 +4,8 @@
 # step, picks one, verifies it holds what the task last wrote, and writes the next version. Each access is made in
 # a mode: user mode with interrupts on (most), kernel mode (no APF unless SEND_ALWAYS), or inside a short
 # interrupts-off section (never APF: the host must fault synchronously, and a pending page-ready waits).
+# A counting task (Natapov's "counter threads") touches no memory: it only burns CPU in user mode, so it is the work
+# a vCPU can do while another task waits for a page, and the measure of what APF gains.
 from __future__ import annotations
 
 import random
@@ -30,6 +32,7 @@ class GuestTask:
     faulted: bool = False  # the current access needed a VM exit
     irq_off_left: int = 0  # accesses left in an interrupts-off section
     token: int | None = None  # the token this task sleeps on
+    counting: bool = False  # a counting task: no pages, COUNT_QUANTUM increments per turn
 
     def next_access(self) -> PageAccess:
         if self.current is None:
@@ -51,6 +54,16 @@ class GuestTask:
     def finish_access(self) -> None:
         self.current = None
         self.faulted = False
+
+
+COUNT_QUANTUM = 2000  # increments per turn of a counting task: about as much CPU as one page access
+
+
+def count_quantum() -> int:
+    n = 0
+    for _ in range(COUNT_QUANTUM):
+        n += 1
+    return n
 
 
 def task_pages(pages: int, vcpus: int, vcpu: int, tasks: int, tid: int) -> list[int]:

@@ -1,0 +1,212 @@
+"""The cost of each step of an APF cycle against a real host daemon, per transport, in the same run as the floor.
+
+The benchmark process is the guest of one vCPU, instrumented: it faults on a swapped-out page and times
+  not_present  exit_mem sent -> #PF received (the injection: a frame, or SIGRTMIN and CR2 in the control block)
+  ready        the host's kvm_async_pf_completed (its log's mono_ns, the same CLOCK_MONOTONIC) -> page-ready
+               interrupt received (a frame, or the vector's signal)
+  ack          MSR_KVM_ASYNC_PF_ACK written -> msr_result received
+with page-in latency 0, so that what is measured is the protocol and the transport, not the page-in. The host
+logs to a file exactly as in a normal run: logging is part of the cost. The guest side does no logging.
+
+Usage: python -m bench.apf_cycle [--cycles N] [--transport socket|signal] [--profile FILE]
+  --profile runs the host under cProfile and writes its statistics to FILE (where the host's time goes).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from hdrh.histogram import HdrHistogram
+
+from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
+from shared.apf_data import KvmVcpuPvApfData
+from shared.guest_ram import CTL_CR2, CTL_PF_SEQ, GuestRam, RamLayout
+from shared.signals import SIG_PF, vector_signal
+from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES, RESIDENT, VECTOR = 256, 32, 0xF3
+STEPS = ("not_present", "ready", "ack")
+
+
+@dataclass
+class CycleResult:
+    hist: dict[str, HdrHistogram]
+    cycles: int
+    resumed: int  # exits that found the page resident (no APF): not counted
+
+    def p50_us(self, step: str) -> float:
+        return float(self.hist[step].get_value_at_percentile(50)) / 1000
+
+    def summary(self) -> dict[str, Any]:
+        return {step: {"p50_us": self.p50_us(step),
+                       "p99_us": self.hist[step].get_value_at_percentile(99) / 1000,
+                       "n": self.hist[step].get_total_count()} for step in STEPS}
+
+
+class Guest:
+    """One vCPU's guest side, blocking, with exact timestamps."""
+
+    def __init__(self, path: Path, vm: str, transport: str, ram: GuestRam) -> None:
+        self.transport = transport
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.reader = FrameReader()
+        self.frames: list[bytes] = []
+        self.u32 = ram.u32
+        self.area = KvmVcpuPvApfData(ram.u32, 0)
+        self.cr2 = ram.layout.ctl_index(0, CTL_CR2)
+        self.pf_seq = ram.layout.ctl_index(0, CTL_PF_SEQ)
+        if transport == "signal":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_PF, vector_signal(VECTOR)})
+        hello = self.request("hello", proto=1, vm=vm, vcpu=0, boot=1, kind="normal", pid=os.getpid(),
+                             transport=transport)
+        assert hello["t"] == "welcome", hello
+        self.seen_pf = self.u32[self.pf_seq]
+
+    def close(self) -> None:
+        self.area.release()
+        self.sock.close()
+        if self.transport == "signal":
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIG_PF, vector_signal(VECTOR)})
+
+    def send(self, t: str, **kw: Any) -> None:
+        self.sock.sendall(encode(t, **kw))
+
+    def frame(self) -> dict[str, Any]:
+        while not self.frames:
+            data = self.sock.recv(65536)
+            if not data:
+                raise RuntimeError("the host closed the connection")
+            self.frames += self.reader.feed(data)
+        return decode(self.frames.pop(0), HOST_TO_GUEST)
+
+    def request(self, t: str, **kw: Any) -> dict[str, Any]:
+        self.send(t, **kw)
+        return self.frame()
+
+    def interrupt(self) -> None:
+        if self.transport == "socket":
+            msg = self.frame()
+            assert msg["t"] == "interrupt" and msg["vector"] == VECTOR, msg
+        elif signal.sigtimedwait({vector_signal(VECTOR)}, 10) is None:
+            raise RuntimeError("no page-ready signal within 10 s")
+
+    def exit_mem(self, gfn: int) -> int | None:
+        """The exit; the token of the #PF it got, or None if the host resumed the vCPU (no APF)."""
+        self.send("exit_mem", gpa=gfn * 4096, write=True, user=True, irq=True)
+        if self.transport == "socket":
+            msg = self.frame()
+            return int(msg["cr2"]) if msg["t"] == "inject_pf" else None
+        while True:
+            if self.u32[self.pf_seq] != self.seen_pf:
+                self.seen_pf = self.u32[self.pf_seq]
+                return int(self.u32[self.cr2])
+            if self.frames or _readable(self.sock):
+                msg = self.frame()
+                assert msg["t"] == "resume", msg
+                return None
+            signal.sigtimedwait({SIG_PF}, 0.001)
+
+    def enable(self) -> None:
+        assert self.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=VECTOR)["ok"]
+        self.send("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(0))
+        if self.transport == "socket":
+            got = {self.frame()["t"], self.frame()["t"]}  # the wake-all and the result, in either order
+            assert got == {"interrupt", "msr_result"}, got
+        else:
+            assert self.frame()["ok"]
+            self.interrupt()
+        self.area.token = 0
+        assert self.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=1)["ok"]
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def measure(transport: str, cycles: int = 2000, profile: Path | None = None) -> CycleResult:
+    vm = f"bench{os.getpid()}{transport[:3]}"
+    hist = {step: HdrHistogram(1, 60_000_000_000, 3) for step in STEPS}
+    received: dict[int, int] = {}  # token -> ns the page-ready arrived
+    resumed = 0
+    with tempfile.TemporaryDirectory(prefix="apf-cycle-") as tmp:
+        sock = Path(tmp) / "host.sock"
+        prefix = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m"] if profile else [sys.executable, "-m"]
+        host = subprocess.Popen([*prefix, "host_daemon", "--vm", vm, "--socket", str(sock), "--vcpus", "1",
+                                 "--pages", str(PAGES), "--resident", str(RESIDENT), "--page-in-latency", "0",
+                                 "--log-dir", tmp], cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 10
+            while not sock.exists():
+                if time.monotonic() > deadline or host.poll() is not None:
+                    raise RuntimeError("the host daemon did not start")
+                time.sleep(0.01)
+            ram = GuestRam.open(vm, RamLayout(PAGES))
+            guest = Guest(sock, vm, transport, ram)
+            try:
+                guest.enable()
+                gfn = 0
+                for _ in range(cycles):
+                    gfn = gfn % (PAGES - 1) + 1  # round robin over more pages than are resident: each is out
+                    t0 = time.monotonic_ns()
+                    token = guest.exit_mem(gfn)
+                    t1 = time.monotonic_ns()
+                    if token is None:
+                        resumed += 1
+                        continue
+                    hist["not_present"].record_value(t1 - t0)
+                    assert guest.area.read_and_reset_flags() == 1
+                    guest.interrupt()
+                    received[token] = time.monotonic_ns()
+                    assert guest.area.token == token
+                    guest.area.token = 0
+                    t3 = time.monotonic_ns()
+                    assert guest.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=1)["ok"]
+                    hist["ack"].record_value(time.monotonic_ns() - t3)
+            finally:
+                guest.close()
+                ram.close()
+        finally:
+            host.send_signal(signal.SIGTERM)
+            host.wait(30)
+        for line in (Path(tmp) / "host.jsonl").read_bytes().splitlines():
+            if b"kvm_async_pf_completed" in line:
+                ev = orjson.loads(line)
+                at = received.get(ev["token"])
+                if at is not None:
+                    hist["ready"].record_value(max(1, at - ev["mono_ns"]))
+    return CycleResult(hist, cycles, resumed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cycles", type=int, default=2000)
+    p.add_argument("--transport", choices=["socket", "signal"], default=None, help="default: both")
+    p.add_argument("--profile", type=Path, default=None)
+    args = p.parse_args()
+    for transport in [args.transport] if args.transport else ["socket", "signal"]:
+        r = measure(transport, args.cycles, args.profile)
+        steps = "  ".join(f"{s} p50 {r.p50_us(s):6.1f} us" for s in STEPS)
+        print(f"{transport:7} {steps}  (cycles {r.cycles}, resumed {r.resumed})")
+    if args.profile:
+        import pstats
+
+        pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()

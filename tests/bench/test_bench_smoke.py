@@ -1,0 +1,48 @@
+# The benchmarks are not timed here (bench/RESULTS.md has the numbers): this only checks that the quick variant of
+# every benchmark runs end to end on real processes and writes results of the documented shape.
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_quick_bench_writes_well_formed_results(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "bench", "--quick", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["variant"] == "quick"
+    assert isinstance(r["machine"]["cores"], int) and r["machine"]["python"] and r["machine"]["date"]
+    for transport in ("socket", "signal"):
+        assert positive(r["floor_us"][transport])
+        assert set(r["ratio"][transport]) == {"not_present", "ready", "ack"}
+        assert all(positive(v) for v in r["ratio"][transport].values())
+        assert all(r["costs_us"][transport][step]["n"] > 0 for step in ("not_present", "ready", "ack"))
+    assert [row["vcpus"] for row in r["scale"]] == sorted(row["vcpus"] for row in r["scale"])
+    for row in r["scale"]:
+        assert positive(row["cycles_per_s"]) and positive(row["host_rss_mb"]) and positive(row["guest_rss_mb"])
+        assert row["clean"] is True
+    n = r["natapov"]
+    assert n["work_apf"] > 0 and n["work_sync"] > 0 and n["apfs"] > 0 and n["faults_sync"] > 0
+    assert n["speedup"] == round(n["work_apf"] / n["work_sync"], 3)
+    assert n["efficiency"] == round(n["speedup"] / n["ideal_speedup"], 3) and n["ideal_speedup"] >= 1
+    assert positive(r["check_lines_per_s"])
+    for key in ("not_present", "ready", "ack"):
+        assert f"{key} " in proc.stdout, "the ratios are printed"
+
+
+def test_bench_help_lists_its_options():
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "bench", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "--quick" in proc.stdout and "--json" in proc.stdout and "--plots" in proc.stdout
