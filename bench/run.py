@@ -168,6 +168,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     xs = [r["vcpus"] for r in result["scale"]]
     ax.plot(xs, [r["cycles_per_s"] for r in result["scale"]], marker="o")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("vCPUs (guest agent processes)")
     ax.set_ylabel("APF cycles per second (all vCPUs)")
     ax.set_title(f"Throughput, page-in latency 0, {result['machine']['cores']} cores")
@@ -179,13 +180,16 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     sweep = result["natapov_sweep"]
     if len({r["latency_ms"] for r in sweep}) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for writers in sorted({r["writers_per_vcpu"] for r in sweep}):
+        for i, writers in enumerate(sorted({r["writers_per_vcpu"] for r in sweep})):
             rows = sorted((r for r in sweep if r["writers_per_vcpu"] == writers), key=lambda r: r["latency_ms"])
-            ax.plot([r["latency_ms"] for r in rows], [r["speedup"] for r in rows], marker="o",
+            color = f"C{i}"
+            ax.plot([r["latency_ms"] for r in rows], [r["speedup"] for r in rows], marker="o", color=color,
                     label=f"{writers} writer(s) + {writers} counter(s) per vCPU")
             ax.plot([r["latency_ms"] for r in rows], [r["ideal_speedup"] for r in rows], linestyle="--",
-                    alpha=0.5, label=f"ideal, {writers} writer(s)")
+                    color=color, alpha=0.6, label=f"ideal, {writers} writer(s)")
+        ax.axhline(1, color="grey", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("page-in latency (ms)")
         ax.set_ylabel("counting work, APF / synchronous")
         ax.set_title(f"Natapov's benchmark shape, {NATAPOV_VCPUS} vCPUs")
@@ -203,7 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the quick variant of every benchmark (under 3 minutes)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as one JSON object")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots here (needs matplotlib)")
+    p.add_argument("--replot", type=Path, default=None, metavar="FILE",
+                   help="run nothing: draw the plots of an earlier --json FILE into --plots DIR")
     args = p.parse_args(argv)
+    if args.replot:
+        if not args.plots:
+            p.error("--replot needs --plots DIR")
+        for path in plot(json.loads(args.replot.read_text()), args.plots):
+            print(f"bench: wrote {path}")
+        return 0
     result = run_all(args.quick)
     print(f"bench: {result['variant']} run took {result['seconds']} s")
     if args.json:

@@ -32,26 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", choices=["socket", "signal"], default=env("transport", "socket"),
                    help="how #PF injection and interrupts reach the guest: socket frames or real-time signals "
                    "(%(default)s)")
-    p.add_argument("--vcpu", type=int, default=int(env("vcpu", "-1")),
+    p.add_argument("--vcpu", type=int, default=env("vcpu", "-1"),
                    help="vCPU id to claim; default: the host assigns one")
-    p.add_argument("--boot", type=int, default=int(env("boot", "0")),
+    p.add_argument("--boot", type=int, default=env("boot", "0"),
                    help="boot number of this vCPU's kernel; default 0: the host numbers it (one more than the last "
                    "boot of that vCPU it saw)")
     p.add_argument("--kind", choices=["normal", "kdump"], default=env("kind", "normal"), help="kernel kind")
-    p.add_argument("--tasks", type=int, default=int(env("tasks", "4")),
+    p.add_argument("--tasks", type=int, default=env("tasks", "4"),
                    help="guest tasks that write and verify guest RAM (%(default)s)")
-    p.add_argument("--counting-tasks", type=int, default=int(env("counting_tasks", "0")),
+    p.add_argument("--counting-tasks", type=int, default=env("counting_tasks", "0"),
                    help="guest tasks that only count (CPU work, no memory): what a vCPU can run while others wait "
                    "for pages; their total is `count_work` in guest_shutdown (%(default)s)")
-    p.add_argument("--vector", type=lambda s: int(s, 0), default=int(env("vector", "0xf3"), 0),
+    p.add_argument("--vector", type=lambda s: int(s, 0), default=env("vector", "0xf3"),
                    help="page-ready vector written to MSR_KVM_ASYNC_PF_INT (default 0xf3)")
     p.add_argument("--send-always", action="store_true", default=env("send_always", "") == "1",
                    help="set KVM_ASYNC_PF_SEND_ALWAYS: accept APFs in kernel mode too")
     p.add_argument("--no-apf", dest="apf", action="store_false", default=env("apf", "1") == "1",
                    help="do not enable APF (like the no-kvmapf kernel parameter)")
-    p.add_argument("--kernel-ratio", type=float, default=float(env("kernel_ratio", "0.1")),
+    p.add_argument("--kernel-ratio", type=float, default=env("kernel_ratio", "0.1"),
                    help="share of accesses made in kernel mode (%(default)s)")
-    p.add_argument("--irq-off-ratio", type=float, default=float(env("irq_off_ratio", "0.05")),
+    p.add_argument("--irq-off-ratio", type=float, default=env("irq_off_ratio", "0.05"),
                    help="share of accesses that open an interrupts-off section (%(default)s)")
     p.add_argument("--apf-reinit-every", type=float, default=None, metavar="SECONDS",
                    help="disable and re-enable APF this often, as CPU offline/online does (default never)")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --kind kdump: the crash kernel enables APF afresh (default: it never does)")
     p.add_argument("--reconnect-timeout", type=float, default=30.0,
                    help="seconds to keep reconnecting when the host goes away (%(default)s)")
-    p.add_argument("--seed", type=int, default=int(env("seed", "0")), help="random seed (%(default)s)")
+    p.add_argument("--seed", type=int, default=env("seed", "0"), help="random seed (%(default)s)")
     p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
     p.add_argument("--log-dir", type=Path, default=Path(env("log_dir", "")) if env("log_dir", "") else None,
                    help="write guest-<vcpu>.jsonl here")

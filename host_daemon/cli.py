@@ -19,6 +19,13 @@ def env(name: str, default: str) -> str:
     return os.environ.get(f"APF_EMU_{name.upper()}", default)
 
 
+def page_in_latency(text: str) -> PageInLatency:
+    try:
+        return PageInLatency.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="apf-host",
@@ -29,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vm", default=env("vm", "vm0"), type=check_vm_id, help="VM id; names the shm object (%(default)s)")
     p.add_argument("--socket", type=Path, default=Path(env("socket", "/tmp/apf-emu-vm0.sock")),
                    help="Unix socket to listen on (%(default)s)")
-    p.add_argument("--vcpus", type=int, default=int(env("vcpus", "2")), help="vCPU slots (%(default)s)")
-    p.add_argument("--pages", type=int, default=int(env("pages", "512")), help="guest RAM in 4 KiB pages (%(default)s)")
-    p.add_argument("--resident", type=int, default=int(env("resident", "384")),
+    p.add_argument("--vcpus", type=int, default=env("vcpus", "2"), help="vCPU slots (%(default)s)")
+    p.add_argument("--pages", type=int, default=env("pages", "512"), help="guest RAM in 4 KiB pages (%(default)s)")
+    p.add_argument("--resident", type=int, default=env("resident", "384"),
                    help="host resident limit in pages, below --pages (%(default)s)")
-    p.add_argument("--page-in-latency", type=PageInLatency.parse, default=PageInLatency.parse(env("page_in_latency", "exp:2ms")),
+    p.add_argument("--page-in-latency", type=page_in_latency, default=env("page_in_latency", "exp:2ms"),
                    help="page-in latency: 0, fixed:T, exp:MEAN or uniform:LO:HI (default exp:2ms)")
-    p.add_argument("--seed", type=int, default=int(env("seed", "0")), help="random seed (%(default)s)")
+    p.add_argument("--seed", type=int, default=env("seed", "0"), help="random seed (%(default)s)")
     p.add_argument("--log-dir", type=Path, default=Path(env("log_dir", "")) if env("log_dir", "") else None,
                    help="write host.jsonl here")
     p.add_argument("--recover", action="store_true", default=env("recover", "") == "1",

@@ -117,7 +117,10 @@ def stack_factory(base_image: str) -> Iterator[Any]:
     yield make
     for stack in stacks:
         stack.run("down", "-v", "--remove-orphans", "--timeout", "20", check=False)
-        assert stack.leftovers() == [], f"compose project {stack.project} left containers or volumes behind"
+        assert stack.leftovers() == [], f"compose project {stack.project} left containers, volumes or networks behind"
+    # Each build of changed sources leaves the previous apf-emu:local untagged: remove those (not in use).
+    subprocess.run(["docker", "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=apf-emu"],
+                   capture_output=True, timeout=120)
 
 
 def ready_on(events: list[dict[str, Any]], vcpu: int, boot: int | None = None) -> bool:
