@@ -8,8 +8,10 @@ The benchmark process is the guest of one vCPU, instrumented: it faults on a swa
 with page-in latency 0, so that what is measured is the protocol and the transport, not the page-in. The host
 logs to a file exactly as in a normal run: logging is part of the cost. The guest side does no logging.
 
-Usage: python -m bench.apf_cycle [--cycles N] [--transport socket|signal] [--profile FILE]
-  --profile runs the host under cProfile and writes its statistics to FILE (where the host's time goes).
+Usage: python -m bench.apf_cycle [--cycles N] [--transport socket|signal] [--profile FILE [--profiler P]]
+  --profile runs the host under a profiler and writes what it finds to FILE (where the host's time goes):
+  pyinstrument (a text call tree; pip install pyinstrument, or '.[bench]') or cProfile (pstats data, and the top
+  20 functions printed).
 """
 from __future__ import annotations
 
@@ -138,14 +140,19 @@ def _readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
-def measure(transport: str, cycles: int = 2000, profile: Path | None = None) -> CycleResult:
+def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
+            profiler: str = "pyinstrument") -> CycleResult:
     vm = f"bench{os.getpid()}{transport[:3]}"
     hist = {step: HdrHistogram(1, 60_000_000_000, 3) for step in STEPS}
     received: dict[int, int] = {}  # token -> ns the page-ready arrived
     resumed = 0
     with tempfile.TemporaryDirectory(prefix="apf-cycle-") as tmp:
         sock = Path(tmp) / "host.sock"
-        prefix = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m"] if profile else [sys.executable, "-m"]
+        prefix = [sys.executable, "-m"]
+        if profile and profiler == "pyinstrument":
+            prefix = [sys.executable, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(profile), "-m"]
+        elif profile:
+            prefix = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m"]
         host = subprocess.Popen([*prefix, "host_daemon", "--vm", vm, "--socket", str(sock), "--vcpus", "1",
                                  "--pages", str(PAGES), "--resident", str(RESIDENT), "--page-in-latency", "0",
                                  "--log-dir", tmp], cwd=ROOT)
@@ -196,13 +203,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cycles", type=int, default=2000)
     p.add_argument("--transport", choices=["socket", "signal"], default=None, help="default: both")
-    p.add_argument("--profile", type=Path, default=None)
+    p.add_argument("--profile", type=Path, default=None, metavar="FILE")
+    p.add_argument("--profiler", choices=["pyinstrument", "cprofile"], default="pyinstrument")
     args = p.parse_args()
     for transport in [args.transport] if args.transport else ["socket", "signal"]:
-        r = measure(transport, args.cycles, args.profile)
+        r = measure(transport, args.cycles, args.profile, args.profiler)
         steps = "  ".join(f"{s} p50 {r.p50_us(s):6.1f} us" for s in STEPS)
         print(f"{transport:7} {steps}  (cycles {r.cycles}, resumed {r.resumed})")
-    if args.profile:
+    if args.profile and args.profiler == "cprofile":
         import pstats
 
         pstats.Stats(str(args.profile)).sort_stats("tottime").print_stats(20)
