@@ -114,6 +114,7 @@ class Chaos:
         first = True
         while not self.stopping:
             extra: list[object] = [] if first else ["--recover"]
+            self.sock.unlink(missing_ok=True)  # the killed host's: from now on the socket file means "listening"
             self.host = await trio.lowlevel.open_process(
                 argv("host_daemon", *self._common(), "--vcpus", o.vcpus, "--pages", o.pages, "--resident",
                      o.resident, "--page-in-latency", o.page_in_latency, *extra),
@@ -134,7 +135,7 @@ class Chaos:
                 break
 
     async def _wait_for_socket(self, proc: trio.Process) -> None:
-        # The restarted host unlinks the stale socket before it binds: its presence means "listening".
+        # The host renames its socket into place once it listens.
         with trio.move_on_after(10):
             while proc.returncode is None and not self.sock.exists():
                 await trio.sleep(0.01)

@@ -91,11 +91,13 @@ class Vm:
             self.memory = GuestMemory(ram, cfg.resident, cfg.latency, random.Random(cfg.seed), backing,
                                       recover=cfg.recover)
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-            # Bound and listening under a temporary name, then renamed into place: whoever sees the socket file
-            # (a guest, a health check, a test) can connect to it.
+            # A stale socket of a killed host goes first; then bound and listening under a temporary name, and
+            # renamed into place: whoever sees the socket file (a guest, a health check, a supervisor waiting for
+            # a restarted host, a test) can connect to it.
             staging = cfg.staging_socket
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staging)
+            for path in (cfg.socket, staging):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             await sock.bind(os.fspath(staging))
             try:
                 os.chmod(staging, 0o600)

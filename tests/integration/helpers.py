@@ -49,6 +49,7 @@ class HostProcess:
         self.vm = vm
         self.socket = tmp / "host.sock"
         self.log_dir = tmp
+        self.socket.unlink(missing_ok=True)  # a killed host's: the file appears again once the new host listens
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "host_daemon", "--vm", vm, "--socket", str(self.socket), "--log-dir", str(tmp),
              *args],
