@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 import signal
 import tempfile
 from collections import Counter
@@ -24,9 +23,7 @@ from pathlib import Path
 
 import trio
 
-from shared.guest_ram import shm_name, unlink
-
-from .runner import HOST_GRACE_S, RunOptions, argv, terminate
+from .runner import HOST_GRACE_S, RunOptions, argv, remove_leftovers, terminate
 
 EXIT_CRASH = 70  # guest_agent's exit status after its crash path (panic)
 EXIT_REBOOT = 71
@@ -258,12 +255,7 @@ class Chaos:
                     proc.kill()
                 await proc.wait()
                 self.result.leftovers.append(f"process {proc.pid} (killed by the harness)")
-        for name in (shm_name(self.vm), f"/apf-emu-{self.vm}-swap"):
-            if unlink(name):
-                self.result.leftovers.append(f"shm {name} (removed by the harness)")
-        if self.sock.exists():
-            self.result.leftovers.append(f"socket {self.sock} (removed by the harness)")
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.result.leftovers += remove_leftovers(self.vm, self.tmp, self.sock, "the harness")
 
 
 async def chaos(opts: ChaosOptions) -> ChaosResult:

@@ -168,6 +168,15 @@ def print_violations(violations: list[Violation], *, as_json: bool, out: Any = s
         out.write(f"    at:     {_brief(v.event)}\n")
 
 
+def print_verdict(violations: list[Violation]) -> None:
+    """The last lines of a run's or a chaos run's summary."""
+    if violations:
+        print(f"  invariants: {len(violations)} VIOLATIONS")
+        print_violations(violations[:20], as_json=False)
+    else:
+        print(f"  invariants: all {len(INVARIANTS)} hold")
+
+
 def _brief(ev: dict[str, Any]) -> str:
     skip = {"timestamp", "level", "pid", "vm"}
     return " ".join(f"{k}={v}" for k, v in ev.items() if k not in skip)
@@ -326,11 +335,7 @@ def print_chaos(summary: dict[str, Any], violations: list[Violation]) -> None:
     for line in summary["problems"]:
         print(f"  ! {line}")
     print(f"  left behind: {', '.join(summary['leftovers']) if summary['leftovers'] else 'nothing'}")
-    if violations:
-        print(f"  invariants: {len(violations)} VIOLATIONS")
-        print_violations(violations[:20], as_json=False)
-    else:
-        print(f"  invariants: all {len(INVARIANTS)} hold")
+    print_verdict(violations)
 
 
 # --- run --------------------------------------------------------------------------------------------------------
@@ -391,8 +396,4 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation]) 
     bad = {k: v for k, v in result.exit_codes.items() if v != 0}
     if bad:
         print(f"  ! exit status: {bad}")
-    if violations:
-        print(f"  invariants: {len(violations)} VIOLATIONS")
-        print_violations(violations[:20], as_json=False)
-    else:
-        print(f"  invariants: all {len(INVARIANTS)} hold")
+    print_verdict(violations)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from shared.guest_ram import shm_name, unlink
+from shared.guest_ram import unlink, vm_shm_names
 
 GUEST_GRACE_S = 15.0
 HOST_GRACE_S = 10.0
@@ -90,13 +90,17 @@ async def run(opts: RunOptions) -> RunResult:
     finally:
         with trio.CancelScope(shield=True):
             await _stop(procs, result)
-            for name in (shm_name(vm), f"/apf-emu-{vm}-swap"):
-                if unlink(name):
-                    result.leftovers.append(f"shm {name} (removed by the runner)")
-            if sock.exists():
-                result.leftovers.append(f"socket {sock} (removed by the runner)")
-            shutil.rmtree(tmp, ignore_errors=True)
+            result.leftovers += remove_leftovers(vm, tmp, sock, "the runner")
     return result
+
+
+def remove_leftovers(vm: str, tmp: Path, sock: Path, remover: str) -> list[str]:
+    """Remove what a host that could not clean up left (its shm objects, its socket in `tmp`); say what it was."""
+    found = [f"shm {name} (removed by {remover})" for name in vm_shm_names(vm) if unlink(name)]
+    if sock.exists():
+        found.append(f"socket {sock} (removed by {remover})")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return found
 
 
 async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result: RunResult) -> None:

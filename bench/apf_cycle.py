@@ -36,6 +36,8 @@ from shared.guest_ram import CTL_CR2, CTL_PF_SEQ, GuestRam, RamLayout
 from shared.signals import SIG_PF, vector_signal
 from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
 
+from .floor import histogram
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES, RESIDENT, VECTOR = 256, 32, 0xF3
 STEPS = ("not_present", "ready", "ack")
@@ -143,7 +145,7 @@ def _readable(sock: socket.socket) -> bool:
 def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
             profiler: str = "pyinstrument") -> CycleResult:
     vm = f"bench{os.getpid()}{transport[:3]}"
-    hist = {step: HdrHistogram(1, 60_000_000_000, 3) for step in STEPS}
+    hist = {step: histogram() for step in STEPS}
     received: dict[int, int] = {}  # token -> ns the page-ready arrived
     resumed = 0
     with tempfile.TemporaryDirectory(prefix="apf-cycle-") as tmp:

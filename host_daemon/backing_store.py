@@ -24,20 +24,12 @@ from typing import Final
 import posix_ipc
 
 from shared.abi import MAX_VCPUS
-from shared.guest_ram import PAGE_SIZE, check_vm_id, unlink
+from shared.guest_ram import PAGE_SIZE, page_align, swap_name, unlink
 
 MAGIC: Final = 0x41504653  # "APFS"
 VERSION: Final = 1
 VCPU_WORDS: Final = 16
 V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID = range(6)
-
-
-def swap_name(vm: str) -> str:
-    return f"/apf-emu-{check_vm_id(vm)}-swap"
-
-
-def _page_align(n: int) -> int:
-    return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +47,8 @@ class BackingStore:
         self.name = swap_name(vm)
         self.pages = pages
         self.state_off = PAGE_SIZE
-        self.vcpu_off = self.state_off + _page_align(pages * 4)
-        self.slots_off = self.vcpu_off + _page_align(MAX_VCPUS * VCPU_WORDS * 4)
+        self.vcpu_off = self.state_off + page_align(pages * 4)
+        self.slots_off = self.vcpu_off + page_align(MAX_VCPUS * VCPU_WORDS * 4)
         size = self.slots_off + pages * 2 * PAGE_SIZE
         if recover:
             shm = posix_ipc.SharedMemory(self.name, 0)

@@ -46,7 +46,17 @@ def shm_name(vm: str) -> str:
     return f"/apf-emu-{check_vm_id(vm)}-ram"
 
 
-def _page_align(n: int) -> int:
+def swap_name(vm: str) -> str:
+    """The POSIX shm name of a VM's backing store, which the host daemon owns (host_daemon/backing_store.py)."""
+    return f"/apf-emu-{check_vm_id(vm)}-swap"
+
+
+def vm_shm_names(vm: str) -> tuple[str, str]:
+    """Every shm object a VM has: what a supervisor removes after a host that could not clean up."""
+    return shm_name(vm), swap_name(vm)
+
+
+def page_align(n: int) -> int:
     return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
 
@@ -71,11 +81,11 @@ class RamLayout:
 
     @property
     def vcpu_ctl_offset(self) -> int:
-        return self.ept_offset + _page_align(self.pages * 4)
+        return self.ept_offset + page_align(self.pages * 4)
 
     @property
     def total_size(self) -> int:
-        return self.vcpu_ctl_offset + _page_align(MAX_VCPUS * VCPU_CTL_SIZE)
+        return self.vcpu_ctl_offset + page_align(MAX_VCPUS * VCPU_CTL_SIZE)
 
     def ept_index(self, gfn: int) -> int:
         """Index of gfn's EPT entry in a u32 view of the whole object."""

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.guest_ram import shm_name, unlink
+from shared.guest_ram import unlink, vm_shm_names
 
 from . import helpers
 
@@ -22,5 +22,5 @@ def reap_leftovers() -> Iterator[None]:
             proc.wait()
     while helpers.VMS:
         vm = helpers.VMS.pop()
-        for name in (shm_name(vm), f"/apf-emu-{vm}-swap"):
+        for name in vm_shm_names(vm):
             unlink(name)
