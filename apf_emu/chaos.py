@@ -148,7 +148,7 @@ class Chaos:
             proc = self.guests[vcpu] = await trio.lowlevel.open_process(
                 argv("guest_agent", *self._common(), "--vcpu", vcpu, "--boot", boot, "--kind", kind, "--transport",
                      o.transport, "--tasks", o.tasks, "--vector", o.vector, "--kernel-ratio", o.kernel_ratio,
-                     "--irq-off-ratio", o.irq_off_ratio, *extra),
+                     "--irq-off-ratio", o.irq_off_ratio, "--shared-ratio", o.shared_ratio, *extra),
                 start_new_session=True,
             )
             self.result.boots[vcpu].append(kind)

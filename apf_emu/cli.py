@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of guest accesses made in kernel mode: no APF without --send-always (%(default)s)")
     r.add_argument("--irq-off-ratio", type=float, default=0.05,
                    help="share of guest accesses that open an interrupts-off section: never APF (%(default)s)")
+    r.add_argument("--shared-ratio", type=float, default=0.2,
+                   help="share of guest accesses to the pages every vCPU reads and writes (a slot per vCPU in "
+                   "each, verified by every vCPU); 0: each task only touches its own pages (%(default)s)")
     r.add_argument("--send-always", action="store_true", help="guests set KVM_ASYNC_PF_SEND_ALWAYS")
     r.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default run<pid>)")
     r.add_argument("--log-stdout", action="store_true", help="children also print their JSON lines")
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--transport", choices=["socket", "signal"], default="socket", help="(%(default)s)")
     x.add_argument("--tasks", type=int, default=4, help="guest tasks per vCPU (%(default)s)")
     x.add_argument("--page-in-latency", default="exp:2ms", help="(%(default)s)")
+    x.add_argument("--shared-ratio", type=float, default=0.2,
+                   help="share of guest accesses to the pages all vCPUs share (%(default)s)")
     x.add_argument("--log-dir", type=Path, default=None, help="default apf-emu-logs/<vm>")
     x.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default chaos<pid>)")
     x.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -277,7 +282,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         vcpus=args.vcpus, duration=args.duration, seed=args.seed, guest_kills=args.guest_kills,
         guest_panics=args.guest_panics, host_kills=args.host_kills, pauses=args.pauses, kdump_apf=args.kdump_apf,
         transport=args.transport, tasks=args.tasks, page_in_latency=args.page_in_latency, log_dir=args.log_dir,
-        vm=args.vm,
+        vm=args.vm, shared_ratio=args.shared_ratio,
     )
     result = trio.run(chaos, opts)
     # A paused guest cannot free its token slot, and a killed host delivers nothing until it is back: page-ready
@@ -349,7 +354,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(
         vcpus=args.vcpus, transport=args.transport, apf_reinit_every=args.apf_reinit_every, duration=args.duration, log_dir=args.log_dir, seed=args.seed, vector=args.vector,
         pages=args.pages, resident=args.resident, page_in_latency=args.page_in_latency, tasks=args.tasks,
-        send_always=args.send_always, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio, vm=args.vm, log_stdout=args.log_stdout,
+        send_always=args.send_always, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio,
+        shared_ratio=args.shared_ratio, vm=args.vm, log_stdout=args.log_stdout,
     )
     result = trio.run(run, opts)
     violations, stats, report, _events = analyse([str(result.log_dir)])

@@ -40,6 +40,7 @@ class RunOptions:
     send_always: bool = False
     kernel_ratio: float = 0.1
     irq_off_ratio: float = 0.05
+    shared_ratio: float = 0.2
     vm: str | None = None
     log_stdout: bool = False
 
@@ -83,7 +84,8 @@ async def run(opts: RunOptions) -> RunResult:
                 extra += ["--apf-reinit-every", opts.apf_reinit_every]
             procs[f"guest-{i}"] = await trio.lowlevel.open_process(
                 argv("guest_agent", *common, "--vcpu", i, "--transport", opts.transport, "--tasks", opts.tasks, "--vector", opts.vector,
-                      "--kernel-ratio", opts.kernel_ratio, "--irq-off-ratio", opts.irq_off_ratio, *extra),
+                      "--kernel-ratio", opts.kernel_ratio, "--irq-off-ratio", opts.irq_off_ratio,
+                      "--shared-ratio", opts.shared_ratio, *extra),
                 start_new_session=True,
             )
         await _wait_for_stop(opts.duration, procs, result)

@@ -32,9 +32,11 @@ from hdrh.histogram import HdrHistogram
 
 from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
 from shared.apf_data import KvmVcpuPvApfData
-from shared.guest_ram import CTL_CR2, CTL_PF_SEQ, GuestRam, RamLayout
+from shared.blocking_channel import BlockingChannel
+from shared.guest_ram import GuestRam, RamLayout
 from shared.signals import SIG_PF, vector_signal
-from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
+from shared.views import CTL_CR2, CTL_PF_SEQ, GuestViews
+from shared.wire import PROTOCOL_VERSION, Message
 
 from .floor import histogram
 
@@ -63,40 +65,38 @@ class Guest:
 
     def __init__(self, path: Path, vm: str, transport: str, ram: GuestRam) -> None:
         self.transport = transport
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(str(path))
-        self.reader = FrameReader()
-        self.frames: list[bytes] = []
-        self.u32 = ram.u32
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        self.chan = BlockingChannel(sock)
+        self.sock = sock
+        self.frames = self.chan.frames
         self.area = KvmVcpuPvApfData(ram.u32, 0)
-        self.cr2 = ram.layout.ctl_index(0, CTL_CR2)
-        self.pf_seq = ram.layout.ctl_index(0, CTL_PF_SEQ)
         if transport == "signal":
             signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_PF, vector_signal(VECTOR)})
-        hello = self.request("hello", proto=1, vm=vm, vcpu=0, boot=1, kind="normal", pid=os.getpid(),
-                             transport=transport)
+        hello = self.request("hello", proto=PROTOCOL_VERSION, vm=vm, vcpu=0, boot=1, kind="normal",
+                             pid=os.getpid(), transport=transport)
         assert hello["t"] == "welcome", hello
-        self.seen_pf = self.u32[self.pf_seq]
+        self.views = GuestViews(self.chan.take_fds(), PAGES)
+        self.u32 = self.views.ctl.u32
+        self.seen_pf = self.u32[CTL_PF_SEQ]
 
     def close(self) -> None:
         self.area.release()
-        self.sock.close()
+        self.views.close()
+        self.chan.close()
         if self.transport == "signal":
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIG_PF, vector_signal(VECTOR)})
 
     def send(self, t: str, **kw: Any) -> None:
-        self.sock.sendall(encode(t, **kw))
+        self.chan.send(t, **kw)
 
-    def frame(self) -> dict[str, Any]:
-        while not self.frames:
-            data = self.sock.recv(65536)
-            if not data:
-                raise RuntimeError("the host closed the connection")
-            self.frames += self.reader.feed(data)
-        return decode(self.frames.pop(0), HOST_TO_GUEST)
+    def frame(self) -> Message:
+        msg = self.chan.receive()
+        assert msg is not None
+        return msg
 
-    def request(self, t: str, **kw: Any) -> dict[str, Any]:
+    def request(self, t: str, **kw: Any) -> Message:
         self.send(t, **kw)
         return self.frame()
 
@@ -114,9 +114,9 @@ class Guest:
             msg = self.frame()
             return int(msg["cr2"]) if msg["t"] == "inject_pf" else None
         while True:
-            if self.u32[self.pf_seq] != self.seen_pf:
-                self.seen_pf = self.u32[self.pf_seq]
-                return int(self.u32[self.cr2])
+            if self.u32[CTL_PF_SEQ] != self.seen_pf:
+                self.seen_pf = self.u32[CTL_PF_SEQ]
+                return int(self.u32[CTL_CR2])
             if self.frames or _readable(self.sock):
                 msg = self.frame()
                 assert msg["t"] == "resume", msg

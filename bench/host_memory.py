@@ -20,11 +20,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
 from shared.apf_data import KvmVcpuPvApfData
 from shared.guest_ram import GuestRam, RamLayout
-from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
+from shared.blocking_channel import BlockingChannel
+from shared.wire import PROTOCOL_VERSION, Message
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES, RESIDENT = 512, 128
@@ -37,34 +39,31 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-class Client:
+class Client(BlockingChannel):
     def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(str(path))
-        self.reader = FrameReader()
-        self.frames: list[bytes] = []
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(path))
+        super().__init__(sock)
 
-    def receive(self) -> dict:
-        while not self.frames:
-            self.frames += self.reader.feed(self.sock.recv(65536))
-        return decode(self.frames.pop(0), HOST_TO_GUEST)
-
-    def request(self, t: str, **kw) -> dict:
-        self.sock.sendall(encode(t, **kw))
+    def request(self, msg_type: str, **fields: Any) -> Message:
+        """The reply, skipping the page-ready interrupts that come first."""
+        self.send(msg_type, **fields)
         while True:
             msg = self.receive()
+            assert msg is not None
             if msg["t"] != "interrupt":
                 return msg
 
     def kill(self) -> None:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, like a dead process
-        self.sock.close()
+        self.close()
 
 
 def cycle(path: Path, vm: str, boot: int, area: KvmVcpuPvApfData, rng: random.Random) -> None:
     c = Client(path)
-    c.request("hello", proto=1, vm=vm, vcpu=0, boot=boot, kind="normal", pid=os.getpid(), transport="socket")
+    c.request("hello", proto=PROTOCOL_VERSION, vm=vm, vcpu=0, boot=boot, kind="normal", pid=os.getpid(),
+              transport="socket")
     c.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=0xF3)
     c.request("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(0))
     area.token = 0  # take the wake-all

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of accesses made in kernel mode (%(default)s)")
     p.add_argument("--irq-off-ratio", type=float, default=env("irq_off_ratio", "0.05"),
                    help="share of accesses that open an interrupts-off section (%(default)s)")
+    p.add_argument("--shared-ratio", type=float, default=env("shared_ratio", "0.2"),
+                   help="share of accesses that go to the pages every vCPU shares (a slot per vCPU in each); 0 "
+                   "keeps every task on its own pages (%(default)s)")
     p.add_argument("--apf-reinit-every", type=float, default=None, metavar="SECONDS",
                    help="disable and re-enable APF this often, as CPU offline/online does (default never)")
     p.add_argument("--kdump-apf", action="store_true", default=env("kdump_apf", "") == "1",
@@ -77,14 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.vector <= 255:
         print("apf-guest: --vector must be 0..255", file=sys.stderr)
         return 2
-    if not (0 <= args.kernel_ratio <= 1 and 0 <= args.irq_off_ratio <= 1):
-        print("apf-guest: --kernel-ratio and --irq-off-ratio must be within 0..1", file=sys.stderr)
+    if not (0 <= args.kernel_ratio <= 1 and 0 <= args.irq_off_ratio <= 1 and 0 <= args.shared_ratio <= 1):
+        print("apf-guest: --kernel-ratio, --irq-off-ratio and --shared-ratio must be within 0..1", file=sys.stderr)
         return 2
     config = GuestConfig(
         vm=args.vm, socket=args.socket, transport=args.transport, apf_reinit_every=args.apf_reinit_every, vcpu=None if args.vcpu < 0 else args.vcpu, boot=args.boot, kind=args.kind,
         tasks=args.tasks, counting_tasks=args.counting_tasks, vector=args.vector, send_always=args.send_always, apf=args.apf, seed=args.seed,
         log_dir=args.log_dir, log_stdout=args.log_stdout, connect_timeout=args.connect_timeout,
         duration=args.duration, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio,
+        shared_ratio=args.shared_ratio,
         kdump_apf=args.kdump_apf, reconnect_timeout=args.reconnect_timeout,
     )
     kernel = GuestKernel(config)

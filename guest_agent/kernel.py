@@ -5,7 +5,8 @@
 #   then MSR_KVM_ASYNC_PF_EN = area | ENABLED | DELIVERY_AS_INT [| SEND_ALWAYS]. The area is this vCPU's 64-byte
 #   slot in guest page 0.
 # - The vCPU loop: the scheduler (kernel, interrupts off) picks a task; the task's access runs in user mode with
-#   interrupts on, or inside an interrupts-off section; an access to a non-present page is a VM exit.
+#   interrupts on, or inside an interrupts-off section; an access to a non-present page is a VM exit. Accesses go
+#   to the task's own pages or, `--shared-ratio` of them, to this vCPU's slot of the pages all vCPUs share.
 # - #PF (`__kvm_handle_async_pf`), entered with interrupts off (an interrupt gate): read and reset `flags`; 0 is a
 #   genuine fault; PAGE_NOT_PRESENT puts the task to sleep on the token (CR2) in the sleep table, or finds the dummy
 #   a faster page-ready left and retries at once.
@@ -43,10 +44,11 @@ from shared.abi import (
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
-from shared.wire import PROTOCOL_VERSION
+from shared.views import GuestViews
+from shared.wire import PROTOCOL_VERSION, Message
 
 from .cpu import Cpu
-from .memory import Access, GuestMemoryAccess
+from .memory import Access, GuestMemoryAccess, SlotCheck, shared_pages
 from .sleep_table import DuplicateToken, SleepTable
 from .transport import GuestError, Transport, open_transport
 from .workload import GuestTask, RunQueue, count_quantum, task_pages
@@ -73,6 +75,7 @@ class GuestConfig:
     seed: int = 0
     kernel_ratio: float = 0.1
     irq_off_ratio: float = 0.05
+    shared_ratio: float = 0.2
     apf_reinit_every: float | None = None
     kdump_apf: bool = False  # does a kdump kernel enable APF?
     reconnect_timeout: float = 30.0
@@ -94,9 +97,10 @@ class GuestKernel:
         self.lifecycle: str | None = None  # "crash" or "reboot", requested by SIGUSR1 / SIGUSR2
         self.exit_code = 0
         self.drain_deadline = math.inf
-        self.counts = {"accesses": 0, "data_checks": 0, "data_check_failures": 0, "apf_waits": 0, "exits": 0,
-                       "interrupts": 0, "torn_pages": 0, "count_work": 0,
-                       "count_ns": 0, "exit_ns": 0}
+        self.counts = {"accesses": 0, "shared_accesses": 0, "data_checks": 0, "data_check_failures": 0,
+                       "apf_waits": 0, "exits": 0, "interrupts": 0, "torn_pages": 0, "slots_mid_write": 0,
+                       "count_work": 0, "count_ns": 0, "exit_ns": 0}
+        self.shared_accept: dict[int, tuple[int, ...]] = {}  # shared gfn -> seqs this vCPU's slot may hold
 
     # --- plumbing ------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -107,8 +111,12 @@ class GuestKernel:
         self.transport: Transport = open_transport(cfg.transport, cfg.socket, cfg.connect_timeout,
                                                    cfg.reconnect_timeout)
         try:
-            welcome = self.transport.handshake(proto=PROTOCOL_VERSION, vm=cfg.vm, vcpu=cfg.vcpu, boot=cfg.boot,
-                                               kind=cfg.kind, pid=os.getpid())
+            welcome, fds = self.transport.handshake(proto=PROTOCOL_VERSION, vm=cfg.vm, vcpu=cfg.vcpu, boot=cfg.boot,
+                                                    kind=cfg.kind, pid=os.getpid())
+            try:
+                self.views = GuestViews(fds, welcome["pages"])
+            except (ValueError, OSError) as exc:
+                raise GuestError(f"cannot map what the host passed with welcome: {exc}") from None
             self.vcpu: int = welcome["vcpu"]
             self.boot: int = welcome["boot"]
             self.cpuid: int = welcome["cpuid"]
@@ -117,18 +125,21 @@ class GuestKernel:
                                stdout=cfg.log_stdout)
             self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=self.boot)
             self.transport.on_reconnect = self._on_reconnect
+            self.transport.on_welcome = self._on_welcome
             self.transport.give_up = lambda: self.stopping
             ram = GuestRam.open(cfg.vm, RamLayout(welcome["pages"]))
             try:
-                self.mem = GuestMemoryAccess(ram, self.vcpu)
+                self.mem = GuestMemoryAccess(ram, self.views, welcome["vcpus"])
                 self.apf = KvmVcpuPvApfData(ram.u32, self.vcpu * KVM_VCPU_PV_APF_DATA_SIZE)
                 self.cpu = Cpu(self._interrupt, self.log)
-                self.transport.attach(self.cpu, ram, self.vcpu)
+                self.transport.attach(self.cpu, self.views.ctl.u32)
+                shared = shared_pages(welcome["pages"])
                 for tid in range(cfg.tasks):
-                    pages = task_pages(welcome["pages"], welcome["vcpus"], self.vcpu, cfg.tasks, tid)
+                    pages = task_pages(welcome["pages"], welcome["vcpus"], self.vcpu, cfg.tasks, tid, shared.stop)
                     if pages:
                         rng = random.Random(f"{cfg.seed}/{self.vcpu}/{self.boot}/{tid}")
-                        self.runq.add(GuestTask(tid, pages, rng, cfg.kernel_ratio, cfg.irq_off_ratio))
+                        self.runq.add(GuestTask(tid, pages, rng, cfg.kernel_ratio, cfg.irq_off_ratio,
+                                                shared=shared, shared_ratio=cfg.shared_ratio))
                 for tid in range(cfg.tasks, cfg.tasks + cfg.counting_tasks):
                     self.runq.add(GuestTask(tid, [], random.Random(tid), counting=True))
                 self._boot()
@@ -146,6 +157,9 @@ class GuestKernel:
                 ram.close()
         finally:
             self.transport.close()
+            views = getattr(self, "views", None)
+            if views is not None:
+                views.close()
             for s, handler in old_handlers.items():
                 signal.signal(s, handler)
 
@@ -155,6 +169,13 @@ class GuestKernel:
     def _on_lifecycle_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self.lifecycle is None:
             self.lifecycle = "crash" if signum == signal.SIGUSR1 else "reboot"
+
+    def _on_welcome(self, welcome: Message, fds: list[int]) -> None:
+        """A reconnect's welcome (a restarted host): its EPT and control block replace the old ones."""
+        old, self.views = self.views, GuestViews(fds, welcome["pages"])
+        self.mem.rebind(self.views)
+        self.transport.attach_ctl(self.views.ctl.u32)
+        old.close()
 
     def _on_reconnect(self, count: int, seconds: float) -> None:
         self.log.info("guest_reconnect", reconnects=count, seconds=round(seconds, 3))
@@ -176,7 +197,8 @@ class GuestKernel:
     def _boot(self) -> None:
         apf = self.cfg.apf and (self.cfg.kind != "kdump" or self.cfg.kdump_apf)
         self.log.info("guest_boot", kind=self.cfg.kind, tasks=len(self.runq), vector=self.cfg.vector,
-                      apf=apf, send_always=self.cfg.send_always, transport=self.cfg.transport)
+                      apf=apf, send_always=self.cfg.send_always, transport=self.cfg.transport,
+                      shared_ratio=self.cfg.shared_ratio)
         self.cpu.enter("kernel")
         if not self.cfg.apf or (self.cfg.kind == "kdump" and not self.cfg.kdump_apf):
             return
@@ -289,7 +311,12 @@ class GuestKernel:
             cpu.enter("irq_off")  # a spin_lock_irqsave section in kernel mode
         cpu.push("instruction")
         writer = (self.boot & 0xFFFF) << 16 | (self.vcpu & 0xFF) << 8 | (task.tid & 0xFF)
-        status, seq, ok, torn = self.mem.update_page(acc.gfn, task.accept.get(acc.gfn), writer)
+        accept = self.shared_accept if acc.shared else task.accept
+        others = SlotCheck()
+        if acc.shared:
+            status, seq, ok, torn = self.mem.update_shared(acc.gfn, self.vcpu, accept.get(acc.gfn), writer, others)
+        else:
+            status, seq, ok, torn = self.mem.update_page(acc.gfn, accept.get(acc.gfn), writer)
         cpu.pop()
         if status is Access.EXIT:
             self.counts["exits"] += 1
@@ -317,22 +344,28 @@ class GuestKernel:
         cpu.enter("kernel")
         if status is Access.DONE:
             self.counts["accesses"] += 1
-            self.counts["data_checks"] += 1
+            self.counts["shared_accesses"] += acc.shared
+            self.counts["data_checks"] += 1 + others.good + len(others.bad)
+            self.counts["slots_mid_write"] += others.torn
             if not ok:
                 self.counts["data_check_failures"] += 1
-                self.log.error("guest_data_check", gfn=acc.gfn, ok=False, task=task.tid,
-                               expected=list(task.accept.get(acc.gfn, ())))
+                self.log.error("guest_data_check", gfn=acc.gfn, ok=False, task=task.tid, shared=acc.shared,
+                               expected=list(accept.get(acc.gfn, ())))
             elif torn:
                 self.counts["torn_pages"] += 1
-                self.log.info("guest_data_torn", gfn=acc.gfn, task=task.tid)
+                self.log.info("guest_data_torn", gfn=acc.gfn, task=task.tid, shared=acc.shared)
             elif task.faulted:
-                self.log.info("guest_data_check", gfn=acc.gfn, ok=True, task=task.tid)
-            task.accept[acc.gfn] = (seq,)
+                self.log.info("guest_data_check", gfn=acc.gfn, ok=True, task=task.tid, shared=acc.shared)
+            for slot in others.bad:
+                self.counts["data_check_failures"] += 1
+                self.log.error("guest_data_check", gfn=acc.gfn, ok=False, task=task.tid, shared=True, slot=slot,
+                               message="another vCPU's slot holds a complete copy that does not match its seq")
+            accept[acc.gfn] = (seq,)
             task.finish_access()
         else:
-            prev = task.accept.get(acc.gfn)
+            prev = accept.get(acc.gfn)
             if prev is not None:
-                task.accept[acc.gfn] = (*prev, seq)  # our write may or may not have made it into the copy
+                accept[acc.gfn] = (*prev, seq)  # our write may or may not have made it into the copy
         self.runq.put_back(task)
 
     def _reinit_apf(self) -> None:

@@ -5,7 +5,7 @@
 # - socket: `inject_pf` and `interrupt` are frames. The guest reads them while it waits for a reply (they are then
 #   pending until the exit ends) and, between instructions, with a non-blocking read (`poll`).
 # - signal: #PF injection and interrupts are POSIX real-time signals (shared/signals.py); CR2 and the raised
-#   vectors are in the vCPU's control block in shared memory, written before the signal. A Python signal handler
+#   vectors are in the vCPU's control block (shared/views.py), written before the signal. A Python signal handler
 #   runs between any two bytecodes of the guest, so an interrupt really can arrive anywhere; the Cpu decides
 #   whether it is taken or stays pending. The host only signals the PID that connected (checked with SO_PEERCRED)
 #   through a pidfd, so a recycled PID is never signalled.
@@ -14,7 +14,8 @@
 #
 # If the host goes away (killed, restarting with --recover), the guest keeps its state, reconnects with the same
 # hello (same boot) for up to `reconnect_timeout` seconds, and retries the exit it was in: the restarted host
-# restores the vCPU's registers and sends a wake-all for the events that died with its predecessor.
+# restores the vCPU's registers and sends a wake-all for the events that died with its predecessor. Its `welcome`
+# brings a new EPT and control block: `on_welcome` hands them to the kernel before anything else runs.
 from __future__ import annotations
 
 import math
@@ -29,9 +30,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from shared.guest_ram import CTL_CR2, CTL_IRR, CTL_PF_SEQ, GuestRam
+from shared.blocking_channel import BlockingChannel, ChannelClosed, NoHost, connect
 from shared.signals import SIG_PF, interrupt_signals, signal_vectors
-from shared.wire import HOST_TO_GUEST, FrameReader, Message, WireError, decode, encode
+from shared.views import CTL_CR2, CTL_IRR, CTL_PF_SEQ
+from shared.wire import Message, WireError
 
 from .cpu import Cpu
 
@@ -53,10 +55,10 @@ class Transport:
         self.reconnects = 0
         self.on_reconnect: Callable[[int, float], None] | None = None
         self.give_up: Callable[[], bool] = lambda: False  # e.g. the guest is stopping: do not wait for a host
+        # After a reconnect: the new welcome and its file descriptors (the kernel maps them, then `attach_ctl`).
+        self.on_welcome: Callable[[Message, list[int]], None] | None = None
         self._hello: dict[str, Any] = {}
-        self.sock = _connect(path, connect_timeout)
-        self.reader = FrameReader()
-        self.frames: deque[bytes] = deque()
+        self.chan = BlockingChannel(_connect(path, connect_timeout))
         self.cpu: Cpu | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -64,34 +66,34 @@ class Transport:
         self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
 
     # --- framing -------------------------------------------------------------------------------------------------
+    @property
+    def sock(self) -> socket.socket:
+        return self.chan.sock
+
+    @property
+    def frames(self) -> deque[bytes]:
+        return self.chan.frames
+
     def send(self, msg_type: str, **fields: Any) -> None:
         try:
-            self.sock.sendall(encode(msg_type, **fields))
-        except OSError as exc:
-            raise HostGone(f"connection to the host failed: {exc}") from None
+            self.chan.send(msg_type, **fields)
+        except ChannelClosed as exc:
+            raise HostGone(str(exc)) from None
 
     def _fill(self, *, block: bool) -> bool:
         """Read what the socket has into frames. False if nothing was there (non-blocking)."""
         try:
-            data = self.sock.recv(65536) if block else self.sock.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise HostGone(f"connection to the host failed: {exc}") from None
-        if not data:
-            raise HostGone("host went away")
-        try:
-            self.frames.extend(self.reader.feed(data))
+            return self.chan.fill(block=block)
+        except ChannelClosed as exc:
+            raise HostGone(f"host went away: {exc}") from None
         except WireError as exc:
             raise GuestError(f"bad frame from host: {exc.message}") from None
-        return True
 
     def _next(self, *, block: bool) -> Message | None:
-        while not self.frames:
-            if not self._fill(block=block):
-                return None
         try:
-            return decode(self.frames.popleft(), HOST_TO_GUEST)
+            return self.chan.receive(block=block)
+        except ChannelClosed as exc:
+            raise HostGone(f"host went away: {exc}") from None
         except WireError as exc:
             raise GuestError(f"bad message from host: {exc.message}") from None
 
@@ -112,18 +114,22 @@ class Transport:
         self.cpu.raise_irq(msg["vector"])
 
     # --- the guest's view ----------------------------------------------------------------------------------------
-    def handshake(self, **hello: Any) -> Message:
+    def handshake(self, **hello: Any) -> tuple[Message, list[int]]:
+        """hello -> welcome, and the file descriptors that came with it (the EPT, the control block)."""
         self._hello = dict(hello, transport=self.name)
         self.send("hello", **self._hello)
         msg = self._next(block=True)
         assert msg is not None
-        if msg["t"] == "error":
-            raise GuestError(f"host refused us: {msg['code']}: {msg['message']}")
+        fds = self.chan.take_fds()
         if msg["t"] != "welcome":
+            for fd in fds:
+                os.close(fd)
+            if msg["t"] == "error":
+                raise GuestError(f"host refused us: {msg['code']}: {msg['message']}")
             raise GuestError(f"expected welcome, got {msg['t']}")
         # A reconnect (after the host went away) claims what this handshake was given: same vCPU, same boot.
         self._hello.update(vcpu=msg["vcpu"], boot=msg["boot"])
-        return msg
+        return msg, fds
 
     def _reconnect(self) -> None:
         """The host went away: connect again, as the same vCPU and boot, until reconnect_timeout. The vCPU is not
@@ -141,15 +147,13 @@ class Transport:
     def _reconnect_now(self) -> None:
         start = time.monotonic()
         deadline = start + self.reconnect_timeout
-        self.sock.close()
-        self.reader = FrameReader()
-        self.frames.clear()
+        self.chan.close()
         while True:
             if self.give_up():
                 raise GuestError("the host went away while the guest was stopping")
             try:
-                self.sock = _connect(self.path, min(1.0, max(0.0, deadline - time.monotonic())))
-                welcome = self.handshake(**{k: v for k, v in self._hello.items() if k != "transport"})
+                self.chan = BlockingChannel(_connect(self.path, min(1.0, max(0.0, deadline - time.monotonic()))))
+                welcome, fds = self.handshake(**{k: v for k, v in self._hello.items() if k != "transport"})
                 break
             except HostGone:
                 pass
@@ -160,9 +164,13 @@ class Transport:
                     continue  # keep trying until the deadline, looking at give_up every second
                 if "vcpu_busy" not in str(exc):
                     raise
-            self.sock.close()
+            self.chan.close()
             time.sleep(0.05)  # the host has not noticed our old connection's end yet
-        del welcome
+        if self.on_welcome is not None:
+            self.on_welcome(welcome, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
         self.reconnects += 1
         if self.on_reconnect is not None:
             self.on_reconnect(self.reconnects, time.monotonic() - start)
@@ -175,8 +183,12 @@ class Transport:
             except HostGone:
                 self._reconnect()
 
-    def attach(self, cpu: Cpu, ram: GuestRam, vcpu: int) -> None:
+    def attach(self, cpu: Cpu, ctl: memoryview) -> None:
+        """Start delivering to `cpu`; `ctl` is the control block of this connection (`attach_ctl` for the next)."""
         self.cpu = cpu
+
+    def attach_ctl(self, ctl: memoryview) -> None:
+        return None
 
     def wrmsr(self, msr: int, value: int) -> Message:
         def attempt() -> Message:
@@ -229,34 +241,50 @@ class Transport:
 
     def close(self) -> None:
         signal.set_wakeup_fd(self._old_wakeup)
-        for s in (self.sock, self._wake_r, self._wake_w):
+        self.chan.close()
+        for s in (self._wake_r, self._wake_w):
             s.close()
 
 
 class SignalTransport(Transport):
     name = "signal"
 
-    def attach(self, cpu: Cpu, ram: GuestRam, vcpu: int) -> None:
-        super().attach(cpu, ram, vcpu)
-        self.u32 = ram.u32
-        self._cr2 = ram.layout.ctl_index(vcpu, CTL_CR2)
-        self._pf_seq = ram.layout.ctl_index(vcpu, CTL_PF_SEQ)
-        # Counters left by an earlier boot of this vCPU are not ours.
-        self._pf_seen = self.u32[self._pf_seq]
-        self.irr = IrrReader(self.u32, ram.layout.ctl_index(vcpu, CTL_IRR))
-        cpu.probe = self._probe
+    def __init__(self, path: Path, connect_timeout: float, reconnect_timeout: float = 30.0) -> None:
+        # Handlers first: the default action of a real-time signal is to terminate, and a restored vCPU may be
+        # signalled as soon as the host has sent `welcome`. Until `attach`, a vector signal only leaves its counter
+        # raised; attach_ctl looks at every counter.
+        self.irr: IrrReader | None = None
         signal.signal(SIG_PF, _ignore)  # the self-pipe wakes the exit wait; pf_seq says what happened
         for signum in interrupt_signals():
             signal.signal(signum, self._on_vector_signal)
+        super().__init__(path, connect_timeout, reconnect_timeout)
+
+    def attach(self, cpu: Cpu, ctl: memoryview) -> None:
+        super().attach(cpu, ctl)
+        cpu.probe = self._probe
+        self.attach_ctl(ctl)
+
+    def attach_ctl(self, ctl: memoryview) -> None:
+        """A control block fresh from the host: every counter starts at 0, so a raise that came before we looked
+        (a restored vCPU's wake-all) shows as a counter above 0. Runs with no vector signal able to see a half-made
+        IrrReader: the handler reads `self.irr` once."""
+        self.u32 = ctl
+        self._pf_seen = 0
+        self.irr = IrrReader(ctl, CTL_IRR, baseline=0)
+        # A signal that came before this block was attached was read against the old one: look at every vector.
+        for signum in interrupt_signals():
+            self._on_vector_signal(signum, None)
 
     def _probe(self) -> str | None:
         # A #PF injected but not yet taken: an interrupt arriving now arrived "between the #PF and reading flags".
-        return "pf_injected" if self.u32[self._pf_seq] != self._pf_seen else None
+        return "pf_injected" if self.u32[CTL_PF_SEQ] != self._pf_seen else None
 
     def _on_vector_signal(self, signum: int, _frame: FrameType | None) -> None:
-        assert self.cpu is not None
-        for vector in self.irr.raised(signum):
-            self.cpu.raise_irq(vector)
+        irr, cpu = self.irr, self.cpu
+        if irr is None or cpu is None:
+            return
+        for vector in irr.raised(signum):
+            cpu.raise_irq(vector)
 
     def _interrupt_frame(self, msg: Message) -> None:
         raise GuestError("the host sent an interrupt frame on the signal transport")
@@ -265,10 +293,10 @@ class SignalTransport(Transport):
         def attempt() -> Message:
             self.send("exit_mem", gpa=gpa, write=write, user=user, irq=irq)
             while True:
-                seq = self.u32[self._pf_seq]
+                seq = self.u32[CTL_PF_SEQ]
                 if seq != self._pf_seen:  # the reply was a #PF (signal): CR2 was written before pf_seq
                     self._pf_seen = seq
-                    return {"t": "inject_pf", "cr2": int(self.u32[self._cr2])}
+                    return {"t": "inject_pf", "cr2": int(self.u32[CTL_CR2])}
                 if self.frames:
                     return self._reply()
                 readable, _, _ = select.select([self.sock, self._wake_r], [], [])
@@ -296,10 +324,11 @@ class IrrReader:
     times while pending is seen once, as the IRR holds one bit per vector.
     """
 
-    def __init__(self, u32: memoryview, irr0: int) -> None:
+    def __init__(self, u32: memoryview, irr0: int, baseline: int | None = None) -> None:
+        """`baseline`: the value every counter had when we started looking (None: whatever they hold now)."""
         self.u32 = u32
         self.irr0 = irr0
-        self.seen = list(u32[irr0 : irr0 + 256])
+        self.seen = list(u32[irr0 : irr0 + 256]) if baseline is None else [baseline] * 256
 
     def raised(self, signum: int) -> list[int]:
         out = []
@@ -321,18 +350,10 @@ def _ignore(_signum: int, _frame: FrameType | None) -> None:
 
 
 def _connect(path: Path, timeout: float) -> socket.socket:
-    """Connect, retrying while the host is not listening yet (it may be starting or restarting)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(os.fspath(path))
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise GuestError(f"no host listening on {path} after {timeout} s") from None
-            time.sleep(0.02)
+    try:
+        return connect(path, timeout)
+    except NoHost as exc:
+        raise GuestError(str(exc)) from None
 
 
 def open_transport(kind: str, path: Path, connect_timeout: float, reconnect_timeout: float = 30.0) -> Transport:

@@ -1,7 +1,10 @@
 # Guest tasks and the round-robin scheduler of one vCPU.
 #
 # A task owns a fixed set of pages (the same set in every boot, so a rebooted guest finds its data) and, step by
-# step, picks one, verifies it holds what the task last wrote, and writes the next version. Each access is made in
+# step, picks one, verifies it holds what the task last wrote, and writes the next version. A share of the accesses
+# (`shared_ratio`) goes instead to the pages every vCPU shares (guest_agent/memory.py, shared_pages), as kernel data
+# and page cache are shared in a real guest: that is what makes one vCPU's stop or crash matter to the others'
+# data, and the host's eviction rules with it. Each access is made in
 # a mode: user mode with interrupts on (most), kernel mode (no APF unless SEND_ALWAYS), or inside a short
 # interrupts-off section (never APF: the host must fault synchronously, and a pending page-ready waits).
 # A counting task (Natapov's "counter threads") touches no memory: it only burns CPU in user mode, so it is the work
@@ -18,6 +21,7 @@ class PageAccess:
     gfn: int
     user: bool
     irq: bool
+    shared: bool = False
 
 
 @dataclass
@@ -33,17 +37,20 @@ class GuestTask:
     irq_off_left: int = 0  # accesses left in an interrupts-off section
     token: int | None = None  # the token this task sleeps on
     counting: bool = False  # a counting task: no pages, COUNT_QUANTUM increments per turn
+    shared: range = range(0)  # the pages every vCPU shares
+    shared_ratio: float = 0.0
 
     def next_access(self) -> PageAccess:
         if self.current is None:
-            gfn = self.rng.choice(self.pages)
+            shared = bool(self.shared) and self.rng.random() < self.shared_ratio
+            gfn = self.rng.choice(self.shared if shared else self.pages)
             if self.irq_off_left == 0 and self.rng.random() < self.irq_off_ratio:
                 self.irq_off_left = self.rng.randint(1, 3)
             if self.irq_off_left:
                 self.irq_off_left -= 1
-                self.current = PageAccess(gfn, user=False, irq=False)
+                self.current = PageAccess(gfn, user=False, irq=False, shared=shared)
             else:
-                self.current = PageAccess(gfn, user=self.rng.random() >= self.kernel_ratio, irq=True)
+                self.current = PageAccess(gfn, user=self.rng.random() >= self.kernel_ratio, irq=True, shared=shared)
             self.faulted = False
         return self.current
 
@@ -66,9 +73,10 @@ def count_quantum() -> int:
     return n
 
 
-def task_pages(pages: int, vcpus: int, vcpu: int, tasks: int, tid: int) -> list[int]:
-    """The gfns task `tid` of `vcpu` owns: workload pages start at gfn 1 (gfn 0 holds the APF areas)."""
-    return [g for g in range(1, pages) if (g - 1) % vcpus == vcpu and ((g - 1) // vcpus) % tasks == tid]
+def task_pages(pages: int, vcpus: int, vcpu: int, tasks: int, tid: int, first: int = 1) -> list[int]:
+    """The gfns task `tid` of `vcpu` owns, from gfn `first` on (gfn 0 holds the APF areas; the shared pages come
+    next, so callers pass the end of shared_pages())."""
+    return [g for g in range(first, pages) if (g - first) % vcpus == vcpu and ((g - first) // vcpus) % tasks == tid]
 
 
 class RunQueue:

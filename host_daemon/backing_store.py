@@ -1,12 +1,15 @@
-# The host's crash-consistent state: the swap device that holds evicted pages, and the per-vCPU registers a VMM
-# must restore after it restarts. One POSIX shm object per VM, `/apf-emu-<vm>-swap`, mode 0600, host-only. It
-# outlives a host killed with SIGKILL, so a host started with --recover finds guest memory exactly as it was.
+# The host's private, crash-consistent state: which pages are resident (the real EPT; guests only ever see the copy
+# the host publishes, shared/views.py), the swap device that holds evicted pages, and the per-vCPU registers a VMM
+# must restore after it restarts. One POSIX shm object per VM, `/apf-emu-<vm>-swap`, mode 0600, that no guest is
+# given: the host trusts nothing a guest can write, and this is where everything it decides from lives. It outlives
+# a host killed with SIGKILL, so a host started with --recover finds guest memory exactly as it was.
 #
 # Layout (u32 words unless said):
 #   header          magic, version, pages
+#   residency[P]    (generation << 1) | present, per gfn: the master EPT. The published EPT is written after it
 #   swap_state[P]   (generation << 1) | slot : which of the page's two slots holds its copy, and the EPT generation
 #                   at which that copy was made (the generation of the unmap that preceded it)
-#   vcpu[64]        16 words each: valid, boot, msr_en lo, msr_en hi, msr_int, apf_id
+#   vcpu[64]        16 words each: valid, boot, msr_en lo, msr_en hi, msr_int, apf_id, connected, pid
 #   slots[P][2]     two 4 KiB copies per page
 #
 # An eviction writes the copy into the slot NOT named by swap_state, then commits with one aligned store of
@@ -27,9 +30,9 @@ from shared.abi import MAX_VCPUS
 from shared.guest_ram import PAGE_SIZE, page_align, swap_name, unlink
 
 MAGIC: Final = 0x41504653  # "APFS"
-VERSION: Final = 1
+VERSION: Final = 2
 VCPU_WORDS: Final = 16
-V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID = range(6)
+V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID, V_CONNECTED, V_PID = range(8)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,8 @@ class BackingStore:
     def __init__(self, vm: str, pages: int, *, recover: bool) -> None:
         self.name = swap_name(vm)
         self.pages = pages
-        self.state_off = PAGE_SIZE
+        self.residency_off = PAGE_SIZE
+        self.state_off = self.residency_off + page_align(pages * 4)
         self.vcpu_off = self.state_off + page_align(pages * 4)
         self.slots_off = self.vcpu_off + page_align(MAX_VCPUS * VCPU_WORDS * 4)
         size = self.slots_off + pages * 2 * PAGE_SIZE
@@ -69,8 +73,16 @@ class BackingStore:
                 raise ValueError(f"{self.name} does not hold the state of a {pages}-page apf-emu VM")
         else:
             self.u32[0], self.u32[1], self.u32[2] = MAGIC, VERSION, pages
+        self._residency0 = self.residency_off >> 2
         self._state0 = self.state_off >> 2
         self._vcpu0 = self.vcpu_off >> 2
+
+    # --- residency (the master EPT) --------------------------------------------------------------------------------
+    def residency(self, gfn: int) -> int:
+        return int(self.u32[self._residency0 + gfn])
+
+    def set_residency(self, gfn: int, entry: int) -> None:
+        self.u32[self._residency0 + gfn] = entry
 
     # --- pages ---------------------------------------------------------------------------------------------------
     def state(self, gfn: int) -> int:
@@ -105,6 +117,22 @@ class BackingStore:
         u32[base + V_INT] = msr_int
         u32[base + V_APF_ID] = apf_id
         u32[base + V_VALID] = 1
+
+    def set_connected(self, vcpu: int, pid: int | None) -> None:
+        """Whether a guest process (`pid`, 0 if not visible to the host) is attached to vCPU: a host that takes
+        over after a crash must assume such a guest still runs on what the dead host had shown it."""
+        base = self._vcpu0 + vcpu * VCPU_WORDS
+        self.u32[base + V_PID] = pid or 0
+        self.u32[base + V_CONNECTED] = int(pid is not None)
+
+    def connected_guests(self) -> dict[int, int]:
+        """vCPU -> pid (0: unknown) of every vCPU that had a guest attached when the state was last written."""
+        out = {}
+        for vcpu in range(MAX_VCPUS):
+            base = self._vcpu0 + vcpu * VCPU_WORDS
+            if self.u32[base + V_CONNECTED]:
+                out[vcpu] = int(self.u32[base + V_PID])
+        return out
 
     def save_apf_id(self, vcpu: int, apf_id: int) -> None:
         self.u32[self._vcpu0 + vcpu * VCPU_WORDS + V_APF_ID] = apf_id

@@ -12,7 +12,7 @@ from shared import log as slog
 from shared.guest_ram import check_vm_id
 
 from .daemon import HostConfig, serve
-from .memory import PageInLatency
+from .pager import PageInLatency
 
 
 def env(name: str, default: str) -> str:

@@ -1,5 +1,10 @@
-# The host daemon: one VM. Owns guest RAM (creates and finally unlinks the shm object), the memory model, the Unix
-# socket the guest agents connect to, the handshake that gives each its vCPU, and orderly shutdown on SIGTERM/SIGINT.
+# The host daemon: one VM. Owns guest RAM (creates and finally unlinks the shm object), the published EPT and the
+# memory model, the Unix socket the guest agents connect to, the handshake that gives each its vCPU (and, with
+# `welcome`, the EPT and a control block of its own), and orderly shutdown on SIGTERM/SIGINT.
+#
+# The handshake trusts nothing in `hello`: every integer has a range (shared/wire.py HELLO_RANGES, the vCPU
+# below --vcpus), anything outside is refused with a fatal error, and a connection handler that fails anyway is
+# logged with its traceback (`vcpu_crash`) and frees its vCPU.
 #
 # Structure follows hypercorn's trio worker: a nursery for the server, a signal task that cancels it, and cleanup
 # in `finally` blocks so that a clean stop leaves no socket file and no shm segment behind.
@@ -21,12 +26,14 @@ import trio
 from shared import log as slog
 from shared.abi import APF_EMU_CPUID_FEATURES, MAX_VCPUS, AsyncPfEn
 from shared.channel import MessageChannel
-from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
-from shared.wire import GUEST_TO_HOST, PROTOCOL_VERSION, WireError
+from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, check_vm_id
+from shared.wire import BOOT_MAX, GUEST_TO_HOST, HELLO_RANGES, PROTOCOL_VERSION, WireError
 
 from .backing_store import BackingStore
-from .memory import GuestMemory, PageInLatency
+from .guest_views import ControlBlock, PublishedEpt
+from .memory import GuestMemory
 from .notify import Notifier, SignalNotifier, SocketNotifier
+from .pager import PageInLatency, Pager
 from .vcpu_conn import VcpuConnection
 
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -67,6 +74,8 @@ class Vm:
         self.config = config
         self.log = slog.get_logger("host", config.vm)
         self.memory: GuestMemory
+        self.pager: Pager
+        self.ept: PublishedEpt
         self.nursery: trio.Nursery
         self.vcpus: dict[int, VcpuConnection] = {}
         self.recovery_pins: dict[int, int] = {}  # vCPU -> APF-area page pinned until that vCPU reconnects
@@ -87,9 +96,11 @@ class Vm:
             ram = GuestRam.create(cfg.vm, layout)
             backing = BackingStore(cfg.vm, cfg.pages, recover=False)
         clean = False
+        ept = None
         try:
-            self.memory = GuestMemory(ram, cfg.resident, cfg.latency, random.Random(cfg.seed), backing,
-                                      recover=cfg.recover)
+            ept = self.ept = PublishedEpt(cfg.vm, cfg.pages)
+            self.memory = GuestMemory(ram, ept.u32, backing, cfg.resident, self.log, recover=cfg.recover)
+            self.pager = Pager(self.memory, cfg.latency, random.Random(cfg.seed))
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             # A stale socket of a killed host goes first; then bound and listening under a temporary name, and
             # renamed into place: whoever sees the socket file (a guest, a health check, a supervisor waiting for
@@ -112,6 +123,7 @@ class Vm:
                         "host_ready", socket=str(cfg.socket), shm=ram.name, pages=cfg.pages, resident=cfg.resident,
                         vcpus=cfg.vcpus, latency=str(cfg.latency), seed=cfg.seed, recovered=cfg.recover,
                         recovered_pages=self.memory.stats.recovered_pages, resident_now=self.memory.resident,
+                        awaiting=self.memory.awaiting,
                     )
                     await nursery.start(trio.serve_listeners, self._handle, [trio.SocketListener(sock)])
                     task_status.started()
@@ -125,6 +137,8 @@ class Vm:
             self.log.info("host_stop", **(vars(memory.stats) if memory is not None else {}))
             # The VM ends with a clean stop. After a crash inside the daemon the state stays for --recover; the
             # runner removes it if nobody recovers it.
+            if ept is not None:
+                ept.close()
             if clean:
                 ram.close()
             else:
@@ -141,7 +155,7 @@ class Vm:
             en = AsyncPfEn(saved.msr_en)
             if en.apf_enabled and en.gpa < self.memory.ram.layout.ram_size:
                 gfn = en.gpa // PAGE_SIZE
-                await self.memory.fault_in(gfn, self.nursery)
+                await self.pager.fault_in(gfn, self.nursery)
                 self.memory.pin(gfn)
                 self.recovery_pins[vcpu] = gfn
 
@@ -154,17 +168,19 @@ class Vm:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         chan = MessageChannel(stream, GUEST_TO_HOST)
+        session = _Session()
         try:
-            await self._session(chan)
+            await self._session(chan, session)
         except Exception as exc:  # also an ExceptionGroup of Exceptions; Cancelled is a BaseException and passes
-            # One connection's failure must never take the daemon or the other vCPUs down.
+            # One connection's failure must never take the daemon or the other vCPUs down; `_session` freed the
+            # vCPU in its `finally` before we get here.
             if not _only_disconnects(exc):
-                self.log.exception("vcpu_crash", error=repr(exc))
+                self.log.exception("vcpu_crash", vcpu=session.vcpu, error=repr(exc))
         finally:
             with trio.CancelScope(shield=True):
                 await chan.aclose()
 
-    async def _session(self, chan: MessageChannel) -> None:
+    async def _session(self, chan: MessageChannel, session: _Session) -> None:
         msg = None
         with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as scope:
             try:
@@ -180,7 +196,8 @@ class Vm:
         if msg["t"] != "hello":
             await self._refuse(chan, "unexpected", f"expected hello, got {msg['t']}")
             return
-        problem = self._check_hello(msg) or self._check_peer(chan, msg)
+        peer_pid = _peer_pid(chan)
+        problem = self._check_hello(msg) or self._check_peer(peer_pid, msg)
         if problem:
             await self._refuse(chan, *problem)
             return
@@ -196,31 +213,38 @@ class Vm:
             if self.vcpus.get(vcpu_id) is old:
                 await self._refuse(chan, "vcpu_busy", f"vCPU {vcpu_id} did not let go of its old connection")
                 return
+        ctl = ControlBlock(self.config.vm, vcpu_id)
         notifier: Notifier
         if msg["transport"] == "signal":
             try:
-                notifier = SignalNotifier(self.memory.ram, vcpu_id, msg["pid"])
+                notifier = SignalNotifier(ctl.u32, msg["pid"])
             except OSError as exc:
+                ctl.close()
                 await self._refuse(chan, "bad_pid", f"cannot open a pidfd for pid {msg['pid']}: {exc.strerror}")
                 return
         else:
             notifier = SocketNotifier(chan)
         log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=boot)
-        conn = VcpuConnection(self, chan, notifier, vcpu_id, boot, log)
+        conn = VcpuConnection(self, chan, notifier, ctl, vcpu_id, boot, log)
+        session.vcpu = vcpu_id
         self.vcpus[vcpu_id] = conn
         self.last_boot[vcpu_id] = max(boot, self.last_boot.get(vcpu_id, 0))
         saved = self.memory.backing.saved_vcpu(vcpu_id)
         log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"], transport=msg["transport"],
                  restored=saved is not None and saved.boot == boot, assigned=msg["vcpu"] is None or not msg["boot"])
         try:
+            self.memory.attach(vcpu_id, ctl.u32)
+            self.memory.backing.set_connected(vcpu_id, peer_pid)
             await conn.start(saved)
             if vcpu_id in self.recovery_pins:
                 self.memory.unpin(self.recovery_pins.pop(vcpu_id))
-            await chan.send(
+            await chan.send_with_fds(
+                [self.ept.fd, ctl.fd],
                 "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, boot=boot, vcpus=self.config.vcpus,
                 pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,
                 cpuid=APF_EMU_CPUID_FEATURES,
             )
+            ctl.forget_fd()
             await conn.serve()
         finally:
             conn.reset("vcpu_reset")
@@ -229,48 +253,76 @@ class Vm:
             log.info("vcpu_disconnect")
 
     def _check_hello(self, msg: dict[str, Any]) -> tuple[str, str] | None:
+        """Every field of `hello` within its documented range (docs/PROTOCOL.md, section 3)."""
         if msg["proto"] != PROTOCOL_VERSION:
-            return "bad_version", f"protocol {msg['proto']} is not {PROTOCOL_VERSION}"
+            return "bad_version", f"protocol {_short(msg['proto'])} is not {PROTOCOL_VERSION}"
+        try:
+            check_vm_id(msg["vm"])
+        except ValueError:
+            return "wrong_vm", f"{_short(msg['vm'])} is not a VM id (1-48 characters of [A-Za-z0-9_.-])"
         if msg["vm"] != self.config.vm:
             return "wrong_vm", f"this host runs VM {self.config.vm!r}, not {msg['vm']!r}"
         if msg["transport"] not in ("socket", "signal"):
             return "bad_field", "transport must be socket or signal"
         if msg["kind"] not in ("normal", "kdump"):
             return "bad_field", "kind must be normal or kdump"
-        if msg["boot"] < 0:
-            return "bad_field", "boot numbers start at 1 (0 asks the host to number the boot)"
+        lo, hi = HELLO_RANGES["boot"]
+        if not lo <= msg["boot"] <= hi:
+            return "bad_field", f"boot must be {lo}..{hi} (0 asks the host to number the boot)"
+        lo, hi = HELLO_RANGES["pid"]
+        if not lo <= msg["pid"] <= hi:
+            return "bad_pid", f"pid must be {lo}..{hi}"
         vcpu = msg["vcpu"]
         if vcpu is None:
             if len(self.vcpus) >= self.config.vcpus:
                 return "no_vcpu", f"all {self.config.vcpus} vCPUs are taken"
         elif not 0 <= vcpu < self.config.vcpus:
-            return "bad_vcpu", f"vCPU {vcpu} is not in 0..{self.config.vcpus - 1}"
+            return "bad_vcpu", f"vCPU {_short(vcpu)} is not in 0..{self.config.vcpus - 1}"
         elif vcpu in self.vcpus and msg["boot"] and msg["boot"] <= self.vcpus[vcpu].boot:
             return "vcpu_busy", f"vCPU {vcpu} is connected (boot {self.vcpus[vcpu].boot})"
         return None
 
     def _next_boot(self, vcpu: int) -> int:
         """The boot number for a guest that asked the host to count: one more than any boot of this vCPU that
-        connected to this host or, after --recover, to the host before it."""
+        connected to this host or, after --recover, to the host before it. After BOOT_MAX it wraps to 1."""
         saved = self.memory.backing.saved_vcpu(vcpu)
-        return max(self.last_boot.get(vcpu, 0), saved.boot if saved is not None else 0) + 1
+        last = max(self.last_boot.get(vcpu, 0), saved.boot if saved is not None else 0)
+        if last >= BOOT_MAX:
+            self.log.warning("boot_numbers_wrapped", vcpu=vcpu, last=last)
+            self.last_boot[vcpu] = 0
+            return 1
+        return last + 1
 
-    def _check_peer(self, chan: MessageChannel, msg: dict[str, Any]) -> tuple[str, str] | None:
+    def _check_peer(self, peer_pid: int | None, msg: dict[str, Any]) -> tuple[str, str] | None:
         """The signal transport signals the guest's PID: only if the kernel says that PID is our peer."""
-        if msg["transport"] != "signal":
-            return None
-        stream = chan.stream
-        assert isinstance(stream, trio.SocketStream)
-        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, _uid, _gid = struct.unpack("3i", creds)
-        if pid != msg["pid"]:
-            return "bad_pid", f"hello claims pid {msg['pid']} but the socket's peer is pid {pid}"
+        if msg["transport"] == "signal" and peer_pid != msg["pid"]:
+            return "bad_pid", f"hello claims pid {msg['pid']} but the socket's peer is pid {peer_pid or 'unknown'}"
         return None
 
     async def _refuse(self, chan: MessageChannel, code: str, message: str) -> None:
         self.log.error("wire_error", code=code, message=message, fatal=True)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await chan.send("error", code=code, message=message, fatal=True)
+
+
+@dataclass
+class _Session:
+    vcpu: int | None = None  # the vCPU this connection claimed, once it did
+
+
+def _peer_pid(chan: MessageChannel) -> int | None:
+    """The socket peer's PID as the kernel saw it (SO_PEERCRED); None if it is not visible from our PID namespace."""
+    stream = chan.stream
+    assert isinstance(stream, trio.SocketStream)
+    creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
+def _short(value: Any) -> str:
+    """A value from the wire, for an error message: repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _only_disconnects(exc: BaseException) -> bool:

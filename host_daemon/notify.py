@@ -2,10 +2,11 @@
 #
 # - socket: `inject_pf {cr2}` and `interrupt {vector}` frames on the vCPU's connection.
 # - signal: the payload goes to shared memory first (CR2 and pf_seq, or the vector's raise counter, in the vCPU's
-#   control block: shared/guest_ram.py), then a real-time signal (shared/signals.py) is sent through a pidfd opened
+#   control block: shared/views.py), then a real-time signal (shared/signals.py) is sent through a pidfd opened
 #   at the handshake for the PID the kernel vouched for (SO_PEERCRED). A pidfd names one process for good: a guest
 #   that died and whose PID was reused is never signalled; sending to it fails with ProcessLookupError, which is
-#   ignored (the connection's end will reset the vCPU).
+#   ignored (the connection's end will reset the vCPU). The counters are the host's own: it writes them into the
+#   block and never reads them back, so whatever the guest writes there reaches only itself.
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import signal
 import trio
 
 from shared.channel import MessageChannel
-from shared.guest_ram import CTL_CR2, CTL_IRR, CTL_PF_SEQ, GuestRam
+from shared.views import CTL_CR2, CTL_IRR, CTL_PF_SEQ
 from shared.signals import SIG_PF, vector_signal
 
 U32 = 0xFFFF_FFFF
@@ -42,12 +43,11 @@ class SocketNotifier:
 class SignalNotifier:
     transport = "signal"
 
-    def __init__(self, ram: GuestRam, vcpu: int, pid: int) -> None:
+    def __init__(self, ctl: memoryview, pid: int) -> None:
         self.pidfd = os.pidfd_open(pid)
-        self.u32 = ram.u32
-        self._cr2 = ram.layout.ctl_index(vcpu, CTL_CR2)
-        self._pf_seq = ram.layout.ctl_index(vcpu, CTL_PF_SEQ)
-        self._irr0 = ram.layout.ctl_index(vcpu, CTL_IRR)
+        self.u32: memoryview | None = ctl
+        self._pf_seq = 0
+        self._irr = [0] * 256
 
     def _signal(self, signum: int) -> None:
         if self.pidfd < 0:
@@ -58,16 +58,22 @@ class SignalNotifier:
             pass
 
     async def inject_pf(self, cr2: int) -> None:
-        self.u32[self._cr2] = cr2
-        self.u32[self._pf_seq] = (self.u32[self._pf_seq] + 1) & U32
+        if self.u32 is None:
+            return
+        self.u32[CTL_CR2] = cr2
+        self._pf_seq = (self._pf_seq + 1) & U32
+        self.u32[CTL_PF_SEQ] = self._pf_seq
         self._signal(SIG_PF)
 
     async def interrupt(self, vector: int) -> None:
-        ix = self._irr0 + vector
-        self.u32[ix] = (self.u32[ix] + 1) & U32
+        if self.u32 is None:
+            return
+        count = self._irr[vector] = (self._irr[vector] + 1) & U32
+        self.u32[CTL_IRR + vector] = count
         self._signal(vector_signal(vector))
 
     def close(self) -> None:
+        self.u32 = None
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1

@@ -16,7 +16,8 @@
 # - A fault on a non-resident gfn becomes an APF only if interrupts are on (`kvm_can_do_async_pf`), the gfn is not
 #   already being paged in for this vCPU (else `kvm_async_pf_repeated_fault`), fewer than ASYNC_PF_PER_VCPU items
 #   are queued (`kvm_setup_async_pf`), APF is on, the guest is in user mode or asked for SEND_ALWAYS
-#   (`kvm_can_deliver_async_pf`), the `flags` slot is free and no wake-all is waiting for the token slot. Otherwise
+#   (`kvm_can_deliver_async_pf`) and no wake-all is waiting for the token slot. `flags` is written, never read
+#   (`apf_put_user_notpresent`): a value the guest left there refuses nothing. Otherwise
 #   it is a synchronous fault: the vCPU stays halted until the page is in, and it gets no page-ready later
 #   (bugzilla 208081). The wake-all rule is apf-emu's: until the guest has ACKed a wake-all, no new token is
 #   handed out. KVM injects the wake-all of an enable on the next entry, before the guest can fault; but after a
@@ -211,11 +212,7 @@ class VcpuApf:
         elif not user and not AsyncPfEn(self.msr_en).send_always:
             reason = "kernel_mode"
         else:
-            assert self.area is not None
-            if self.area.flags != 0:
-                reason = "flags_busy"
-            else:
-                return FaultDecision(self._inject_not_present(gfn))
+            return FaultDecision(self._inject_not_present(gfn))
         self.log.info("apf_sync_fault", gfn=gfn, reason=reason)
         return FaultDecision(None, reason)
 
@@ -227,7 +224,7 @@ class VcpuApf:
         self.queue[token] = item
         self.gfn_hash.add(gfn)
         self.log.info("kvm_async_pf_not_present", token=token, gfn=gfn)
-        self.area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT  # apf_put_user_notpresent
+        self.area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT  # apf_put_user_notpresent: a plain store, no read
         return item
 
     # --- page ready ----------------------------------------------------------------------------------------------

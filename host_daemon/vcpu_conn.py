@@ -3,8 +3,10 @@
 #
 # Every request from the guest gets exactly one reply (its result, an `error`, or for an APF the #PF itself);
 # page-ready interrupts are pushed whenever a completion or an ACK lets one out. How a #PF or an interrupt reaches
-# the guest is the notifier's business (host_daemon/notify.py). A bad frame is answered with an `error` and logged; only a fatal one
-# (oversized or truncated frame) closes the connection, and nothing here can take the daemon or other vCPUs down.
+# the guest is the notifier's business (host_daemon/notify.py). A bad frame is answered with an `error` and logged;
+# only a fatal one (oversized or truncated frame, a second hello) closes the connection, and nothing here can take
+# the daemon or other vCPUs down. The connection owns the vCPU's control block (host_daemon/guest_views.py): when
+# it ends, the memory model stops looking at the block and the vCPU holds no page any more.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,7 @@ from shared.guest_ram import PAGE_SIZE
 from shared.wire import Message, WireError
 
 from .backing_store import SavedVcpu
+from .guest_views import ControlBlock
 from .notify import Notifier
 from .vcpu import AsyncPf, VcpuApf
 
@@ -24,10 +27,12 @@ if TYPE_CHECKING:
 
 
 class VcpuConnection:
-    def __init__(self, vm: Vm, chan: MessageChannel, notifier: Notifier, vcpu_id: int, boot: int, log: Any) -> None:
+    def __init__(self, vm: Vm, chan: MessageChannel, notifier: Notifier, ctl: ControlBlock, vcpu_id: int, boot: int,
+                 log: Any) -> None:
         self.vm = vm
         self.chan = chan
         self.notifier = notifier
+        self.ctl = ctl
         self.vcpu_id = vcpu_id
         self.boot = boot
         self.log = log
@@ -94,8 +99,9 @@ class VcpuConnection:
             await self._msr_write(msg["msr"], msg["value"])
         elif t == "exit_mem":
             await self._exit_mem(msg["gpa"], user=msg["user"], irq=msg["irq"])
-        else:  # hello again
-            await self.reject(WireError("unexpected", f"{t} after the handshake"))
+        else:  # hello again: the guest lost track of its connection; nothing it says can be trusted any more
+            await self.reject(WireError("unexpected", f"a second {t} on one connection", fatal=True))
+            raise trio.ClosedResourceError("second hello")
 
     async def _msr_write(self, msr: int, value: int) -> None:
         target = self.apf.area_gfn_enabled_by(msr, value)
@@ -116,7 +122,7 @@ class VcpuConnection:
         await self.chan.send("msr_result", msr=msr, ok=result.ok, error=result.error)
 
     async def _pin(self, gfn: int) -> None:
-        await self.vm.memory.fault_in(gfn, self.vm.nursery)
+        await self.vm.pager.fault_in(gfn, self.vm.nursery)
         self.vm.memory.pin(gfn)
 
     async def _sync_pin(self) -> None:
@@ -140,11 +146,11 @@ class VcpuConnection:
             return
         decision = self.apf.on_fault(gfn, user=user, irq=irq)
         if decision.apf is None:
-            await memory.fault_in(gfn, self.vm.nursery)  # the vCPU is halted until the page is in
+            await self.vm.pager.fault_in(gfn, self.vm.nursery)  # the vCPU is halted until the page is in
             await self.chan.send("resume", gpa=gpa)
             return
-        self.vm.memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
-        event = memory.start_page_in(gfn, self.vm.nursery)
+        memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
+        event = self.vm.pager.start_page_in(gfn, self.vm.nursery)
         self._nursery.start_soon(self._complete_when, decision.apf, event)
         await self.notifier.inject_pf(decision.apf.token)
 
@@ -166,5 +172,7 @@ class VcpuConnection:
         if self.pinned is not None:
             self.vm.memory.unpin(self.pinned)
             self.pinned = None
-        self.vm.memory.clear_in_access(self.vcpu_id)
+        self.vm.memory.detach(self.vcpu_id)
+        self.vm.memory.backing.set_connected(self.vcpu_id, None)
+        self.ctl.close()
         self.done.set()

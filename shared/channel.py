@@ -2,10 +2,15 @@
 #
 # One reader per connection owns a FrameReader; sends are whole frames written with one send_all under a lock
 # (trio forbids concurrent send_all on one stream, and a host task pushing an interrupt may race the handler that
-# answers an exit).
+# answers an exit). A frame may carry file descriptors (SCM_RIGHTS), as `welcome` does: they travel with the
+# frame's first byte, so the receiver has them once it has read that frame (the same read may also have returned
+# frames sent before it; shared/blocking_channel.py collects them per read).
 from __future__ import annotations
 
+import array
+import socket
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -28,6 +33,17 @@ class MessageChannel:
         data = encode(msg_type, **fields)
         async with self._send_lock:
             await self.stream.send_all(data)
+
+    async def send_with_fds(self, fds: Sequence[int], msg_type: str, **fields: Any) -> None:
+        """One frame with file descriptors attached (the stream must be a Unix socket stream)."""
+        data = encode(msg_type, **fields)
+        stream = self.stream
+        assert isinstance(stream, trio.SocketStream)
+        async with self._send_lock:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            sent = await stream.socket.sendmsg([data], ancillary)
+            if sent < len(data):
+                await stream.send_all(data[sent:])
 
     async def receive(self) -> Message | None:
         """The next valid message, or None at a clean end of stream.

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: EPT and control block passed as fds with welcome
 MAX_FRAME: Final = 64 * 1024
 HEADER: Final = struct.Struct(">I")
 
@@ -28,9 +28,9 @@ _BOOL = (bool,)
 
 # type -> {field: accepted Python types}. Every field is required; a None must be sent explicitly.
 GUEST_TO_HOST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
-    # First message on a connection. vcpu=None asks the host to assign a free vCPU, boot=0 to number this boot
-    # (one more than the last boot it saw of that vCPU); welcome says what was assigned. transport: "socket" or
-    # "signal".
+    # First message on a connection, and only there (a second one is fatal). vcpu=None asks the host to assign a
+    # free vCPU, boot=0 to number this boot (one more than the last boot it saw of that vCPU); welcome says what was
+    # assigned. transport: "socket" or "signal". The host checks each value's range (HELLO_RANGES).
     "hello": {
         "proto": _INT, "vm": _STR, "vcpu": _OPT_INT, "boot": _INT, "kind": _STR, "pid": _INT, "transport": _STR,
     },
@@ -39,7 +39,12 @@ GUEST_TO_HOST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
     # A guest access found its gfn not present in the EPT: the VM exit. Answered by inject_pf or resume.
     "exit_mem": {"gpa": _INT, "write": _BOOL, "user": _BOOL, "irq": _BOOL},
 }
+# The range of each integer of `hello`; the host refuses a value outside it (docs/PROTOCOL.md, section 3).
+BOOT_MAX: Final = 0xFFFF_FFFF  # a boot number is a u32 (the host saves it in a u32 register slot)
+PID_MAX: Final = 1 << 22  # Linux's PID_MAX_LIMIT: no pid is larger
+HELLO_RANGES: Final = {"proto": (0, 0xFFFF_FFFF), "boot": (0, BOOT_MAX), "pid": (1, PID_MAX)}
 HOST_TO_GUEST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
+    # Sent with two file descriptors (SCM_RIGHTS): the EPT and this vCPU's control block (shared/views.py).
     "welcome": {
         "proto": _INT, "vm": _STR, "vcpu": _INT, "boot": _INT, "vcpus": _INT, "pages": _INT, "page_size": _INT,
         "shm": _STR, "cpuid": _INT,

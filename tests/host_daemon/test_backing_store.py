@@ -1,59 +1,45 @@
 # The swap is crash-consistent: an eviction or a page-in interrupted at any step leaves a readable copy, and
-# recovery (GuestMemory.recover) finds it. Each "crash" below stops the host's sequence after a given step and
+# recovery (GuestMemory._recover) finds it. Each "crash" below stops the host's sequence after a given step and
 # rebuilds the memory model from what is in shared memory, as a host started with --recover does.
 from __future__ import annotations
 
 import random
 
 import pytest
-import trio
 
 from host_daemon.backing_store import BackingStore
-from host_daemon.memory import POISON, GuestMemory, PageInLatency
-from shared.guest_ram import EPT_PRESENT, GuestRam, RamLayout
+from host_daemon.memory import POISON
+from shared.views import EPT_PRESENT, ept_entry
 
 PAGES = 8
 GFN = 2
 
 
 @pytest.fixture
-def vm(vm_id):
-    ram = GuestRam.create(vm_id, RamLayout(PAGES))
-    backing = BackingStore(vm_id, PAGES, recover=False)
-    GuestMemory(ram, 6, PageInLatency.parse("0"), random.Random(0), backing)
-    yield vm_id, ram, backing
-    ram.close()
-    backing.close(unlink_it=True)
+def vm(make_vm):
+    vm = make_vm(PAGES)
+    vm.memory(6)
+    return vm
 
 
-def recovered(vm_id: str, ram: GuestRam) -> GuestMemory:
-    return GuestMemory(ram, 6, PageInLatency.parse("0"), random.Random(0),
-                       BackingStore(vm_id, PAGES, recover=True), recover=True)
+def contents_after_recovery(vm) -> bytes:
+    mem = vm.memory(6, recover=True)
+    mem.install(GFN)
+    return bytes(vm.ram.page(GFN))
 
 
-def ept(ram: GuestRam, gfn: int) -> int:
-    return int(ram.u32[ram.layout.ept_index(gfn)])
-
-
-async def contents_after_recovery(vm_id: str, ram: GuestRam) -> bytes:
-    mem = recovered(vm_id, ram)
-    async with trio.open_nursery() as nursery:
-        await mem.fault_in(GFN, nursery)
-    data = bytes(ram.page(GFN))
-    mem.backing.close(unlink_it=False)
-    return data
-
-
-@pytest.mark.parametrize("crash_after", ["unmap", "copy", "commit", "poison"])
-async def test_an_interrupted_eviction_keeps_the_page(vm, crash_after):
-    vm_id, ram, backing = vm
+@pytest.mark.parametrize("crash_after", ["unmap", "publish", "copy", "commit", "poison"])
+def test_an_interrupted_eviction_keeps_the_page(vm, crash_after):
+    ram, backing = vm.ram, vm.backing
     data = random.Random(1).randbytes(4096)
     ram.page(GFN)[:] = data
-    gen = ept(ram, GFN) >> 1
-    steps = ["unmap", "copy", "commit", "poison"]
-    for step in steps[: steps.index(crash_after) + 1]:  # host_daemon/memory.py GuestMemory.evict, step by step
+    gen = backing.residency(GFN) >> 1
+    steps = ["unmap", "publish", "copy", "commit", "poison"]
+    for step in steps[: steps.index(crash_after) + 1]:  # host_daemon/memory.py GuestMemory._evict, step by step
         if step == "unmap":
-            ram.u32[ram.layout.ept_index(GFN)] = (gen + 1) << 1
+            backing.set_residency(GFN, ept_entry(gen + 1, present=False))
+        elif step == "publish":
+            vm.ept.u32[GFN] = ept_entry(gen + 1, present=False)
         elif step == "copy":
             slot = 1 - (backing.state(GFN) & 1)
             off = backing._slot_off(GFN, slot)
@@ -62,30 +48,42 @@ async def test_an_interrupted_eviction_keeps_the_page(vm, crash_after):
             backing.u32[backing._state0 + GFN] = ((gen + 1) << 1) | (1 - (backing.state(GFN) & 1))
         else:
             ram.page(GFN)[:] = POISON
-    assert await contents_after_recovery(vm_id, ram) == data
+    assert contents_after_recovery(vm) == data
 
 
-async def test_an_interrupted_page_in_is_redone_from_the_swap(vm):
-    vm_id, ram, backing = vm
-    mem = recovered(vm_id, ram)
+def test_recovery_publishes_the_master_not_what_guests_saw(vm):
+    """The published EPT is rebuilt from the host's master copy: whatever was in it before does not count."""
+    for gfn in range(PAGES):
+        vm.ept.u32[gfn] = 0xFFFF_FFFF  # what a broken publisher (or anything else) might have left
+    mem = vm.memory(6, recover=True)
+    assert [vm.ept.u32[g] & EPT_PRESENT for g in range(PAGES)] == [int(mem.present(g)) for g in range(PAGES)]
+    assert sum(mem.present(g) for g in range(PAGES)) == 6
+
+
+def test_an_interrupted_page_in_is_redone_from_the_swap(vm):
+    mem = vm.memory(6)
     data = random.Random(2).randbytes(4096)
-    ram.page(GFN)[:] = data
-    assert await mem.evict(GFN)
-    ram.page(GFN)[:2048] = b"\x00" * 2048  # the page-in copy was cut halfway; the EPT still says not present
-    mem.backing.close(unlink_it=False)
-    assert not ept(ram, GFN) & EPT_PRESENT
-    assert await contents_after_recovery(vm_id, ram) == data
+    vm.ram.page(GFN)[:] = data
+    assert mem._evict(GFN)
+    vm.ram.page(GFN)[:2048] = b"\x00" * 2048  # the page-in copy was cut halfway; the master still says not present
+    assert not vm.backing.residency(GFN) & EPT_PRESENT
+    assert contents_after_recovery(vm) == data
 
 
-async def test_saved_vcpu_registers_survive(vm):
-    vm_id, _ram, backing = vm
+def test_saved_vcpu_registers_and_attachment_survive(vm):
+    backing = vm.backing
     backing.save_vcpu(3, boot=7, msr_en=(1 << 40) | 0x49, msr_int=0xF3, apf_id=1234)
-    again = BackingStore(vm_id, PAGES, recover=True)
+    backing.set_connected(3, 4321)
+    backing.set_connected(5, None)
+    backing.set_connected(6, 99)
+    backing.set_connected(6, None)
+    again = BackingStore(vm.vm_id, PAGES, recover=True)
+    vm.extra.append(again)
     saved = again.saved_vcpu(3)
     assert saved is not None and (saved.boot, saved.msr_en, saved.msr_int, saved.apf_id) == (
         7, (1 << 40) | 0x49, 0xF3, 1234)
     assert again.saved_vcpu(4) is None
-    again.close(unlink_it=False)
+    assert again.connected_guests() == {3: 4321}
 
 
 def test_recover_refuses_a_foreign_or_missing_object(vm_id):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from host_daemon.cli import build_parser
-from host_daemon.memory import PageInLatency
+from host_daemon.pager import PageInLatency
 
 
 def test_environment_supplies_defaults(monkeypatch):

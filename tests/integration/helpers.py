@@ -12,8 +12,10 @@ from typing import Any
 
 import orjson
 
+from shared.blocking_channel import BlockingChannel, ChannelClosed
 from shared.guest_ram import shm_name
-from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
+from shared.views import GuestViews
+from shared.wire import PROTOCOL_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,28 +80,32 @@ class HostProcess:
 
 
 class WireClient:
-    """A guest's side of the socket, blocking, for scripted scenarios."""
+    """A guest's side of the socket, blocking, for scripted scenarios. After a successful `hello`, `views` holds
+    the EPT and control block that came with `welcome` (shared/views.py)."""
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.reader = FrameReader()
-        self.frames: list[bytes] = []
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        self.chan = BlockingChannel(sock)
+        self.views: GuestViews | None = None
+
+    @property
+    def sock(self) -> socket.socket:
+        return self.chan.sock
 
     def send(self, msg_type: str, **fields: Any) -> None:
-        self.sock.sendall(encode(msg_type, **fields))
+        self.chan.send(msg_type, **fields)
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def receive(self) -> dict[str, Any] | None:
-        while not self.frames:
-            data = self.sock.recv(65536)
-            if not data:
-                return None
-            self.frames.extend(self.reader.feed(data))
-        return decode(self.frames.pop(0), HOST_TO_GUEST)
+        """The next message, or None once the host closed the connection."""
+        try:
+            return self.chan.receive()
+        except ChannelClosed:
+            return None
 
     def request(self, msg_type: str, **fields: Any) -> dict[str, Any]:
         self.send(msg_type, **fields)
@@ -107,12 +113,22 @@ class WireClient:
         assert reply is not None, "host closed the connection"
         return reply
 
-    def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1) -> dict[str, Any]:
-        return self.request("hello", proto=1, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid(),
-                            transport="socket")
+    def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1, **fields: Any) -> dict[str, Any]:
+        hello = dict(proto=PROTOCOL_VERSION, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid(),
+                     transport="socket")
+        reply = self.request("hello", **{**hello, **fields})
+        fds = self.chan.take_fds()
+        if reply["t"] == "welcome":
+            self.views = GuestViews(fds, reply["pages"])
+        else:
+            assert fds == [], "descriptors with a refusal"
+        return reply
 
     def close(self) -> None:
-        self.sock.close()
+        if self.views is not None:
+            self.views.close()
+            self.views = None
+        self.chan.close()
 
 
 class GuestProcess:

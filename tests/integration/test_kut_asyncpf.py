@@ -32,7 +32,8 @@ def test_kvm_unit_tests_asyncpf_scenario(tmp_path, vm_id):
         assert welcome["t"] == "welcome" and welcome["vcpu"] == 0
         ram = GuestRam.open(vm_id, RamLayout(welcome["pages"]))
         area = KvmVcpuPvApfData(ram.u32, 0)
-        mem = GuestMemoryAccess(ram, 0)
+        assert guest.views is not None
+        mem = GuestMemoryAccess(ram, guest.views)
 
         # setup: zero the area, wrmsr(ASYNC_PF_INT, 0xf3) FIRST, then ASYNC_PF_EN
         area.flags = area.token = 0

@@ -12,7 +12,9 @@ import orjson
 import pytest
 
 from apf_emu.stats import INTERLEAVINGS
-from shared.guest_ram import CTL_IRR, GuestRam, RamLayout
+from host_daemon.guest_views import ControlBlock
+from shared.views import CTL_IRR
+from shared.wire import PROTOCOL_VERSION
 from shared.signals import SIG_PF, interrupt_signals, signal_vectors, vector_signal
 
 from .helpers import ROOT, HostProcess, WireClient, wait_until
@@ -21,11 +23,11 @@ CHILD = textwrap.dedent(
     """
     import signal, sys
     from guest_agent.transport import IrrReader
-    from shared.guest_ram import CTL_IRR, GuestRam, RamLayout
     from shared.signals import vector_signal
-    vm, vector = sys.argv[1], int(sys.argv[2])
-    ram = GuestRam.open(vm, RamLayout(4))
-    irr = IrrReader(ram.u32, ram.layout.ctl_index(0, CTL_IRR))
+    from shared.views import CTL_IRR, CTL_SIZE, MappedFd
+    fd, vector = int(sys.argv[1]), int(sys.argv[2])
+    ctl = MappedFd(fd, CTL_SIZE, writable=True, what="control block")
+    irr = IrrReader(ctl.u32, CTL_IRR, baseline=0)
     sig = vector_signal(vector)
     runs, raised = [], []
     signal.signal(sig, lambda s, f: (runs.append(s), raised.extend(irr.raised(s))))
@@ -35,7 +37,7 @@ CHILD = textwrap.dedent(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
     print(len(runs), raised, flush=True)
     del irr
-    ram.close()
+    ctl.close()
     """
 )
 
@@ -51,14 +53,13 @@ def test_signal_mapping_orders_pf_first_and_higher_vector_classes_next():
 def test_fifty_signals_can_arrive_as_one_and_the_vector_is_still_seen(vm_id):
     """Real coalescing: 50 queued signals, one Python handler run; the raise counter, not the signal count,
     tells the guest the vector was raised."""
-    host_ram = GuestRam.create(vm_id, RamLayout(4))
+    ctl = ControlBlock(vm_id, 0)
     try:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, vm_id, str(0xF3)], cwd=ROOT, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(ctl.fd), str(0xF3)], cwd=ROOT, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, pass_fds=[ctl.fd])
         assert child.stdout.readline().strip() == "blocked"
-        ix = host_ram.layout.ctl_index(0, CTL_IRR) + 0xF3
         for _ in range(50):  # what the host's SignalNotifier does per raise
-            host_ram.u32[ix] += 1
+            ctl.u32[CTL_IRR + 0xF3] += 1
             os.kill(child.pid, vector_signal(0xF3))
         out, _ = child.communicate("go\n", timeout=30)
         runs, raised = out.split(" ", 1)
@@ -66,18 +67,18 @@ def test_fifty_signals_can_arrive_as_one_and_the_vector_is_still_seen(vm_id):
         assert 1 <= int(runs) < 50  # the signals merged
         assert raised.strip() == "[243]"  # and the vector was seen, once, as an IRR bit would be
     finally:
-        host_ram.close()
+        ctl.close()
 
 
 def test_host_signals_only_the_pid_the_kernel_vouches_for(tmp_path, vm_id):
     host = HostProcess(tmp_path, vm_id, "--vcpus", "2", "--pages", "16", "--resident", "8")
     try:
         liar = WireClient(host.socket)
-        reply = liar.request("hello", proto=1, vm=vm_id, vcpu=0, boot=1, kind="normal", pid=1, transport="signal")
+        reply = liar.request("hello", proto=PROTOCOL_VERSION, vm=vm_id, vcpu=0, boot=1, kind="normal", pid=1, transport="signal")
         assert reply["t"] == "error" and reply["code"] == "bad_pid" and reply["fatal"]
         liar.close()
         honest = WireClient(host.socket)
-        assert honest.request("hello", proto=1, vm=vm_id, vcpu=0, boot=1, kind="normal", pid=os.getpid(),
+        assert honest.request("hello", proto=PROTOCOL_VERSION, vm=vm_id, vcpu=0, boot=1, kind="normal", pid=os.getpid(),
                               transport="signal")["t"] == "welcome"
         honest.close()
         wait_until(lambda: any(e["event"] == "vcpu_disconnect" for e in host.events()), 5, "the disconnect")
