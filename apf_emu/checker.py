@@ -22,7 +22,7 @@ INVARIANTS: Final = {
     "ready_after_not_present": "every page-ready (except wake-all) follows the not-present of its token on its vCPU",
     "ready_once": "a token gets at most one page-ready",
     "one_unacked_ready": "a vCPU gets no page-ready while the guest has not released the previous one (its "
-    "guest_apf_ack, or the host's apf_ack for guests that do not log)",
+    "guest_apf_ack; for a guest that does not log, the host's own view: the `released` token of the next page-ready)",
     "delivered_while_disabled": "no not-present or page-ready reaches a vCPU whose APF is not enabled (with "
     "DELIVERY_AS_INT) in the current boot",
     "outstanding_limit": f"at most {ASYNC_PF_PER_VCPU} not-present events are outstanding per vCPU",
@@ -76,6 +76,7 @@ class Checker:
         self.ready_latency_limit_ns = int(ready_latency_limit_ms * 1e6)
         self.violations: list[Violation] = []
         self.events = 0
+        self.protocol_events = 0  # events an invariant reads: 0 means nothing was checked at all
         self._host: dict[tuple[Any, Any], _HostVcpu] = {}
         self._boots: dict[tuple[Any, Any, Any], _GuestBoot] = {}
         self._current_boot: dict[tuple[Any, Any], Any] = {}
@@ -96,6 +97,7 @@ class Checker:
         self._ev_ctx = ctx
         handler = (_HOST if ev.get("role") == "host" else _GUEST).get(ev["event"])
         if handler is not None:
+            self.protocol_events += 1
             handler(self, ev, key)
         ctx.append(ev)
 
@@ -161,6 +163,8 @@ class Checker:
         token = ev.get("token")
         if not st.enabled:
             self._violate("delivered_while_disabled", f"page-ready {token!r} while APF is disabled", ev)
+        if st.unacked is not None and key not in self._current_boot and ev.get("released") == st.unacked:
+            st.unacked = None  # a guest that does not log: the host found the slot cleared
         if st.unacked is not None:
             self._violate("one_unacked_ready", f"page-ready {token!r} while {st.unacked:#x} is not released", ev)
         st.unacked = token if isinstance(token, int) else None
@@ -282,11 +286,9 @@ class Checker:
         if host is not None and host.unacked == ev.get("token"):
             host.unacked = None
 
-    def _host_ack(self, ev: Event, key: tuple[Any, Any]) -> None:
-        # The guest releases the slot before it ACKs, so with guest logs guest_apf_ack has already done this; for a
-        # guest that does not log (a third-party client), the host's ACK is the release. With guest logs it is not:
-        # a completion may already have delivered the next page-ready before the host reads the ACK.
-        if key not in self._current_boot:
+    def _restore(self, ev: Event, key: tuple[Any, Any]) -> None:
+        # A restarted host found the token slot empty: whatever was delivered before has been released.
+        if ev.get("slot") == 0:
             self._h(key).unacked = None
 
     def _data_check(self, ev: Event, key: tuple[Any, Any]) -> None:
@@ -305,7 +307,7 @@ _HOST = {
     "kvm_async_pf_ready": Checker._ready,
     "kvm_async_pf_completed": Checker._completed,
     "apf_ready_dropped": Checker._dropped,
-    "apf_ack": Checker._host_ack,
+    "vcpu_restore": Checker._restore,
 }
 _GUEST = {
     "guest_boot": Checker._boot,

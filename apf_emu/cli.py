@@ -152,14 +152,14 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 # --- check and stats --------------------------------------------------------------------------------------------
-def analyse(paths: Sequence[str], **checker_options: Any) -> tuple[list[Violation], Stats, ReadReport, int]:
+def analyse(paths: Sequence[str], **checker_options: Any) -> tuple[list[Violation], Stats, ReadReport, Checker]:
     report = ReadReport()
     checker = Checker(**checker_options)
     stats = Stats()
     for ev in read_merged(paths, report):
         checker.feed(ev)
         stats.feed(ev)
-    return checker.finish(), stats, report, checker.events
+    return checker.finish(), stats, report, checker
 
 
 def print_violations(violations: list[Violation], *, as_json: bool, out: Any = sys.stdout) -> None:
@@ -173,9 +173,11 @@ def print_violations(violations: list[Violation], *, as_json: bool, out: Any = s
         out.write(f"    at:     {_brief(v.event)}\n")
 
 
-def print_verdict(violations: list[Violation]) -> None:
+def print_verdict(violations: list[Violation], checker: Checker) -> None:
     """The last lines of a run's or a chaos run's summary."""
-    if violations:
+    if not checker.protocol_events:
+        print("  invariants: NOT CHECKED: the logs hold no protocol event")
+    elif violations:
         print(f"  invariants: {len(violations)} VIOLATIONS")
         print_violations(violations[:20], as_json=False)
     else:
@@ -193,7 +195,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{name}: {text}")
         return 0
     try:
-        violations, _stats, report, events = analyse(args.logs, ready_latency_limit_ms=args.ready_latency_limit)
+        violations, _stats, report, checker = analyse(args.logs, ready_latency_limit_ms=args.ready_latency_limit)
     except LogInputError as exc:
         print(f"apf-emu check: {exc}", file=sys.stderr)
         return 2
@@ -201,9 +203,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"apf-emu check: note: cut last line tolerated at {where} (a killed process)", file=sys.stderr)
     for where in report.unreadable[:10]:
         print(f"apf-emu check: note: unreadable line at {where}", file=sys.stderr)
+    if not checker.protocol_events:
+        print(f"apf-emu check: nothing to check: {report.lines} lines read, {checker.events} apf-emu events, none "
+              f"of them a protocol event an invariant reads ({len(report.unreadable)} unreadable lines)",
+              file=sys.stderr)
+        return 2
     print_violations(violations, as_json=args.json)
     if not args.json:
-        print(f"{events} events, {len(INVARIANTS)} invariants, {len(violations)} violations")
+        print(f"{checker.events} events, {len(INVARIANTS)} invariants, {len(violations)} violations")
     return 1 if violations else 0
 
 
@@ -289,15 +296,15 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     # may legitimately wait that long, so the latency bound allows for the longest pause plus a host restart.
     longest_pause = max((f.seconds for f in result.schedule), default=0.0)
     limit_ms = max(DEFAULT_READY_LATENCY_LIMIT_MS, (longest_pause + CHAOS_LATENCY_SLACK_S) * 1000)
-    violations, stats, report, _events = analyse([str(result.log_dir)], ready_latency_limit_ms=limit_ms)
+    violations, stats, report, checker = analyse([str(result.log_dir)], ready_latency_limit_ms=limit_ms)
     summary = chaos_json(result, stats, violations, report)
     if args.json:
         print(orjson.dumps(summary).decode())
     else:
-        print_chaos(summary, violations)
+        print_chaos(summary, violations, checker)
     if violations:
         return 1
-    return 3 if result.problems or result.leftovers else 0
+    return 3 if result.problems or result.leftovers or not checker.protocol_events else 0
 
 
 def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], report: ReadReport) -> dict[str, Any]:
@@ -318,7 +325,7 @@ def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], r
     }
 
 
-def print_chaos(summary: dict[str, Any], violations: list[Violation]) -> None:
+def print_chaos(summary: dict[str, Any], violations: list[Violation], checker: Checker) -> None:
     print(f"apf-emu chaos: VM {summary['vm']}, logs in {summary['log_dir']}")
     print("  schedule:")
     for line in summary["schedule"]:
@@ -340,7 +347,7 @@ def print_chaos(summary: dict[str, Any], violations: list[Violation]) -> None:
     for line in summary["problems"]:
         print(f"  ! {line}")
     print(f"  left behind: {', '.join(summary['leftovers']) if summary['leftovers'] else 'nothing'}")
-    print_verdict(violations)
+    print_verdict(violations, checker)
 
 
 # --- run --------------------------------------------------------------------------------------------------------
@@ -358,14 +365,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         shared_ratio=args.shared_ratio, vm=args.vm, log_stdout=args.log_stdout,
     )
     result = trio.run(run, opts)
-    violations, stats, report, _events = analyse([str(result.log_dir)])
+    violations, stats, report, checker = analyse([str(result.log_dir)])
     if args.json:
         print(orjson.dumps(run_json(result, stats, violations)).decode())
     else:
-        print_summary(result, stats, violations)
+        print_summary(result, stats, violations, checker)
     if violations:
         return 1
-    if result.unexpected_exits or any(code != 0 for code in result.exit_codes.values()):
+    if result.unexpected_exits or any(code != 0 for code in result.exit_codes.values()) or not checker.protocol_events:
         return 3
     return 0
 
@@ -379,7 +386,7 @@ def run_json(result: RunResult, stats: Stats, violations: list[Violation]) -> di
     }
 
 
-def print_summary(result: RunResult, stats: Stats, violations: list[Violation]) -> None:
+def print_summary(result: RunResult, stats: Stats, violations: list[Violation], checker: Checker) -> None:
     secs = stats.seconds or 1.0
     readies = stats.events["kvm_async_pf_ready"]
     print(f"apf-emu run: VM {result.vm}, stopped by {result.stopped_by}, logs in {result.log_dir}")
@@ -402,4 +409,4 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation]) 
     bad = {k: v for k, v in result.exit_codes.items() if v != 0}
     if bad:
         print(f"  ! exit status: {bad}")
-    print_verdict(violations)
+    print_verdict(violations, checker)

@@ -251,6 +251,7 @@ class Vm:
             if self.vcpus.get(vcpu_id) is conn:
                 del self.vcpus[vcpu_id]
             log.info("vcpu_disconnect")
+            conn.done.set()  # only now may a newer boot's connect be logged: the checker reads them in order
 
     def _check_hello(self, msg: dict[str, Any]) -> tuple[str, str] | None:
         """Every field of `hello` within its documented range (docs/PROTOCOL.md, section 3)."""

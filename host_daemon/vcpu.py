@@ -256,8 +256,11 @@ class VcpuApf:
                 continue
             assert self.area is not None
             # Logged before the store that publishes it, so that its mono_ns precedes anything the guest logs
-            # after reading the slot. The same holds for not-present below.
-            self.log.info("kvm_async_pf_ready", token=item.token, gfn=item.gfn, vector=self.vector)
+            # after reading the slot. The same holds for not-present below. `released`: the token this host had
+            # published and has now found cleared (the host's own view of the guest's release, which is all the
+            # checker has for a guest that does not log).
+            self.log.info("kvm_async_pf_ready", token=item.token, gfn=item.gfn, vector=self.vector,
+                          released=self.slot_token or None)
             self.area.token = self.slot_token = item.token  # apf_put_user_ready
             self.wakeup_all_unacked = item.wakeup_all
             return self.vector

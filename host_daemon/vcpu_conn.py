@@ -39,7 +39,7 @@ class VcpuConnection:
         self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log)
         self.pinned: int | None = None
         self.scope = trio.CancelScope()
-        self.done = trio.Event()  # set once reset() ran
+        self.done = trio.Event()  # set once the connection is reset and its end logged
 
     async def start(self, saved: SavedVcpu | None) -> None:
         """Continue the vCPU's token ids across boots; restore its registers if this boot is the one saved."""
@@ -175,4 +175,3 @@ class VcpuConnection:
         self.vm.memory.detach(self.vcpu_id)
         self.vm.memory.backing.set_connected(self.vcpu_id, None)
         self.ctl.close()
-        self.done.set()

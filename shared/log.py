@@ -81,6 +81,7 @@ def configure(log_file: Path | None, *, stdout: bool = False) -> JsonLinesSink:
             structlog.processors.add_log_level,
             _add_stamps,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,  # `log.exception(...)`: the traceback as the `exception` field
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
