@@ -89,6 +89,7 @@ class WireClient:
         sock.connect(str(path))
         self.chan = BlockingChannel(sock)
         self.views: GuestViews | None = None
+        self.interrupts = 0  # interrupt frames `reply` skipped
 
     @property
     def sock(self) -> socket.socket:
@@ -112,6 +113,16 @@ class WireClient:
         reply = self.receive()
         assert reply is not None, "host closed the connection"
         return reply
+
+    def reply(self, msg_type: str, **fields: Any) -> dict[str, Any]:
+        """Send a request; return its reply, counting (and dropping) the interrupts that come first."""
+        self.send(msg_type, **fields)
+        while True:
+            msg = self.receive()
+            assert msg is not None, "host closed the connection"
+            if msg["t"] != "interrupt":
+                return msg
+            self.interrupts += 1
 
     def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1, **fields: Any) -> dict[str, Any]:
         hello = dict(proto=PROTOCOL_VERSION, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid(),

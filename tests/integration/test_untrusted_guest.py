@@ -51,12 +51,7 @@ class Client:
         self.rng = random.Random(7)
 
     def request(self, msg_type: str, **fields: object) -> dict:
-        self.c.send(msg_type, **fields)
-        while True:
-            msg = self.c.receive()
-            assert msg is not None
-            if msg["t"] != "interrupt":
-                return msg
+        return self.c.reply(msg_type, **fields)
 
     def fault(self, gfn: int, **kind: bool) -> dict:
         return self.request("exit_mem", gpa=gfn * PAGE_SIZE, write=True, user=kind.get("user", True),
