@@ -1,7 +1,8 @@
 """apf-emu's benchmarks, all in one run: `apf-emu bench [--quick] [--json FILE] [--plots DIR]`.
 
 1. transport floor and the APF cycle's costs over it (bench/floor.py, bench/apf_cycle.py);
-2. throughput and memory from 1 to 64 vCPUs with page-in latency 0 (bench/topology.py);
+2. throughput and memory from 1 to 64 vCPUs with page-in latency 0 (bench/topology.py), and what shared pages
+   cost (the same run with 0, 20% and 50% of the accesses on pages all vCPUs share);
 3. Natapov's 2010 benchmark shape: writers faulting over guest RAM 4x the host's resident limit and counting tasks,
    with APF and without (synchronous halt), the speedup of the counting work, and the ideal speedup derived from
    the measured fault rate and page-in latency (bench/natapov below);
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,16 +24,22 @@ from typing import Any
 
 from . import apf_cycle, check_speed, floor, topology
 
+SHARED_RATIOS = (0.0, 0.2, 0.5)
+SHARED_VCPUS = 2
 QUICK = {
     "floor_round_trips": 2000, "cycles": 800, "scale_vcpus": [1, 4, 16], "scale_seconds": 4.0,
     "natapov_seconds": 6.0, "natapov_sweep": [(1.0, 1)], "check_lines": 200_000,
+    "shared_rounds": 1, "shared_seconds": 4.0,
 }
 FULL = {
     "floor_round_trips": 20000, "cycles": 5000, "scale_vcpus": [1, 2, 4, 8, 16, 32, 64], "scale_seconds": 15.0,
     "natapov_seconds": 60.0, "natapov_sweep": [(lat, t) for lat in (0.1, 1.0, 10.0) for t in (1, 2, 4)],
-    "sweep_seconds": 15.0, "check_lines": 1_000_000,
+    "sweep_seconds": 15.0, "check_lines": 1_000_000, "shared_rounds": 3, "shared_seconds": 10.0,
 }
 NATAPOV_VCPUS = 4
+# Natapov's fault threads write at random over memory far larger than the host keeps resident, so that every write
+# faults; the guest agent's shared pages are few and hot (resident), so his shape runs without them.
+NATAPOV_SHARED_RATIO = 0.0
 NATAPOV_PAGES, NATAPOV_RESIDENT = 2048, 512  # guest RAM 4x the host's limit, as 2 GB in a 512 MB cgroup
 
 
@@ -84,13 +92,35 @@ def bench_scale(cfg: dict[str, Any], say: Any) -> list[dict[str, Any]]:
     return out
 
 
+def bench_shared(cfg: dict[str, Any], say: Any) -> list[dict[str, Any]]:
+    """APF cycles/s with 0, 20% and 50% of the accesses on the shared pages, 2 vCPUs, page-in latency 0. The ratios
+    take turns over several rounds and each gets the median of its rounds: the machine drifts within a run."""
+    runs: dict[float, list[topology.TopologyResult]] = {ratio: [] for ratio in SHARED_RATIOS}
+    for _ in range(cfg["shared_rounds"]):
+        for ratio in SHARED_RATIOS:
+            runs[ratio].append(topology.run(SHARED_VCPUS, cfg["shared_seconds"], pages=512, resident=384,
+                                            latency="0", shared_ratio=ratio))
+    out = []
+    for ratio, rs in runs.items():
+        out.append({"shared_ratio": ratio,
+                    "cycles_per_s": round(statistics.median(r.wakes / r.seconds for r in rs), 1),
+                    "accesses_per_s": round(statistics.median(r.accesses / r.seconds for r in rs), 1),
+                    "rounds": len(rs), "clean": all(r.clean for r in rs)})
+    base = out[0]["cycles_per_s"] or 1.0
+    for row in out:
+        row["vs_private"] = round(row["cycles_per_s"] / base, 3)
+        say(f"shared  {row['shared_ratio']:.0%} of accesses  {row['cycles_per_s']:8.1f} APF cycles/s "
+            f"({row['vs_private']:.2f}x of none), {row['accesses_per_s']:,.0f} accesses/s")
+    return out
+
+
 def natapov_pair(seconds: float, latency_ms: float, writers: int, vcpus: int = NATAPOV_VCPUS) -> dict[str, Any]:
     """Work with APF and without, one writer and one counting task per `writers` per vCPU."""
     runs = {}
     for mode in ("apf", "sync"):
         runs[mode] = topology.run(
             vcpus, seconds, pages=NATAPOV_PAGES, resident=NATAPOV_RESIDENT, latency=f"fixed:{latency_ms}ms",
-            tasks=writers, counting_tasks=writers, apf=mode == "apf")
+            tasks=writers, counting_tasks=writers, apf=mode == "apf", shared_ratio=NATAPOV_SHARED_RATIO)
     apf, sync = runs["apf"], runs["sync"]
     # Without APF each fault halts its vCPU for the page-in. At best APF gives all of that time to the counting
     # tasks, so the ideal speedup of the counting work is (counting time + halted time) / counting time, both
@@ -144,6 +174,7 @@ def run_all(quick: bool, say: Any = print) -> dict[str, Any]:
     result: dict[str, Any] = {"variant": "quick" if quick else "full", "machine": machine()}
     result["floor_us"], result["ratio"], result["costs_us"] = bench_costs(cfg, say)
     result["scale"] = bench_scale(cfg, say)
+    result["shared_pages"] = bench_shared(cfg, say)
     result["natapov"], result["natapov_sweep"], result["natapov_at_cores"] = bench_natapov(cfg, say)
     check = check_speed.measure(cfg["check_lines"])
     result["check_lines_per_s"] = check["check_lines_per_s"]

@@ -47,7 +47,7 @@ class TopologyResult:
 
 def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, tasks: int = 4,
         counting_tasks: int = 0, apf: bool = True, transport: str = "socket", keep_logs: Path | None = None,
-        seed: int = 0) -> TopologyResult:
+        seed: int = 0, shared_ratio: float = 0.2) -> TopologyResult:
     vm = f"bench{os.getpid()}x{vcpus}"
     tmp = tempfile.TemporaryDirectory(prefix="apf-topo-")
     log_dir = keep_logs or Path(tmp.name)
@@ -70,6 +70,7 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
                 [sys.executable, "-m", "guest_agent", "--vm", vm, "--socket", str(sock), "--vcpu", str(v),
                  "--boot", "1", "--tasks", str(tasks), "--counting-tasks", str(counting_tasks), "--duration",
                  str(seconds), "--log-dir", str(log_dir), "--transport", transport, "--seed", str(seed),
+                 "--shared-ratio", str(shared_ratio),
                  *([] if apf else ["--no-apf"])], cwd=ROOT, start_new_session=True))
         time.sleep(seconds * 0.7)  # a benchmark sampling memory while the guests work, not synchronisation
         result.host_rss_kb = rss_kb(host.pid)

@@ -1,15 +1,17 @@
 # `apf-guest`: run the guest kernel of one vCPU. Options also read from APF_EMU_* environment variables (for compose).
+#
+# A supervisor may stop a guest at any moment, also while Python is still importing it: `main` notes SIGTERM and
+# SIGINT from its first line on, before it imports the kernel, and the kernel then boots only to shut down cleanly.
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
-from shared import log as slog
 from shared.guest_ram import check_vm_id
-
-from .kernel import GuestConfig, GuestError, GuestKernel
 
 
 def env(name: str, default: str) -> str:
@@ -73,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    early: list[int] = []
+
+    def note_stop(signum: int, _frame: FrameType | None) -> None:
+        early.append(signum)
+
+    previous = {s: signal.signal(s, note_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(argv, early)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(argv: list[str] | None, early: list[int]) -> int:
+    from shared import log as slog
+
+    from .kernel import GuestConfig, GuestError, GuestKernel
+
     args = build_parser().parse_args(argv)
     if not 1 <= args.tasks <= 1024 or not 0 <= args.counting_tasks <= 1024:
         print("apf-guest: --tasks must be 1..1024 and --counting-tasks 0..1024", file=sys.stderr)
@@ -93,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     kernel = GuestKernel(config)
     try:
-        kernel.run()
+        kernel.run(stops_before_run=early)
     except (GuestError, OSError) as exc:
         print(f"apf-guest: {exc}", file=sys.stderr)
         return 3

@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -95,6 +96,7 @@ class GuestKernel:
         self.apf_enabled = False
         self.stopping = False
         self.lifecycle: str | None = None  # "crash" or "reboot", requested by SIGUSR1 / SIGUSR2
+        self.stop_at_boot = False
         self.exit_code = 0
         self.drain_deadline = math.inf
         self.counts = {"accesses": 0, "shared_accesses": 0, "data_checks": 0, "data_check_failures": 0,
@@ -103,9 +105,12 @@ class GuestKernel:
         self.shared_accept: dict[int, tuple[int, ...]] = {}  # shared gfn -> seqs this vCPU's slot may hold
 
     # --- plumbing ------------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self, stops_before_run: Sequence[int] = ()) -> None:
+        """Boot, run, stop. `stops_before_run`: SIGTERM/SIGINT noted before this kernel's own handlers were in place
+        (read once they are): the kernel then boots, so that the host sees a whole boot, and stops at once."""
         cfg = self.cfg
         old_handlers = {s: signal.signal(s, self._on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.stop_at_boot = bool(stops_before_run)
         old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_lifecycle_signal)
         old_handlers[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, self._on_lifecycle_signal)
         self.transport: Transport = open_transport(cfg.transport, cfg.socket, cfg.connect_timeout,
@@ -258,6 +263,8 @@ class GuestKernel:
         stop_at = time.monotonic() + self.cfg.duration if self.cfg.duration is not None else math.inf
         reinit_every = self.cfg.apf_reinit_every
         next_reinit = time.monotonic() + reinit_every if reinit_every else math.inf
+        if self.stop_at_boot:
+            self._request_stop()
         while True:
             cpu.cli()
             cpu.enter("kernel")

@@ -17,10 +17,11 @@
 # - A shared page (the first few gfns after the APF areas, shared_pages()) is read and written by every vCPU, as
 #   kernel data is: 64 slots of 64 bytes, slot v written only by vCPU v (by whichever of its tasks runs), as
 #   `seq_a, gfn, writer, body[48], seq_b` with seq_a stored first and seq_b last. A vCPU verifies its own slot
-#   exactly (it knows what it last wrote there) and every other vCPU's slot as a seqlock reader: read seq_b, the
-#   rest, then seq_a; equal seqs mean a complete copy, whose gfn and body must then match; unequal ones mean that
-#   vCPU is writing right now (or died writing), and the slot is not judged. x86-TSO keeps stores in order and loads
-#   in order, which is all a seqlock needs.
+#   exactly (it knows what it last wrote there) and up to OTHER_SLOTS other vCPUs' slots, in turn, as a seqlock
+#   reader: read seq_b, the rest, then seq_a; equal seqs mean a complete copy, whose gfn and body must then match;
+#   unequal ones mean that vCPU is writing right now (or died writing), and the slot is not judged. x86-TSO keeps
+#   stores in order and loads in order, which is all a seqlock needs. (With up to 4 vCPUs every other slot is read
+#   on every access; with more, the cost of an access stays bounded and each slot is still read every few accesses.)
 # One exception for both: data whose last writer was an earlier boot of this vCPU may be torn, because that boot may
 # have been killed in the middle of writing it; the first access of a boot accepts it (and reports it as torn), as a
 # kernel would find such a page after a crash.
@@ -43,6 +44,7 @@ SLOT_SIZE: Final = PAGE_SIZE // MAX_VCPUS  # 64
 SLOT_BODY: Final = SLOT_SIZE - 16  # between seq_a, gfn, writer (12 bytes) and seq_b (4)
 SLOT_PATTERNS: Final = [bytes([b]) * SLOT_BODY for b in range(256)]
 ZERO_BODY: Final = bytes(SLOT_BODY)
+OTHER_SLOTS: Final = 3  # other vCPUs' slots judged per access to a shared page
 
 
 def pattern_byte(gfn: int, seq: int) -> int:
@@ -80,6 +82,7 @@ class GuestMemoryAccess:
         self.u32 = ram.u32
         self.mem = ram.mem
         self.vcpus = vcpus
+        self._next_other = 0  # where the next access to a shared page starts reading the other slots
         self.rebind(views)
 
     def rebind(self, views: GuestViews) -> None:
@@ -140,15 +143,19 @@ class GuestMemoryAccess:
         if entry is None:
             return Access.EXIT, 0, False, False
         u32, mem = self.u32, self.mem
-        for v in range(self.vcpus):
-            if v != slot:
-                state = self._read_slot(gfn, v)
-                if state is None:
-                    others.torn += 1
-                elif state:
-                    others.good += 1
-                else:
-                    others.bad.append(v)
+        others_to_read = [v for v in range(self.vcpus) if v != slot]
+        if len(others_to_read) > OTHER_SLOTS:
+            start = self._next_other % len(others_to_read)
+            self._next_other = start + OTHER_SLOTS
+            others_to_read = (others_to_read[start:] + others_to_read[:start])[:OTHER_SLOTS]
+        for v in others_to_read:
+            state = self._read_slot(gfn, v)
+            if state is None:
+                others.torn += 1
+            elif state:
+                others.good += 1
+            else:
+                others.bad.append(v)
         base = (gfn * PAGE_SIZE + slot * SLOT_SIZE) >> 2
         seq_b, g, w = int(u32[base + 15]), int(u32[base + 1]), int(u32[base + 2])
         body = bytes(mem[(base + 3) << 2 : (base + 15) << 2])

@@ -118,12 +118,15 @@ class BackingStore:
         u32[base + V_APF_ID] = apf_id
         u32[base + V_VALID] = 1
 
-    def set_connected(self, vcpu: int, pid: int | None) -> None:
-        """Whether a guest process (`pid`, 0 if not visible to the host) is attached to vCPU: a host that takes
-        over after a crash must assume such a guest still runs on what the dead host had shown it."""
+    def attach_guest(self, vcpu: int, pid: int) -> None:
+        """A guest process (`pid`, 0 if the host cannot see it) is attached to vCPU: a host that takes over after a
+        crash must assume that guest still runs on what the dead host had shown it."""
         base = self._vcpu0 + vcpu * VCPU_WORDS
-        self.u32[base + V_PID] = pid or 0
-        self.u32[base + V_CONNECTED] = int(pid is not None)
+        self.u32[base + V_PID] = pid
+        self.u32[base + V_CONNECTED] = 1
+
+    def detach_guest(self, vcpu: int) -> None:
+        self.u32[self._vcpu0 + vcpu * VCPU_WORDS + V_CONNECTED] = 0
 
     def connected_guests(self) -> dict[int, int]:
         """vCPU -> pid (0: unknown) of every vCPU that had a guest attached when the state was last written."""

@@ -234,7 +234,7 @@ class Vm:
                  restored=saved is not None and saved.boot == boot, assigned=msg["vcpu"] is None or not msg["boot"])
         try:
             self.memory.attach(vcpu_id, ctl.u32)
-            self.memory.backing.set_connected(vcpu_id, peer_pid)
+            self.memory.backing.attach_guest(vcpu_id, peer_pid or 0)
             await conn.start(saved)
             if vcpu_id in self.recovery_pins:
                 self.memory.unpin(self.recovery_pins.pop(vcpu_id))

@@ -173,5 +173,5 @@ class VcpuConnection:
             self.vm.memory.unpin(self.pinned)
             self.pinned = None
         self.vm.memory.detach(self.vcpu_id)
-        self.vm.memory.backing.set_connected(self.vcpu_id, None)
+        self.vm.memory.backing.detach_guest(self.vcpu_id)
         self.ctl.close()

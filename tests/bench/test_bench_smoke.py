@@ -32,6 +32,10 @@ def test_quick_bench_writes_well_formed_results(tmp_path):
     for row in r["scale"]:
         assert positive(row["cycles_per_s"]) and positive(row["host_rss_mb"]) and positive(row["guest_rss_mb"])
         assert row["clean"] is True
+    assert [row["shared_ratio"] for row in r["shared_pages"]] == [0.0, 0.2, 0.5]
+    for row in r["shared_pages"]:
+        assert positive(row["cycles_per_s"]) and positive(row["vs_private"]) and row["clean"] is True
+    assert r["shared_pages"][0]["vs_private"] == 1.0
     n = r["natapov"]
     assert n["work_apf"] > 0 and n["work_sync"] > 0 and n["apfs"] > 0 and n["faults_sync"] > 0
     assert n["speedup"] == round(n["work_apf"] / n["work_sync"], 3)

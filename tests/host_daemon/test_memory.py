@@ -175,9 +175,9 @@ def test_the_recovery_window_evicts_nothing_until_the_guests_are_back(make_vm):
     vm = make_vm(16)
     first = vm.memory(4)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    vm.backing.set_connected(0, 1)  # pid 1 is alive (init): only its reconnect closes its part of the window
-    vm.backing.set_connected(1, int(dead.stdout))  # gone: the window does not wait for it
-    vm.backing.set_connected(2, 0)  # not visible to the host: only a reconnect or a newer boot counts
+    vm.backing.attach_guest(0, 1)  # pid 1 is alive (init): only its reconnect closes its part of the window
+    vm.backing.attach_guest(1, int(dead.stdout))  # gone: the window does not wait for it
+    vm.backing.attach_guest(2, 0)  # not visible to the host: only a reconnect or a newer boot counts
     del first
     mem = vm.memory(4, recover=True)
     assert mem.awaiting == [0, 1, 2]

@@ -11,7 +11,7 @@ import pytest
 from apf_emu.checker import check_events
 from apf_emu.logs import read_merged
 
-from .helpers import GuestProcess, HostProcess, count_events, read_events, wait_for_events
+from .helpers import GuestProcess, HostProcess, count_events, read_events, wait_for_events, wait_until
 
 HOST_ARGS = ("--vcpus", "2", "--pages", "256", "--resident", "64", "--page-in-latency", "exp:2ms")  # a working set > R
 
@@ -23,6 +23,12 @@ def checked(host: HostProcess, **options) -> list[dict]:
     shutdowns = [e for e in events if e["event"] == "guest_shutdown"]
     assert shutdowns and all(e["data_check_failures"] == 0 and e["sleepers"] == 0 for e in shutdowns)
     return events
+
+
+def outstanding(events: list[dict], vcpu: int = 0) -> set[int]:
+    """Tokens of not-present events whose page-ready has not been delivered (yet)."""
+    injected = {e["token"] for e in events if e["event"] == "kvm_async_pf_not_present" and e["vcpu"] == vcpu}
+    return injected - {e["token"] for e in events if e["event"] == "kvm_async_pf_ready" and e["vcpu"] == vcpu}
 
 
 def tokens_of(events: list[dict], boot: int, vcpu: int = 0) -> set[int]:
@@ -59,10 +65,11 @@ def test_panic_disables_apf_and_comes_back_as_kdump(tmp_path, vm_id, kdump_apf):
 
 
 def test_sigkill_is_a_vcpu_reset_and_the_restart_a_new_boot(tmp_path, vm_id):
-    host = HostProcess(tmp_path, vm_id, *HOST_ARGS, "--page-in-latency", "fixed:20ms")
+    host = HostProcess(tmp_path, vm_id, *HOST_ARGS, "--page-in-latency", "fixed:100ms")
     try:
         g1 = GuestProcess(host, 0, "--tasks", "16")
-        wait_for_events(g1.log, "guest_apf_wait", 50)
+        wait_for_events(g1.log, "guest_apf_wait", 20)
+        wait_until(lambda: outstanding(host.events()), 10, "an APF in flight")  # page-ins take 100 ms
         g1.proc.kill()
         g1.wait()
         wait_for_events(host.log_dir / "host.jsonl", "vcpu_disconnect")
@@ -125,12 +132,54 @@ def test_host_sigkill_and_recover_loses_nothing(tmp_path, vm_id, transport):
     host_events = read_events(host.log_dir / "host.jsonl")
     ready = [e for e in host_events if e["event"] == "host_ready"]
     assert [e["recovered"] for e in ready] == [False, True]
+    assert ready[1]["awaiting"] == [0, 1]  # both guests were attached when the host died
+    window = [e["awaiting"] for e in host_events if e["event"] == "memory_recovery_window"]
+    assert window == [[0, 1], []]  # and both came back
     assert count_events(host.log_dir / "host.jsonl", "vcpu_restore") == 2
     assert [e["restored"] for e in events if e["event"] == "vcpu_connect"].count(True) == 2
     # the pages that were swapped out before the kill came back with the contents the guests had written: every
     # verification after the restart passed (checked() above), and there were many
     restart = ready[1]["mono_ns"]
     assert sum(1 for e in events if e["event"] == "guest_data_check" and e["mono_ns"] > restart) > 50
+
+
+def test_a_guest_stopped_across_a_host_restart_loses_nothing(tmp_path, vm_id):
+    """vCPU 0's guest is SIGSTOPped (perhaps inside an access) while the host is killed and restarted. Until it is
+    back it still reads the dead host's EPT, so the new host must evict nothing meanwhile; vCPU 1 goes on (its
+    page-ins go above the resident limit), and when vCPU 0 continues it reconnects and finds its data intact."""
+    host = HostProcess(tmp_path, vm_id, *HOST_ARGS)
+    guests = [GuestProcess(host, v, "--shared-ratio", "0.3") for v in (0, 1)]
+    try:
+        for g in guests:
+            wait_for_events(g.log, "guest_apf_wait", 50)
+        guests[0].signal(signal.SIGSTOP)
+        host.proc.kill()
+        host.proc.wait()
+        host = HostProcess(tmp_path, vm_id, *HOST_ARGS, "--recover")
+        wait_for_events(guests[1].log, "guest_reconnect")
+        n = count_events(guests[1].log, "guest_apf_wait")
+        # vCPU 1 works while vCPU 0 is away; nothing is evicted, so it soon has its pages and stops faulting
+        wait_for_events(guests[1].log, "guest_apf_wait", n + 20)
+        window = [e["awaiting"] for e in host.events() if e["event"] == "memory_recovery_window"]
+        assert window == [[0, 1]], window  # still open: vCPU 0 is not back
+        guests[0].signal(signal.SIGCONT)
+        wait_for_events(guests[0].log, "guest_reconnect")
+        n = [count_events(g.log, "guest_apf_wait") for g in guests]
+        for g, k in zip(guests, n):  # evictions again: both fault again
+            wait_for_events(g.log, "guest_apf_wait", k + 100)
+        for g in guests:
+            assert g.stop() == 0
+    finally:
+        for g in guests:
+            if g.proc.poll() is None:
+                g.proc.send_signal(signal.SIGCONT)
+                g.proc.kill()
+        assert host.stop() == 0
+    checked(host)
+    host_events = read_events(host.log_dir / "host.jsonl")
+    assert [e["awaiting"] for e in host_events if e["event"] == "memory_recovery_window"] == [[0, 1], []]
+    stop = [e for e in host_events if e["event"] == "host_stop"][-1]
+    assert stop["overcommits"] > 0 and stop["evictions"] > 0  # above the limit while waiting; evicting after
 
 
 def test_pauses_hold_queues_deliver_nothing_twice_lose_nothing(tmp_path, vm_id):

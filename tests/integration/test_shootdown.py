@@ -172,3 +172,26 @@ def test_a_store_to_a_swapped_out_page_exits_instead_of_being_lost(small_vm):
     memory.install(6)
     assert mem.store_u32(4096 * 6 + 8, 7) is Access.DONE
     assert ram.u32[(4096 * 6 + 8) // 4] == 7
+
+
+def test_other_slots_are_all_read_in_turn(small_vm):
+    """With more vCPUs than OTHER_SLOTS, each access reads a few other slots, and every slot is read in turn."""
+    from guest_agent.memory import OTHER_SLOTS, Access, GuestMemoryAccess, SlotCheck
+
+    ram, backing, ept, _ctl, views = small_vm
+    GuestMemory(ram, ept.u32, backing, 6, EventLog())
+    mem = GuestMemoryAccess(ram, views, vcpus=10)
+    ram.page(1)[64 * 7 : 64 * 7 + 4] = b"\x01\x00\x00\x00"  # slot 7: seq_a 1, the rest of it does not match
+    found = []
+    for _ in range(3):  # 9 other slots, 3 per access: all of them in three accesses
+        others = SlotCheck()
+        assert mem.update_shared(1, 0, None, 1, others)[0] is Access.DONE
+        assert others.good + len(others.bad) + others.torn == OTHER_SLOTS
+        found += others.bad
+    assert found == []  # seq_a 1 with seq_b 0: caught mid-write, not judged
+    ram.page(1)[64 * 7 + 60 : 64 * 7 + 64] = b"\x01\x00\x00\x00"  # now complete, and wrong
+    for _ in range(3):
+        others = SlotCheck()
+        mem.update_shared(1, 0, None, 1, others)
+        found += others.bad
+    assert found == [7]
