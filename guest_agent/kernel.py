@@ -177,7 +177,11 @@ class GuestKernel:
 
     def _on_welcome(self, welcome: Message, fds: list[int]) -> None:
         """A reconnect's welcome (a restarted host): its EPT and control block replace the old ones."""
-        old, self.views = self.views, GuestViews(fds, welcome["pages"])
+        try:
+            new = GuestViews(fds, welcome["pages"])
+        except (ValueError, OSError) as exc:
+            raise GuestError(f"cannot map what the host passed with welcome: {exc}") from None
+        old, self.views = self.views, new
         self.mem.rebind(self.views)
         self.transport.attach_ctl(self.views.ctl.u32)
         old.close()

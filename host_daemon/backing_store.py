@@ -17,7 +17,7 @@
 # instruction, it leaves a readable copy: before the commit the page in guest RAM is still intact (and its EPT
 # generation does not match swap_state, so recovery knows), after it the new slot is. A page-in copies the slot
 # into guest RAM and then marks the EPT entry present; killed before that, the slot is still valid. Recovery reads
-# only the EPT and swap_state (host_daemon/memory.py, GuestMemory.recover).
+# only the residency table and swap_state (host_daemon/memory.py, GuestMemory._recover).
 from __future__ import annotations
 
 import mmap

@@ -34,6 +34,7 @@ from .guest_views import ControlBlock, PublishedEpt
 from .memory import GuestMemory
 from .notify import Notifier, SignalNotifier, SocketNotifier
 from .pager import PageInLatency, Pager
+from .processes import pid_alive
 from .vcpu_conn import VcpuConnection
 
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -201,17 +202,21 @@ class Vm:
         if problem:
             await self._refuse(chan, *problem)
             return
-        vcpu_id = msg["vcpu"] if msg["vcpu"] is not None else min(set(range(self.config.vcpus)) - self.vcpus.keys())
+        vcpu_id = msg["vcpu"] if msg["vcpu"] is not None else self._free_vcpu()
         boot = msg["boot"] or self._next_boot(vcpu_id)
         old = self.vcpus.get(vcpu_id)
         if old is not None:
-            # A newer boot of this vCPU: the guest that held it is gone even if its connection has not ended yet.
+            # A newer boot of this vCPU: the guest that held it is gone even if its connection has not ended yet
+            # (the host has not read its end yet). Only if the kernel agrees: a live guest is never pushed out.
+            if old.peer_pid and pid_alive(old.peer_pid):
+                await self._refuse(chan, "vcpu_busy", f"vCPU {vcpu_id} is held by a live guest (pid {old.peer_pid})")
+                return
             old.log.info("vcpu_replaced", by_boot=boot)
             old.scope.cancel()
             with trio.move_on_after(5):
                 await old.done.wait()
-            if self.vcpus.get(vcpu_id) is old:
-                await self._refuse(chan, "vcpu_busy", f"vCPU {vcpu_id} did not let go of its old connection")
+            if vcpu_id in self.vcpus:  # it did not let go, or another hello took it while we waited
+                await self._refuse(chan, "vcpu_busy", f"vCPU {vcpu_id} did not become free")
                 return
         ctl = ControlBlock(self.config.vm, vcpu_id)
         notifier: Notifier
@@ -225,7 +230,7 @@ class Vm:
         else:
             notifier = SocketNotifier(chan)
         log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=boot)
-        conn = VcpuConnection(self, chan, notifier, ctl, vcpu_id, boot, log)
+        conn = VcpuConnection(self, chan, notifier, ctl, vcpu_id, boot, log, peer_pid or 0)
         session.vcpu = vcpu_id
         self.vcpus[vcpu_id] = conn
         self.last_boot[vcpu_id] = max(boot, self.last_boot.get(vcpu_id, 0))
@@ -282,6 +287,17 @@ class Vm:
         elif vcpu in self.vcpus and msg["boot"] and msg["boot"] <= self.vcpus[vcpu].boot:
             return "vcpu_busy", f"vCPU {vcpu} is connected (boot {self.vcpus[vcpu].boot})"
         return None
+
+    def _free_vcpu(self) -> int:
+        """The lowest free vCPU, preferring those whose guest of a dead host is not awaited any more: a guest that
+        may still run on the old EPT keeps its vCPU until it is back or gone (host_daemon/memory.py)."""
+        free = set(range(self.config.vcpus)) - self.vcpus.keys()
+        return min(free - set(self.memory.awaiting) or free)
+
+    @property
+    def stopping(self) -> bool:
+        """The daemon is ending (SIGTERM, or a failure): connections end because of the host, not their guests."""
+        return self.nursery.cancel_scope.cancel_called
 
     def _next_boot(self, vcpu: int) -> int:
         """The boot number for a guest that asked the host to count: one more than any boot of this vCPU that

@@ -36,13 +36,13 @@
 #   and later page-ins evict the excess: the limit is a knob of the emulation, a guest never waits for it.
 # - After a host restart (--recover) guests that were attached to the dead host may still be running on its EPT
 #   (they read the old published copy until they reconnect). Until each of them is back, or a newer boot took its
-#   vCPU, or its process is gone, this module evicts nothing (the recovery window): a page they think present is
-#   present. Page-ins go above the limit meanwhile.
+#   vCPU, or its process is gone (looked at on every page-in; a guest whose pid the host cannot see, in another
+#   PID namespace, counts as gone only by a reconnect or a newer boot), this module evicts nothing (the recovery
+#   window): a page they think present is present. Page-ins go above the limit meanwhile.
 # Evicted contents go to the crash-consistent swap of host_daemon/backing_store.py, so a host killed at any point
 # and restarted with --recover rebuilds this model from the master EPT and the swap's commit words.
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
@@ -52,6 +52,7 @@ from shared.guest_ram import PAGE_SIZE, GuestRam
 from shared.views import CTL_IN_ACCESS, EPT_PRESENT, ept_entry
 
 from .backing_store import BackingStore
+from .processes import pid_alive
 
 POISON: Final = b"\xdb" * PAGE_SIZE  # what a guest would read from an evicted page if the shootdown were broken
 
@@ -136,9 +137,11 @@ class GuestMemory:
         self._garbage_reported.discard(vcpu)
         self.vcpu_back(vcpu)
 
-    def detach(self, vcpu: int) -> None:
-        """The vCPU's connection ended: it holds nothing any more (its guest is dead or will reconnect)."""
-        self._ctl.pop(vcpu, None)
+    def detach(self, vcpu: int, ctl: memoryview) -> None:
+        """The vCPU's connection ended: it holds nothing any more (its guest is dead or will reconnect). `ctl` is the
+        block that connection attached: a newer connection's block stays."""
+        if self._ctl.get(vcpu) is ctl:
+            del self._ctl[vcpu]
 
     def vcpu_back(self, vcpu: int) -> None:
         """The guest the previous host knew on this vCPU is back, or a newer boot replaced it."""
@@ -147,7 +150,7 @@ class GuestMemory:
 
     def _window_open(self) -> bool:
         for vcpu, pid in list(self._awaiting.items()):
-            if pid > 0 and not _alive(pid):
+            if pid > 0 and not pid_alive(pid):
                 self.vcpu_back(vcpu)
         return bool(self._awaiting)
 
@@ -169,6 +172,8 @@ class GuestMemory:
         """Bring gfn in from the backing store, making room first. False if it was present already."""
         if self.present(gfn):
             return False
+        if self._awaiting:
+            self._window_open()  # notice guests of the dead host that are gone, at every page-in
         self._make_room()
         off = gfn * PAGE_SIZE
         self.ram.mem[off : off + PAGE_SIZE] = self.backing.read(gfn)
@@ -234,12 +239,3 @@ class GuestMemory:
             if self.present(gfn) and gfn not in self._fifo:
                 self._fifo.append(gfn)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

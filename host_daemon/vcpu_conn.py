@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 class VcpuConnection:
     def __init__(self, vm: Vm, chan: MessageChannel, notifier: Notifier, ctl: ControlBlock, vcpu_id: int, boot: int,
-                 log: Any) -> None:
+                 log: Any, peer_pid: int) -> None:
         self.vm = vm
+        self.peer_pid = peer_pid  # as the kernel saw it at connect; 0 if not visible (another PID namespace)
         self.chan = chan
         self.notifier = notifier
         self.ctl = ctl
@@ -172,6 +173,9 @@ class VcpuConnection:
         if self.pinned is not None:
             self.vm.memory.unpin(self.pinned)
             self.pinned = None
-        self.vm.memory.detach(self.vcpu_id)
-        self.vm.memory.backing.detach_guest(self.vcpu_id)
+        self.vm.memory.detach(self.vcpu_id, self.ctl.u32)
+        if not self.vm.stopping and self.vm.vcpus.get(self.vcpu_id) in (None, self):
+            # The guest went away. When the host is the one ending (SIGTERM, or a failure that leaves the state for
+            # --recover), its guests may well live on: a recovering host must wait for them (the recovery window).
+            self.vm.memory.backing.detach_guest(self.vcpu_id)
         self.ctl.close()

@@ -138,10 +138,22 @@ def test_a_vcpu_that_goes_away_releases_its_page(make_vm):
     ctl[CTL_IN_ACCESS] = 0 + 1
     mem.install(10)
     assert mem.present(0)
-    mem.detach(0)  # killed: its control block is not looked at any more (the value stays in it)
+    mem.detach(0, ctl)  # killed: its control block is not looked at any more (the value stays in it)
     for g in (11, 12, 13):
         mem.install(g)
     assert not mem.present(0)
+
+
+def test_an_old_connection_ending_late_does_not_release_the_new_ones_block(make_vm):
+    vm = make_vm(16)
+    mem = vm.memory(4)
+    old, new = ctl_block(), ctl_block()
+    mem.attach(0, old)
+    mem.attach(0, new)  # a newer boot's connection
+    new[CTL_IN_ACCESS] = 0 + 1
+    mem.detach(0, old)  # the old connection's end, read after the new one was attached
+    mem.install(10)
+    assert mem.present(0) and mem.stats.eviction_skips == 1
 
 
 def test_control_block_garbage_is_ignored_and_reported_once(make_vm):
@@ -181,7 +193,7 @@ def test_the_recovery_window_evicts_nothing_until_the_guests_are_back(make_vm):
     del first
     mem = vm.memory(4, recover=True)
     assert mem.awaiting == [0, 1, 2]
-    mem.install(9)
+    mem.install(9)  # every page-in looks whether the awaited guests still exist
     assert mem.awaiting == [0, 2]
     assert mem.resident == 5 and mem.stats.evictions == 0  # above the limit, nothing evicted
     mem.vcpu_back(2)
@@ -282,7 +294,7 @@ class NoWriteIsLost(RuleBasedStateMachine):
     @rule(v=st.integers(0, VCPUS - 1))
     def vcpu_killed(self, v: int) -> None:
         """Its process dies (inside an access or not): what it wrote stays in RAM, its hold ends."""
-        self.mem.detach(v)
+        self.mem.detach(v, self.ctl[v])
         self.attached[v] = False
         self.inside[v] = None
 

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from apf_emu.checker import check_events
 from apf_emu.logs import read_merged
 
-from .helpers import GuestProcess, HostProcess, WireClient, read_events, wait_until
+from .helpers import ROOT, GuestProcess, HostProcess, WireClient, read_events, wait_until
 
 
 @pytest.fixture
@@ -41,11 +44,10 @@ def test_host_assigns_vcpu_and_boot(host, vm_id):
     a2 = WireClient(host.socket)
     w = a2.hello(vm_id, vcpu=None, boot=0)
     assert (w["vcpu"], w["boot"]) == (0, 2)
-    # Naming the vCPU but not the boot: a newer boot, which replaces the guest still connected there.
+    # Naming the vCPU but not the boot asks for a newer boot, but the guest connected there is alive: refused.
     b2 = WireClient(host.socket)
     w = b2.hello(vm_id, vcpu=1, boot=0)
-    assert (w["vcpu"], w["boot"]) == (1, 2)
-    assert b.receive() is None, "the replaced boot's connection is closed"
+    assert w["t"] == "error" and w["code"] == "vcpu_busy" and "live guest" in w["message"]
     # An explicit boot is taken as given.
     a2.close()
     wait_until(lambda: disconnected(host, 0, 2), 5, "the host to see vCPU 0's second guest go")
@@ -88,3 +90,38 @@ def test_killed_guest_comes_back_as_the_next_boot(host, vm_id, tmp_path):
     assert [e["boot"] for e in guest_log if e["event"] == "guest_boot"] == [1, 2]
     violations = check_events(list(read_merged([str(tmp_path)])))
     assert violations == [], violations
+
+
+GHOST = """
+import os, socket, sys
+from shared.blocking_channel import BlockingChannel
+from shared.wire import PROTOCOL_VERSION
+path, vm, back = sys.argv[1], sys.argv[2], int(sys.argv[3])
+chan = BlockingChannel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+chan.sock.connect(path)
+reply = chan.request("hello", proto=PROTOCOL_VERSION, vm=vm, vcpu=1, boot=1, kind="normal", pid=os.getpid(),
+                     transport="socket")
+assert reply["t"] == "welcome", reply
+socket.send_fds(socket.socket(fileno=back), [b"x"], [chan.sock.fileno()])  # the connection outlives us
+"""
+
+
+def test_a_newer_boot_replaces_a_dead_guest_whose_connection_the_host_has_not_seen_end(host, vm_id):
+    """The guest process is gone (the kernel says so: its pid does not exist) but its socket is still open
+    elsewhere, so the host has read no end of connection: a newer boot takes the vCPU over, resetting the old one."""
+    parent, child = socket.socketpair()
+    ghost = subprocess.run([sys.executable, "-c", GHOST, str(host.socket), vm_id, str(child.fileno())], cwd=ROOT,
+                           pass_fds=[child.fileno()], timeout=30)
+    assert ghost.returncode == 0
+    _msg, fds, _flags, _addr = socket.recv_fds(parent, 16, 1)
+    held = socket.socket(fileno=fds[0])  # the dead guest's connection, still open
+    try:
+        newer = WireClient(host.socket)
+        w = newer.hello(vm_id, vcpu=1, boot=0)
+        assert (w["t"], w["vcpu"], w["boot"]) == ("welcome", 1, 2)
+        assert any(e["event"] == "vcpu_replaced" and e["vcpu"] == 1 for e in host.events())
+        newer.close()
+    finally:
+        held.close()
+        parent.close()
+        child.close()

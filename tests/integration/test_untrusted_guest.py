@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guest_agent.memory import shared_pages
+from guest_agent.memory import SLOT_PATTERNS, Access, GuestMemoryAccess, SlotCheck, shared_pages, slot_pattern_byte
 from shared.abi import KVM_APF_WAKE_ALL_TOKEN, MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT
 from shared.abi import async_pf_en_value
 from shared.apf_data import KvmVcpuPvApfData
@@ -126,9 +126,23 @@ def garbage_in_its_apf_area(client: Client, stop: threading.Event) -> None:
 
 
 def stopped_inside_a_shared_page(client: Client, stop: threading.Event) -> None:
-    """Announced an access to a shared page every normal guest uses, and never ends it (a SIGSTOPped vCPU)."""
-    client.views.ctl.u32[CTL_IN_ACCESS] = shared_pages(PAGES)[0] + 1
+    """Inside an access to a shared page every normal guest uses, having written its slot, and never leaving it (a
+    SIGSTOPped vCPU). The page must not be evicted under it: what it wrote is still there at the end."""
+    gfn = shared_pages(PAGES)[0]
+    mem = GuestMemoryAccess(client.ram, client.views, vcpus=3)
+    while (status := mem.update_shared(gfn, 2, None, 1 << 16 | 2 << 8, SlotCheck())[0]) is not Access.DONE:
+        if status is Access.EXIT:
+            assert client.fault(gfn, irq=False)["t"] == "resume"
+    client.views.ctl.u32[CTL_IN_ACCESS] = gfn + 1  # enters again, and stays
+    base = (gfn * PAGE_SIZE + 2 * 64) >> 2
+    seq = int(client.ram.u32[base]) + 1
+    client.ram.u32[base] = seq
+    client.ram.mem[(base + 3) * 4 : (base + 15) * 4] = SLOT_PATTERNS[slot_pattern_byte(gfn, 2, seq)]
+    client.ram.u32[base + 15] = seq
     stop.wait()
+    assert mem.present(gfn)
+    assert (client.ram.u32[base], client.ram.u32[base + 15]) == (seq, seq)
+    del mem
 
 
 MISBEHAVIOURS: dict[str, Callable[[Client, threading.Event], None]] = {
@@ -220,7 +234,8 @@ def hello_host(tmp_path, vm_id):
 
 
 def send_hello(host: HostProcess, **fields: object) -> dict | None:
-    """One hello with whatever values, on a connection of its own; the reply (closed unless it was welcome)."""
+    """One hello with whatever values, on a connection of its own; the reply. A refused connection is closed by the
+    host; a welcomed one is closed here, and the host has let its vCPU go when this returns."""
     hello = dict(proto=PROTOCOL_VERSION, vm=host.vm, vcpu=0, boot=0, kind="normal", pid=os.getpid(),
                  transport="socket")
     hello.update(fields)
@@ -234,11 +249,22 @@ def send_hello(host: HostProcess, **fields: object) -> dict | None:
             assert reply["fatal"] and reply["code"] in (
                 "bad_version", "wrong_vm", "bad_field", "bad_pid", "bad_vcpu", "vcpu_busy", "no_vcpu", "malformed")
             assert c.receive() is None  # and closed
-        return reply
     finally:
         for fd in c.chan.take_fds():
             os.close(fd)
         c.close()
+    if reply["t"] == "welcome":
+        wait_until(lambda: not _holds(host, reply["vcpu"], reply["boot"]), 5, "the host to let the vCPU go")
+    return reply
+
+
+def _holds(host: HostProcess, vcpu: int, boot: int) -> bool:
+    """Whether the host log shows vCPU `vcpu` connected as `boot` and not disconnected since."""
+    held = False
+    for e in host.events():
+        if e.get("vcpu") == vcpu and e["event"] in ("vcpu_connect", "vcpu_disconnect"):
+            held = e["event"] == "vcpu_connect" and e["boot"] == boot
+    return held
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
@@ -246,7 +272,8 @@ def send_hello(host: HostProcess, **fields: object) -> dict | None:
 def test_any_hello_then_a_claim(hello_host, field, value, vcpu):
     host = hello_host
     send_hello(host, **{"vcpu": vcpu, field: value})
-    # the vCPU it named (or 0) is claimed next, by a guest that asks the host to number its boot
+    # the vCPU it named (or 0) is claimed next, by a guest that asks the host to number its boot: whatever the hello
+    # was, the vCPU is free again (a refusal claims nothing; a welcomed connection was closed and let go)
     target = value if field == "vcpu" and type(value) is int and value in (0, 1) else (vcpu if vcpu is not None else 0)
     claim = WireClient(host.socket)
     try:
