@@ -23,6 +23,17 @@ from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
 
 
+def ratio(text: str) -> float:
+    """A share, 0..1 (argparse names the option in its error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not within 0..1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="apf-emu",
@@ -57,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of guest accesses made in kernel mode: no APF without --send-always (%(default)s)")
     r.add_argument("--irq-off-ratio", type=float, default=0.05,
                    help="share of guest accesses that open an interrupts-off section: never APF (%(default)s)")
-    r.add_argument("--shared-ratio", type=float, default=0.2,
+    r.add_argument("--shared-ratio", type=ratio, default=0.2,
                    help="share of guest accesses to the pages every vCPU reads and writes (a slot per vCPU in "
                    "each, verified by every vCPU); 0: each task only touches its own pages (%(default)s)")
     r.add_argument("--send-always", action="store_true", help="guests set KVM_ASYNC_PF_SEND_ALWAYS")
@@ -85,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--transport", choices=["socket", "signal"], default="socket", help="(%(default)s)")
     x.add_argument("--tasks", type=int, default=4, help="guest tasks per vCPU (%(default)s)")
     x.add_argument("--page-in-latency", default="exp:2ms", help="(%(default)s)")
-    x.add_argument("--shared-ratio", type=float, default=0.2,
+    x.add_argument("--shared-ratio", type=ratio, default=0.2,
                    help="share of guest accesses to the pages all vCPUs share (%(default)s)")
     x.add_argument("--log-dir", type=Path, default=None, help="default apf-emu-logs/<vm>")
     x.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default chaos<pid>)")
