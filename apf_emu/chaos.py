@@ -13,20 +13,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from .runner import HOST_GRACE_S, RunOptions, argv, remove_leftovers, terminate
+from shared.config import EXIT_CRASH, EXIT_REBOOT, with_
 
-EXIT_CRASH = 70  # guest_agent's exit status after its crash path (panic)
-EXIT_REBOOT = 71
+from .runner import HOST_GRACE_S, RunOptions, prepare, remove_leftovers, terminate
+
 KDUMP_SECONDS = 2.0  # how long a kdump kernel runs before it reboots into a normal kernel
 UP_WAIT_S = 3.0  # how long a fault waits for its target to be (re)started before it is skipped
 CHAOS_LATENCY_SLACK_S = 5.0  # the checker's ready-latency bound: the longest pause plus this
@@ -45,13 +43,13 @@ class Fault:
         return f"{self.at:7.2f} s  {self.kind}{target}{pause}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChaosOptions(RunOptions):
+    duration: float = 60.0
     guest_kills: int = 10
     guest_panics: int = 3
     host_kills: int = 2
     pauses: int = 5
-    kdump_apf: bool = False
 
 
 def make_schedule(seed: int, duration: float, vcpus: int, opts: ChaosOptions) -> list[Fault]:
@@ -92,31 +90,24 @@ class ChaosResult:
 class Chaos:
     def __init__(self, opts: ChaosOptions) -> None:
         self.opts = opts
-        self.vm = opts.vm or f"chaos{os.getpid()}"
-        self.log_dir = opts.log_dir or Path("apf-emu-logs") / self.vm
-        self.tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
-        self.sock = self.tmp / "host.sock"
+        self.vm, self.log_dir, self.tmp, self.sock = prepare(opts, "chaos")
+        place = {"vm": self.vm, "socket": self.sock, "log_dir": self.log_dir}
+        self.host_opts = with_(opts.host, **place)
+        self.guest_opts = with_(opts.guest, **place, seed=opts.host.seed)
         self.stopping = False
         self.host: trio.Process | None = None
         self.guests: dict[int, trio.Process] = {}
         self.host_up = trio.Event()
-        self.result = ChaosResult(self.vm, self.log_dir, make_schedule(opts.seed, opts.duration, opts.vcpus, opts))
-
-    def _common(self) -> list[object]:
-        return ["--vm", self.vm, "--socket", self.sock, "--log-dir", self.log_dir, "--seed", self.opts.seed]
+        self.result = ChaosResult(self.vm, self.log_dir,
+                                  make_schedule(opts.host.seed, opts.duration, opts.host.vcpus, opts))
 
     # --- processes -----------------------------------------------------------------------------------------------
     async def _host_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        o = self.opts
         first = True
         while not self.stopping:
-            extra: list[object] = [] if first else ["--recover"]
             self.sock.unlink(missing_ok=True)  # the killed host's: from now on the socket file means "listening"
-            self.host = await trio.lowlevel.open_process(
-                argv("host_daemon", *self._common(), "--vcpus", o.vcpus, "--pages", o.pages, "--resident",
-                     o.resident, "--page-in-latency", o.page_in_latency, *extra),
-                start_new_session=True,
-            )
+            self.host = await trio.lowlevel.open_process(with_(self.host_opts, recover=not first).argv(),
+                                                         start_new_session=True)
             self.result.host_starts += 1
             await self._wait_for_socket(self.host)
             self.host_up.set()
@@ -138,19 +129,12 @@ class Chaos:
                 await trio.sleep(0.01)
 
     async def _guest_loop(self, vcpu: int) -> None:
-        o = self.opts
         boot, kind = 1, "normal"
         self.result.boots[vcpu] = []
         while not self.stopping:
-            extra: list[object] = ["--send-always"] if o.send_always else []
-            if kind == "kdump" and o.kdump_apf:
-                extra.append("--kdump-apf")
-            proc = self.guests[vcpu] = await trio.lowlevel.open_process(
-                argv("guest_agent", *self._common(), "--vcpu", vcpu, "--boot", boot, "--kind", kind, "--transport",
-                     o.transport, "--tasks", o.tasks, "--vector", o.vector, "--kernel-ratio", o.kernel_ratio,
-                     "--irq-off-ratio", o.irq_off_ratio, "--shared-ratio", o.shared_ratio, *extra),
-                start_new_session=True,
-            )
+            guest = with_(self.guest_opts, vcpu=vcpu, boot=boot, kind=kind,
+                          kdump_apf=kind == "kdump" and self.guest_opts.kdump_apf)
+            proc = self.guests[vcpu] = await trio.lowlevel.open_process(guest.argv(), start_new_session=True)
             self.result.boots[vcpu].append(kind)
             async with trio.open_nursery() as nursery:
                 if kind == "kdump":
@@ -212,7 +196,7 @@ class Chaos:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._host_loop)
-                for vcpu in range(self.opts.vcpus):
+                for vcpu in range(self.opts.host.vcpus):
                     nursery.start_soon(self._guest_loop, vcpu)
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                     with trio.move_on_after(self.opts.duration):

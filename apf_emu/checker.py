@@ -10,8 +10,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from shared.abi import ASYNC_PF_PER_VCPU, KVM_APF_WAKE_ALL_TOKEN, MSR_NAMES, MSR_KVM_ASYNC_PF_EN, AsyncPfEn
-from shared.abi import token_is_well_formed
+from shared.abi import (
+    ASYNC_PF_PER_VCPU,
+    KVM_APF_WAKE_ALL_TOKEN,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_NAMES,
+    AsyncPfEn,
+    token_is_well_formed,
+)
 
 from .logs import Event
 
@@ -180,6 +186,8 @@ class Checker:
             self._violate("ready_once", f"second page-ready for {token:#x}", ev)
         elif token not in st.outstanding:
             self._violate("ready_after_not_present", f"page-ready {token:#x} without a not-present", ev)
+        if not isinstance(token, int):
+            return
         st.outstanding.pop(token, None)
         st.readied.add(token)
         done = st.completed.pop(token, None)
@@ -279,7 +287,7 @@ class Checker:
         else:
             if action == "removed":
                 self._check_slot(ev, key, token)
-            st.dummies.discard(token)  # type: ignore[arg-type]
+            st.dummies.discard(token)
 
     def _ack(self, ev: Event, key: tuple[Any, Any]) -> None:
         host = self._host.get(key)

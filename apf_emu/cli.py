@@ -13,25 +13,25 @@ from typing import Any
 import orjson
 import trio
 
+from shared import config
+from shared.config import GuestOptions, HostOptions
 from shared.guest_ram import check_vm_id
 
+from .chaos import CHAOS_LATENCY_SLACK_S, ChaosOptions, ChaosResult, chaos
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation
 from .logs import LogInputError, ReadReport, read_merged
-from .chaos import CHAOS_LATENCY_SLACK_S, ChaosOptions, ChaosResult, chaos
 from .runner import RunOptions, RunResult, run
 from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
 
-
-def ratio(text: str) -> float:
-    """A share, 0..1 (argparse names the option in its error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not within 0..1")
-    return value
+# The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
+RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "log_stdout")
+RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
+             "apf_reinit_every")
+CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
+               "kdump_apf")
+DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=True), 10.0, "seconds to run")
+COUNT = config.int_in(0, 100_000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,34 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the host daemon and N guest agents, stop them at --duration or on "
                        "SIGINT/SIGTERM, print a summary and check every protocol invariant over the logs. Exit "
                        "status: 0 clean, 1 an invariant was violated, 3 a process failed.")
-    r.add_argument("--vcpus", type=int, default=2, help="guest agent processes, one per vCPU (%(default)s)")
-    r.add_argument("--transport", choices=["socket", "signal"], default="socket",
-                   help="how #PF injection and interrupts reach the guests: msgpack frames on the socket, or POSIX "
-                   "real-time signals with the payload in shared memory (%(default)s)")
-    r.add_argument("--apf-reinit-every", type=float, default=None, metavar="SECONDS",
-                   help="guests disable and re-enable APF this often under load, as CPU offline/online does")
-    r.add_argument("--duration", type=float, default=10.0, help="seconds to run (%(default)s)")
-    r.add_argument("--log-dir", type=Path, default=None,
+    config.add_options(r, config.HOST_OPTIONS, only=RUN_HOST)
+    config.add_options(r, config.GUEST_OPTIONS, only=RUN_GUEST)
+    config.add_options(r, [DURATION])
+    r.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
                    help="where host.jsonl and guest-<vcpu>.jsonl go (default apf-emu-logs/<vm>); earlier logs "
                    "of the same names there are replaced")
-    r.add_argument("--seed", type=int, default=0, help="seed for page-in latencies and guest workloads (%(default)s)")
-    r.add_argument("--vector", type=lambda s: int(s, 0), default=0xF3,
-                   help="page-ready vector the guests program (default 0xf3)")
-    r.add_argument("--pages", type=int, default=512, help="guest RAM in 4 KiB pages (%(default)s)")
-    r.add_argument("--resident", type=int, default=384, help="host resident limit in pages (%(default)s)")
-    r.add_argument("--page-in-latency", default="exp:2ms",
-                   help="0, fixed:T, exp:MEAN or uniform:LO:HI, T like 2ms or 150us (%(default)s)")
-    r.add_argument("--tasks", type=int, default=4, help="guest tasks per vCPU (%(default)s)")
-    r.add_argument("--kernel-ratio", type=float, default=0.1,
-                   help="share of guest accesses made in kernel mode: no APF without --send-always (%(default)s)")
-    r.add_argument("--irq-off-ratio", type=float, default=0.05,
-                   help="share of guest accesses that open an interrupts-off section: never APF (%(default)s)")
-    r.add_argument("--shared-ratio", type=ratio, default=0.2,
-                   help="share of guest accesses to the pages every vCPU reads and writes (a slot per vCPU in "
-                   "each, verified by every vCPU); 0: each task only touches its own pages (%(default)s)")
-    r.add_argument("--send-always", action="store_true", help="guests set KVM_ASYNC_PF_SEND_ALWAYS")
     r.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default run<pid>)")
-    r.add_argument("--log-stdout", action="store_true", help="children also print their JSON lines")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     x = sub.add_parser("chaos", help="run under a seeded schedule of kills, panics and pauses, then check",
@@ -82,30 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "(a killed guest as its next boot, a panicked one as a kdump kernel, the host with "
                        "--recover). Ends with the checker's verdict and a summary. Exit status: 0 clean, 1 an "
                        "invariant was violated, 3 the harness saw a problem (unexpected exit, leftovers).")
-    x.add_argument("--duration", type=float, default=60.0, help="seconds to run (%(default)s)")
-    x.add_argument("--vcpus", type=int, default=3, help="guest agents (%(default)s)")
-    x.add_argument("--seed", type=int, default=1, help="seed of the fault schedule and the workload (%(default)s)")
-    x.add_argument("--guest-kills", type=int, default=10, help="guest SIGKILLs (%(default)s)")
-    x.add_argument("--guest-panics", type=int, default=3, help="guest panics, each followed by a kdump boot "
-                   "(%(default)s)")
-    x.add_argument("--host-kills", type=int, default=2, help="host SIGKILLs, each followed by --recover "
-                   "(%(default)s)")
-    x.add_argument("--pauses", type=int, default=5, help="SIGSTOP/SIGCONT pauses of a guest or the host "
-                   "(%(default)s)")
-    x.add_argument("--kdump-apf", action="store_true", help="kdump kernels enable APF afresh (default: never)")
-    x.add_argument("--transport", choices=["socket", "signal"], default="socket", help="(%(default)s)")
-    x.add_argument("--tasks", type=int, default=4, help="guest tasks per vCPU (%(default)s)")
-    x.add_argument("--page-in-latency", default="exp:2ms", help="(%(default)s)")
-    x.add_argument("--shared-ratio", type=ratio, default=0.2,
-                   help="share of guest accesses to the pages all vCPUs share (%(default)s)")
-    x.add_argument("--log-dir", type=Path, default=None, help="default apf-emu-logs/<vm>")
+    config.add_options(x, config.HOST_OPTIONS, only=RUN_HOST, defaults={"vcpus": 3, "seed": 1})
+    config.add_options(x, config.GUEST_OPTIONS, only=CHAOS_GUEST)
+    config.add_options(x, [DURATION], defaults={"duration": 60.0})
+    for name, default, what in (("guest_kills", 10, "guest SIGKILLs"),
+                                ("guest_panics", 3, "guest panics, each followed by a kdump boot"),
+                                ("host_kills", 2, "host SIGKILLs, each followed by --recover"),
+                                ("pauses", 5, "SIGSTOP/SIGCONT pauses of a guest or the host")):
+        config.add_options(x, [config.Option(name, COUNT, default, f"{what}, 0..100000")])
+    x.add_argument("--log-dir", type=Path, default=None, metavar="DIR", help="default apf-emu-logs/<vm>")
     x.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default chaos<pid>)")
     x.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     c = sub.add_parser("check", help="check protocol invariants over logs",
                        description="Merge host and guest logs by mono_ns and verify every invariant. Exit status: "
                        "0 clean, 1 violations, 2 unreadable input.")
-    c.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
+    c.add_argument("logs", nargs="*", help="log files, directories of *.jsonl, or - for stdin")
     c.add_argument("--json", action="store_true", help="print violations as JSON lines")
     c.add_argument("--ready-latency-limit", type=float, default=DEFAULT_READY_LATENCY_LIMIT_MS, metavar="MS",
                    help="longest allowed time from a completion to its page-ready (%(default)g ms)")
@@ -155,11 +126,10 @@ def cmd_bench(argv: list[str]) -> int:
         print(f"apf-emu bench: no bench/ next to {root / 'apf_emu'}; run it from a source checkout "
               "(pip install -e .)", file=sys.stderr)
         return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench.run import main as bench_main
-
-    return bench_main(argv)
+    # A process of its own (bench is not a dependency of apf_emu): it replaces this one, so that Ctrl-C, the exit
+    # status and the output are the benchmark's.
+    os.chdir(root)
+    os.execv(sys.executable, [sys.executable, "-m", "bench.run", *argv])
 
 
 # --- check and stats --------------------------------------------------------------------------------------------
@@ -205,6 +175,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         for name, text in INVARIANTS.items():
             print(f"{name}: {text}")
         return 0
+    if not args.logs:
+        print("apf-emu check: name the logs to check (files, directories, or - for stdin), or use --list",
+              file=sys.stderr)
+        return config.EXIT_USAGE
     try:
         violations, _stats, report, checker = analyse(args.logs, ready_latency_limit_ms=args.ready_latency_limit)
     except LogInputError as exc:
@@ -292,16 +266,20 @@ def _pct(p: dict[str, float]) -> str:
 
 
 # --- chaos ------------------------------------------------------------------------------------------------------
+def run_options(args: argparse.Namespace) -> tuple[HostOptions, GuestOptions]:
+    """The host's and the guests' options of `run` or `chaos`, validated: a usage error (exit 2) otherwise."""
+    try:
+        return config.from_args(HostOptions, args), config.from_args(GuestOptions, args)
+    except config.ConfigError as exc:
+        print(f"apf-emu {args.command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(config.EXIT_USAGE) from None
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
-    if not 1 <= args.vcpus <= 64 or args.duration <= 0:
-        print("apf-emu chaos: --vcpus must be 1..64 and --duration positive", file=sys.stderr)
-        return 2
-    opts = ChaosOptions(
-        vcpus=args.vcpus, duration=args.duration, seed=args.seed, guest_kills=args.guest_kills,
-        guest_panics=args.guest_panics, host_kills=args.host_kills, pauses=args.pauses, kdump_apf=args.kdump_apf,
-        transport=args.transport, tasks=args.tasks, page_in_latency=args.page_in_latency, log_dir=args.log_dir,
-        vm=args.vm, shared_ratio=args.shared_ratio,
-    )
+    host, guest = run_options(args)
+    opts = ChaosOptions(host=host, guest=guest, duration=args.duration, log_dir=args.log_dir, vm=args.vm,
+                        guest_kills=args.guest_kills, guest_panics=args.guest_panics, host_kills=args.host_kills,
+                        pauses=args.pauses)
     result = trio.run(chaos, opts)
     # A paused guest cannot free its token slot, and a killed host delivers nothing until it is back: page-ready
     # may legitimately wait that long, so the latency bound allows for the longest pause plus a host restart.
@@ -363,20 +341,10 @@ def print_chaos(summary: dict[str, Any], violations: list[Violation], checker: C
 
 # --- run --------------------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    if not 1 <= args.vcpus <= 64:
-        print("apf-emu run: --vcpus must be 1..64", file=sys.stderr)
-        return 2
-    if args.duration <= 0:
-        print("apf-emu run: --duration must be positive", file=sys.stderr)
-        return 2
-    opts = RunOptions(
-        vcpus=args.vcpus, transport=args.transport, apf_reinit_every=args.apf_reinit_every, duration=args.duration, log_dir=args.log_dir, seed=args.seed, vector=args.vector,
-        pages=args.pages, resident=args.resident, page_in_latency=args.page_in_latency, tasks=args.tasks,
-        send_always=args.send_always, kernel_ratio=args.kernel_ratio, irq_off_ratio=args.irq_off_ratio,
-        shared_ratio=args.shared_ratio, vm=args.vm, log_stdout=args.log_stdout,
-    )
+    host, guest = run_options(args)
+    opts = RunOptions(host=host, guest=guest, duration=args.duration, log_dir=args.log_dir, vm=args.vm)
     result = trio.run(run, opts)
-    violations, stats, report, checker = analyse([str(result.log_dir)])
+    violations, stats, _report, checker = analyse([str(result.log_dir)])
     if args.json:
         print(orjson.dumps(run_json(result, stats, violations)).decode())
     else:

@@ -82,7 +82,7 @@ def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool
         elif raw.strip():
             report.unreadable.append(where)
         return None
-    return ev  # type: ignore[no-any-return]
+    return ev
 
 
 def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Iterator[Event]:

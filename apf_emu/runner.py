@@ -11,38 +11,29 @@ import contextlib
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
+from shared.config import GuestOptions, HostOptions, with_
 from shared.guest_ram import unlink, vm_shm_names
 
 GUEST_GRACE_S = 15.0
 HOST_GRACE_S = 10.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
-    vcpus: int = 2
-    transport: str = "socket"
-    apf_reinit_every: float | None = None
+    """A native run: the host's options, the options every guest shares (each gets its own vCPU), and the run's
+    own. vm, socket and log_dir of `host` and `guest` are filled in by `run`."""
+
+    host: HostOptions = field(default_factory=HostOptions)
+    guest: GuestOptions = field(default_factory=GuestOptions)
     duration: float = 10.0
     log_dir: Path | None = None
-    seed: int = 0
-    vector: int = 0xF3
-    pages: int = 512
-    resident: int = 384
-    page_in_latency: str = "exp:2ms"
-    tasks: int = 4
-    send_always: bool = False
-    kernel_ratio: float = 0.1
-    irq_off_ratio: float = 0.05
-    shared_ratio: float = 0.2
     vm: str | None = None
-    log_stdout: bool = False
 
 
 @dataclass
@@ -55,39 +46,30 @@ class RunResult:
     leftovers: list[str] = field(default_factory=list)
 
 
-def argv(module: str, *args: object) -> list[str]:
-    return [sys.executable, "-m", module, *map(str, args)]
-
-
-async def run(opts: RunOptions) -> RunResult:
-    vm = opts.vm or f"run{os.getpid()}"
+def prepare(opts: RunOptions, prefix: str) -> tuple[str, Path, Path, Path]:
+    """The run's VM id, log directory (emptied of earlier logs of the same names), and socket in a fresh
+    temporary directory."""
+    vm = opts.vm or f"{prefix}{os.getpid()}"
     log_dir = opts.log_dir or Path("apf-emu-logs") / vm
     log_dir.mkdir(parents=True, exist_ok=True)
     for old in list(log_dir.glob("host.jsonl")) + list(log_dir.glob("guest-*.jsonl")):
         old.unlink()  # a run's directory holds that run's logs only
     tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
-    sock = tmp / "host.sock"
+    return vm, log_dir, tmp, tmp / "host.sock"
+
+
+async def run(opts: RunOptions) -> RunResult:
+    vm, log_dir, tmp, sock = prepare(opts, "run")
     result = RunResult(vm, log_dir)
-    common: list[object] = ["--vm", vm, "--socket", sock, "--log-dir", log_dir, "--seed", opts.seed]
-    if opts.log_stdout:
-        common.append("--log-stdout")
+    place = {"vm": vm, "socket": sock, "log_dir": log_dir}
+    host = with_(opts.host, **place)
+    guest = with_(opts.guest, **place, seed=opts.host.seed, log_stdout=opts.host.log_stdout)
     procs: dict[str, trio.Process] = {}
     try:
-        procs["host"] = await trio.lowlevel.open_process(
-            argv("host_daemon", *common, "--vcpus", opts.vcpus, "--pages", opts.pages, "--resident",
-                  opts.resident, "--page-in-latency", opts.page_in_latency),
-            start_new_session=True,
-        )
-        for i in range(opts.vcpus):
-            extra: list[object] = ["--send-always"] if opts.send_always else []
-            if opts.apf_reinit_every:
-                extra += ["--apf-reinit-every", opts.apf_reinit_every]
-            procs[f"guest-{i}"] = await trio.lowlevel.open_process(
-                argv("guest_agent", *common, "--vcpu", i, "--transport", opts.transport, "--tasks", opts.tasks, "--vector", opts.vector,
-                      "--kernel-ratio", opts.kernel_ratio, "--irq-off-ratio", opts.irq_off_ratio,
-                      "--shared-ratio", opts.shared_ratio, *extra),
-                start_new_session=True,
-            )
+        procs["host"] = await trio.lowlevel.open_process(host.argv(), start_new_session=True)
+        for i in range(host.vcpus):
+            procs[f"guest-{i}"] = await trio.lowlevel.open_process(with_(guest, vcpu=i).argv(),
+                                                                    start_new_session=True)
         await _wait_for_stop(opts.duration, procs, result)
     finally:
         with trio.CancelScope(shield=True):

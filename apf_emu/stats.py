@@ -141,7 +141,6 @@ class Stats:
             "count": h.get_total_count(),
             "p50_us": h.get_value_at_percentile(50),
             "p90_us": h.get_value_at_percentile(90),
-            "p90_us": h.get_value_at_percentile(90),
             "p99_us": h.get_value_at_percentile(99),
             "max_us": h.get_max_value(),
         }

@@ -20,7 +20,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from hdrh.histogram import HdrHistogram
 from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
 from shared.apf_data import KvmVcpuPvApfData
 from shared.blocking_channel import BlockingChannel
+from shared.config import HostOptions, PageInLatency
 from shared.guest_ram import GuestRam, RamLayout
 from shared.signals import SIG_PF, vector_signal
 from shared.views import CTL_CR2, CTL_PF_SEQ, GuestViews
@@ -150,14 +150,14 @@ def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
     resumed = 0
     with tempfile.TemporaryDirectory(prefix="apf-cycle-") as tmp:
         sock = Path(tmp) / "host.sock"
-        prefix = [sys.executable, "-m"]
+        command = HostOptions(vm=vm, socket=sock, vcpus=1, pages=PAGES, resident=RESIDENT,
+                              page_in_latency=PageInLatency.parse("0"), log_dir=Path(tmp)).argv()
+        python, module_flag, rest = command[0], command[1], command[2:]  # python -m host_daemon ...
         if profile and profiler == "pyinstrument":
-            prefix = [sys.executable, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(profile), "-m"]
+            command = [python, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(profile), module_flag, *rest]
         elif profile:
-            prefix = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m"]
-        host = subprocess.Popen([*prefix, "host_daemon", "--vm", vm, "--socket", str(sock), "--vcpus", "1",
-                                 "--pages", str(PAGES), "--resident", str(RESIDENT), "--page-in-latency", "0",
-                                 "--log-dir", tmp], cwd=ROOT)
+            command = [python, "-m", "cProfile", "-o", str(profile), module_flag, *rest]
+        host = subprocess.Popen(command, cwd=ROOT)
         try:
             deadline = time.monotonic() + 10
             while not sock.exists():

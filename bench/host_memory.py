@@ -16,7 +16,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any
 
 from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
 from shared.apf_data import KvmVcpuPvApfData
-from shared.guest_ram import GuestRam, RamLayout
 from shared.blocking_channel import BlockingChannel
+from shared.config import HostOptions, PageInLatency
+from shared.guest_ram import GuestRam, RamLayout
 from shared.wire import PROTOCOL_VERSION, Message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +79,8 @@ def measure(cycles: int) -> dict[str, float]:
     vm = f"bench{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="apf-bench-") as tmp:
         sock = Path(tmp) / "host.sock"
-        host = subprocess.Popen([sys.executable, "-m", "host_daemon", "--vm", vm, "--socket", str(sock), "--vcpus",
-                                 "1", "--pages", str(PAGES), "--resident", str(RESIDENT), "--page-in-latency",
-                                 "fixed:5ms"], cwd=ROOT)
+        host = subprocess.Popen(HostOptions(vm=vm, socket=sock, vcpus=1, pages=PAGES, resident=RESIDENT,
+                                            page_in_latency=PageInLatency.parse("fixed:5ms")).argv(), cwd=ROOT)
         try:
             while not sock.exists():
                 time.sleep(0.01)
@@ -114,7 +113,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        marks = ", ".join(f"{k.removeprefix('rss_kb_after_')} cycles {v} kB" for k, v in result.items() if k != "growth")
+        marks = ", ".join(f"{k.removeprefix('rss_kb_after_')} cycles {v} kB"
+                          for k, v in result.items() if k != "growth")
         print(f"host RSS after {marks}: {result['growth']:+.1%} from 100 to {args.cycles}")
 
 

@@ -26,12 +26,12 @@ from . import apf_cycle, check_speed, floor, topology
 
 SHARED_RATIOS = (0.0, 0.2, 0.5)
 SHARED_VCPUS = 2
-QUICK = {
+QUICK: dict[str, Any] = {
     "floor_round_trips": 2000, "cycles": 800, "scale_vcpus": [1, 4, 16], "scale_seconds": 4.0,
     "natapov_seconds": 6.0, "natapov_sweep": [(1.0, 1)], "check_lines": 200_000,
     "shared_rounds": 1, "shared_seconds": 4.0,
 }
-FULL = {
+FULL: dict[str, Any] = {
     "floor_round_trips": 20000, "cycles": 5000, "scale_vcpus": [1, 2, 4, 8, 16, 32, 64], "scale_seconds": 15.0,
     "natapov_seconds": 60.0, "natapov_sweep": [(lat, t) for lat in (0.1, 1.0, 10.0) for t in (1, 2, 4)],
     "sweep_seconds": 15.0, "check_lines": 1_000_000, "shared_rounds": 3, "shared_seconds": 10.0,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from apf_emu.logs import read_merged
 from apf_emu.stats import Stats
+from shared.config import GuestOptions, HostOptions, PageInLatency, with_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,10 +54,13 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
     log_dir.mkdir(parents=True, exist_ok=True)
     sock = Path(tmp.name) / "host.sock"
     result = TopologyResult(vcpus, seconds, log_dir=log_dir)
-    host = subprocess.Popen([sys.executable, "-m", "host_daemon", "--vm", vm, "--socket", str(sock), "--vcpus",
-                             str(vcpus), "--pages", str(pages), "--resident", str(resident), "--page-in-latency",
-                             latency, "--log-dir", str(log_dir), "--seed", str(seed)], cwd=ROOT,
-                            start_new_session=True)
+    host_opts = HostOptions(vm=vm, socket=sock, vcpus=vcpus, pages=pages, resident=resident,
+                            page_in_latency=PageInLatency.parse(latency), log_dir=log_dir, seed=seed)
+    host_opts.validate()
+    guest_opts = GuestOptions(vm=vm, socket=sock, boot=1, tasks=tasks, counting_tasks=counting_tasks,
+                              duration=seconds, log_dir=log_dir, transport=transport, seed=seed,
+                              shared_ratio=shared_ratio, no_apf=not apf)
+    host = subprocess.Popen(host_opts.argv(), cwd=ROOT, start_new_session=True)
     guests: list[subprocess.Popen[bytes]] = []
     try:
         deadline = time.monotonic() + 30
@@ -66,12 +69,7 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
                 raise RuntimeError("the host daemon did not start")
             time.sleep(0.01)
         for v in range(vcpus):
-            guests.append(subprocess.Popen(
-                [sys.executable, "-m", "guest_agent", "--vm", vm, "--socket", str(sock), "--vcpu", str(v),
-                 "--boot", "1", "--tasks", str(tasks), "--counting-tasks", str(counting_tasks), "--duration",
-                 str(seconds), "--log-dir", str(log_dir), "--transport", transport, "--seed", str(seed),
-                 "--shared-ratio", str(shared_ratio),
-                 *([] if apf else ["--no-apf"])], cwd=ROOT, start_new_session=True))
+            guests.append(subprocess.Popen(with_(guest_opts, vcpu=v).argv(), cwd=ROOT, start_new_session=True))
         time.sleep(seconds * 0.7)  # a benchmark sampling memory while the guests work, not synchronisation
         result.host_rss_kb = rss_kb(host.pid)
         result.guest_rss_kb = [rss_kb(g.pid) for g in guests]

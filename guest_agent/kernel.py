@@ -28,8 +28,6 @@ import random
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -44,6 +42,7 @@ from shared.abi import (
     async_pf_en_value,
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
+from shared.config import EXIT_CRASH, EXIT_REBOOT, GuestOptions
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
 from shared.views import GuestViews
 from shared.wire import PROTOCOL_VERSION, Message
@@ -54,41 +53,10 @@ from .sleep_table import DuplicateToken, SleepTable
 from .transport import GuestError, Transport, open_transport
 from .workload import GuestTask, RunQueue, count_quantum, task_pages
 
-__all__ = ["EXIT_CRASH", "EXIT_REBOOT", "GuestConfig", "GuestError", "GuestKernel"]
-
-EXIT_CRASH = 70  # the guest panicked: boot the kdump kernel next
-EXIT_REBOOT = 71  # the guest rebooted: boot a normal kernel next
-
-
-@dataclass(frozen=True)
-class GuestConfig:
-    vm: str
-    socket: Path
-    transport: str = "socket"
-    vcpu: int | None = None
-    boot: int = 0  # 0: the host numbers the boot
-    kind: str = "normal"
-    tasks: int = 4
-    counting_tasks: int = 0
-    vector: int = 0xF3
-    send_always: bool = False
-    apf: bool = True
-    seed: int = 0
-    kernel_ratio: float = 0.1
-    irq_off_ratio: float = 0.05
-    shared_ratio: float = 0.2
-    apf_reinit_every: float | None = None
-    kdump_apf: bool = False  # does a kdump kernel enable APF?
-    reconnect_timeout: float = 30.0
-    log_dir: Path | None = None
-    log_stdout: bool = False
-    connect_timeout: float = 10.0
-    drain_timeout: float = 5.0
-    duration: float | None = None
-
+__all__ = ["GuestError", "GuestKernel"]
 
 class GuestKernel:
-    def __init__(self, config: GuestConfig) -> None:
+    def __init__(self, config: GuestOptions) -> None:
         self.cfg = config
         self.log: Any = None
         self.sleep: SleepTable[GuestTask] = SleepTable()
@@ -197,7 +165,7 @@ class GuestKernel:
     def wrmsr(self, msr: int, value: int) -> bool:
         with self.cpu.context("exit"):
             reply = self.transport.wrmsr(msr, value)
-        ok = reply["t"] == "msr_result" and reply["ok"]
+        ok = bool(reply["t"] == "msr_result" and reply["ok"])
         if not ok:
             self.log.error("guest_msr_gp", msr=hex(msr), value=value, error=reply.get("error") or reply.get("message"))
         return ok
@@ -432,10 +400,10 @@ class GuestKernel:
             self.log.warning("guest_spurious_interrupt", vector=vector, reason="token slot empty")
             return
         else:
-            task, dummy_created = self.sleep.wake(token)
-            if task is not None:
-                self.log.info("guest_apf_wake", token=token, task=task.tid, all=False)
-                self._resume(task)
+            sleeper, dummy_created = self.sleep.wake(token)
+            if sleeper is not None:
+                self.log.info("guest_apf_wake", token=token, task=sleeper.tid, all=False)
+                self._resume(sleeper)
             else:
                 self.log.info("guest_apf_dummy", token=token, action="created" if dummy_created else "removed")
         self.log.info("guest_apf_ack", token=token)

@@ -25,8 +25,8 @@ import signal
 import socket
 import time
 from collections import deque
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 

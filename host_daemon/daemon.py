@@ -24,8 +24,9 @@ import posix_ipc
 import trio
 
 from shared import log as slog
-from shared.abi import APF_EMU_CPUID_FEATURES, MAX_VCPUS, AsyncPfEn
+from shared.abi import APF_EMU_CPUID_FEATURES, AsyncPfEn
 from shared.channel import MessageChannel
+from shared.config import HostOptions
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, check_vm_id
 from shared.wire import BOOT_MAX, GUEST_TO_HOST, HELLO_RANGES, PROTOCOL_VERSION, WireError
 
@@ -33,45 +34,20 @@ from .backing_store import BackingStore
 from .guest_views import ControlBlock, PublishedEpt
 from .memory import GuestMemory
 from .notify import Notifier, SignalNotifier, SocketNotifier
-from .pager import PageInLatency, Pager
+from .pager import Pager
 from .processes import pid_alive
 from .vcpu_conn import VcpuConnection
 
 HANDSHAKE_TIMEOUT_S = 5.0
-MAX_SOCKET_PATH = 107
 
 
-@dataclass(frozen=True)
-class HostConfig:
-    vm: str
-    socket: Path
-    vcpus: int = 2
-    pages: int = 512
-    resident: int = 384
-    latency: PageInLatency = PageInLatency("exp", 0.002)
-    seed: int = 0
-    log_dir: Path | None = None
-    log_stdout: bool = False
-    recover: bool = False
-
-    @property
-    def staging_socket(self) -> Path:
-        """Where the socket is bound before it is renamed to `socket`."""
-        return self.socket.with_name(f".apf-{os.getpid()}")
-
-    def validate(self) -> None:
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise ValueError(f"--vcpus must be 1..{MAX_VCPUS}")
-        for path in (self.socket, self.staging_socket):
-            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-                raise ValueError(f"socket path {path} is longer than the {MAX_SOCKET_PATH} bytes Unix allows")
-        RamLayout(self.pages)
-        if not 2 <= self.resident < self.pages:
-            raise ValueError("--resident must be at least 2 and less than --pages")
+def staging_socket(opts: HostOptions) -> Path:
+    """Where the socket is bound before it is renamed to `socket`."""
+    return opts.socket.with_name(f".apf-{os.getpid()}")
 
 
 class Vm:
-    def __init__(self, config: HostConfig) -> None:
+    def __init__(self, config: HostOptions) -> None:
         self.config = config
         self.log = slog.get_logger("host", config.vm)
         self.memory: GuestMemory
@@ -101,12 +77,12 @@ class Vm:
         try:
             ept = self.ept = PublishedEpt(cfg.vm, cfg.pages)
             self.memory = GuestMemory(ram, ept.u32, backing, cfg.resident, self.log, recover=cfg.recover)
-            self.pager = Pager(self.memory, cfg.latency, random.Random(cfg.seed))
+            self.pager = Pager(self.memory, cfg.page_in_latency, random.Random(cfg.seed))
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             # A stale socket of a killed host goes first; then bound and listening under a temporary name, and
             # renamed into place: whoever sees the socket file (a guest, a health check, a supervisor waiting for
             # a restarted host, a test) can connect to it.
-            staging = cfg.staging_socket
+            staging = staging_socket(cfg)
             for path in (cfg.socket, staging):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
@@ -122,7 +98,7 @@ class Vm:
                         await self._pin_saved_areas()
                     self.log.info(
                         "host_ready", socket=str(cfg.socket), shm=ram.name, pages=cfg.pages, resident=cfg.resident,
-                        vcpus=cfg.vcpus, latency=str(cfg.latency), seed=cfg.seed, recovered=cfg.recover,
+                        vcpus=cfg.vcpus, latency=str(cfg.page_in_latency), seed=cfg.seed, recovered=cfg.recover,
                         recovered_pages=self.memory.stats.recovered_pages, resident_now=self.memory.resident,
                         awaiting=self.memory.awaiting,
                     )
@@ -348,5 +324,5 @@ def _only_disconnects(exc: BaseException) -> bool:
     return isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError))
 
 
-async def serve(config: HostConfig) -> None:
+async def serve(config: HostOptions) -> None:
     await Vm(config).run()

@@ -9,14 +9,15 @@
 #   block and never reads them back, so whatever the guest writes there reaches only itself.
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
 import trio
 
 from shared.channel import MessageChannel
-from shared.views import CTL_CR2, CTL_IRR, CTL_PF_SEQ
 from shared.signals import SIG_PF, vector_signal
+from shared.views import CTL_CR2, CTL_IRR, CTL_PF_SEQ
 
 U32 = 0xFFFF_FFFF
 
@@ -31,10 +32,8 @@ class SocketNotifier:
         await self.chan.send("inject_pf", cr2=cr2)
 
     async def interrupt(self, vector: int) -> None:
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.chan.send("interrupt", vector=vector)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     def close(self) -> None:
         return None
@@ -52,10 +51,8 @@ class SignalNotifier:
     def _signal(self, signum: int) -> None:
         if self.pidfd < 0:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signum)
-        except ProcessLookupError:
-            pass
 
     async def inject_pf(self, cr2: int) -> None:
         if self.u32 is None:

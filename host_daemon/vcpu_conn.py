@@ -9,7 +9,8 @@
 # it ends, the memory model stops looking at the block and the vCPU holds no page any more.
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import Any, Protocol
 
 import trio
 
@@ -19,16 +20,28 @@ from shared.wire import Message, WireError
 
 from .backing_store import SavedVcpu
 from .guest_views import ControlBlock
+from .memory import GuestMemory
 from .notify import Notifier
+from .pager import Pager
 from .vcpu import AsyncPf, VcpuApf
 
-if TYPE_CHECKING:
-    from .daemon import Vm
+
+class VmContext(Protocol):
+    """What a connection needs of its VM (host_daemon/daemon.py's Vm): its memory, its page-ins, the nursery that
+    page-ins run in, who holds which vCPU, and whether the daemon is ending."""
+
+    memory: GuestMemory
+    pager: Pager
+    nursery: trio.Nursery
+    vcpus: dict[int, VcpuConnection]
+
+    @property
+    def stopping(self) -> bool: ...
 
 
 class VcpuConnection:
-    def __init__(self, vm: Vm, chan: MessageChannel, notifier: Notifier, ctl: ControlBlock, vcpu_id: int, boot: int,
-                 log: Any, peer_pid: int) -> None:
+    def __init__(self, vm: VmContext, chan: MessageChannel, notifier: Notifier, ctl: ControlBlock, vcpu_id: int,
+                 boot: int, log: Any, peer_pid: int) -> None:
         self.vm = vm
         self.peer_pid = peer_pid  # as the kernel saw it at connect; 0 if not visible (another PID namespace)
         self.chan = chan
@@ -89,10 +102,8 @@ class VcpuConnection:
 
     async def reject(self, exc: WireError) -> None:
         self.log.error("wire_error", code=exc.code, message=exc.message, fatal=exc.fatal)
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.chan.send("error", code=exc.code, message=exc.message, fatal=exc.fatal)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     async def _dispatch(self, msg: Message) -> None:
         t = msg["t"]

@@ -22,7 +22,7 @@ TOKEN_OFFSET: Final = 4
 class KvmVcpuPvApfData:
     """The APF area of one vCPU, at guest-physical address `gpa` of a u32 view of guest RAM."""
 
-    __slots__ = ("gpa", "_u32", "_flags_ix", "_token_ix")
+    __slots__ = ("_flags_ix", "_token_ix", "_u32", "gpa")
 
     def __init__(self, u32: memoryview, gpa: int) -> None:
         if gpa % KVM_VCPU_PV_APF_DATA_SIZE:

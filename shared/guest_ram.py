@@ -9,6 +9,7 @@
 # with live exports refuses to close).
 from __future__ import annotations
 
+import contextlib
 import mmap
 import re
 from dataclasses import dataclass
@@ -79,10 +80,8 @@ class GuestRam:
     def create(cls, vm: str, layout: RamLayout) -> GuestRam:
         """Create the VM's guest RAM, replacing a stale object left by a killed host (posix_ipc USAGE: Mr. Messy)."""
         name = shm_name(vm)
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_shared_memory(name)
-        except posix_ipc.ExistentialError:
-            pass
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=layout.ram_size)
         return cls(name, layout, shm, owner=True)
 

@@ -38,5 +38,5 @@ def interrupt_signals() -> list[int]:
     return [SIG_PF + 1 + i for i in range(16)]
 
 
-if SIG_PF + SIGNALS_NEEDED - 1 > int(signal.SIGRTMAX):  # pragma: no cover - every Linux libc has 30+
+if int(signal.SIGRTMAX) < SIG_PF + SIGNALS_NEEDED - 1:  # pragma: no cover - every Linux libc has 30+
     raise ImportError("this system has too few real-time signals for apf-emu's signal transport")

@@ -1,8 +1,10 @@
 # The project's shape: shared/ imports neither side; host and guest never import each other (they meet only
-# through the contract and the wire); shared/ is mypy-clean.
+# through the contract and the wire); no package imports the benchmarks; no import cycles inside a package; every
+# package is mypy --strict clean and the whole tree ruff clean (the linter of the test command).
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ FORBIDDEN = {
     "shared": {"host_daemon", "guest_agent", "apf_emu"},
     "host_daemon": {"guest_agent", "apf_emu"},
     "guest_agent": {"host_daemon", "apf_emu"},
-    "apf_emu": {"host_daemon", "guest_agent"},
+    "apf_emu": {"host_daemon", "guest_agent", "bench"},
+    "bench": {"host_daemon", "guest_agent"},
 }
 
 
@@ -51,6 +54,55 @@ def test_every_module_opens_with_a_design_comment():
     assert missing == []
 
 
-def test_shared_is_mypy_clean():
+def test_every_package_is_mypy_strict_clean():
     proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(FORBIDDEN) <= set(re.findall(r'"(\w+)"', (ROOT / "pyproject.toml").read_text().split("files = ")[1]
+                                            .split("]")[0]))
+
+
+def test_the_tree_is_ruff_clean():
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def local_imports(package: str) -> dict[str, set[str]]:
+    """module -> the modules of the same package it imports at module level (not inside functions)."""
+    out: dict[str, set[str]] = {}
+    for f in (ROOT / package).glob("*.py"):
+        tree = ast.parse(f.read_text(), str(f))
+        deps: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:
+                    deps.add(node.module.split(".")[0])
+                elif node.level == 1:
+                    deps.update(a.name for a in node.names)
+                elif node.module and node.module.startswith(package + "."):
+                    deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.If):  # `if TYPE_CHECKING:` imports count too: a cycle of design
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.ImportFrom) and sub.level == 1 and sub.module:
+                        deps.add(sub.module.split(".")[0])
+        out[f.stem] = deps
+    return out
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_import_cycles(package):
+    graph = local_imports(package)
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join([*path, node, dep])}")
+            if dep in graph and not state.get(dep):
+                visit(dep, [*path, node])
+        state[node] = 2
+
+    for node in graph:
+        if not state.get(node):
+            visit(node, [])

@@ -46,5 +46,5 @@ def test_compose_logs_on_stdin(monkeypatch):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(LogInputError, match="no such file"):
         list(read_merged([str(tmp_path / "nope.jsonl")]))
-    with pytest.raises(LogInputError, match="no \\*.jsonl"):
+    with pytest.raises(LogInputError, match=r"no \*\.jsonl"):
         list(read_merged([str(tmp_path)]))

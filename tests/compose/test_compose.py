@@ -5,6 +5,7 @@
 # pass `apf-emu check` and feed `apf-emu stats`. `down -v` must leave no container or volume of the project.
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,10 +75,8 @@ class Stack:
         for line in self.logs(*services).splitlines():
             start = line.find("{")
             if start >= 0:
-                try:
+                with contextlib.suppress(orjson.JSONDecodeError):
                     out.append(orjson.loads(line[start:]))
-                except orjson.JSONDecodeError:
-                    pass
         return out
 
     def containers(self, service: str, *, all_states: bool = False) -> list[str]:

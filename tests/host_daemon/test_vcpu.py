@@ -75,7 +75,7 @@ def test_enabled_without_int_delivery_never_delivers():
 
 
 def test_enable_queues_a_wake_all():
-    vcpu, log = make_vcpu()
+    vcpu, _log = make_vcpu()
     vcpu.write_msr(MSR_KVM_ASYNC_PF_INT, 0xF3)
     assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON).rescan
     assert vcpu.check_completion() == 0xF3

@@ -1,17 +1,18 @@
 # Real processes and a blocking wire client for integration tests.
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from shared import config
 from shared.blocking_channel import BlockingChannel, ChannelClosed
 from shared.guest_ram import shm_name
 from shared.views import GuestViews
@@ -39,10 +40,8 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     out = []
     for line in path.read_bytes().split(b"\n"):
         if line.strip():
-            try:
+            with contextlib.suppress(orjson.JSONDecodeError):
                 out.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                pass
     return out
 
 
@@ -52,11 +51,8 @@ class HostProcess:
         self.socket = tmp / "host.sock"
         self.log_dir = tmp
         self.socket.unlink(missing_ok=True)  # a killed host's: the file appears again once the new host listens
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "host_daemon", "--vm", vm, "--socket", str(self.socket), "--log-dir", str(tmp),
-             *args],
-            cwd=ROOT, start_new_session=True,
-        )
+        self.options = config.parse(config.HostOptions, args, vm=vm, socket=self.socket, log_dir=tmp)
+        self.proc = subprocess.Popen(self.options.argv(), cwd=ROOT, start_new_session=True)
         STARTED.append(self.proc)
         VMS.add(vm)
         wait_until(lambda: self.proc.poll() is not None or self.socket.exists(), 10, "the host's socket")
@@ -147,12 +143,10 @@ class GuestProcess:
                  vcpu_arg: bool = True) -> None:
         """vcpu_arg=False: pass neither --vcpu nor --boot, the host assigns both (`log` is then only a guess)."""
         self.log = host.log_dir / f"guest-{vcpu}.jsonl"
-        claim = ["--vcpu", str(vcpu), "--boot", str(boot)] if vcpu_arg else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "guest_agent", "--vm", host.vm, "--socket", str(host.socket), "--log-dir",
-             str(host.log_dir), *claim, "--kind", kind, *args],
-            cwd=ROOT, start_new_session=True,
-        )
+        claim = {"vcpu": vcpu, "boot": boot} if vcpu_arg else {}
+        self.options = config.parse(config.GuestOptions, args, vm=host.vm, socket=host.socket,
+                                    log_dir=host.log_dir, kind=kind, **claim)
+        self.proc = subprocess.Popen(self.options.argv(), cwd=ROOT, start_new_session=True)
         STARTED.append(self.proc)
 
     def signal(self, signum: int) -> None:

@@ -9,13 +9,14 @@ import sys
 import orjson
 
 from apf_emu.chaos import ChaosOptions, make_schedule
+from shared.config import HostOptions
 
 from .helpers import ROOT
 from .test_cleanup import processes_mentioning
 
 
 def test_same_seed_same_schedule():
-    opts = ChaosOptions(vcpus=3, duration=45)
+    opts = ChaosOptions(host=HostOptions(vcpus=3), duration=45)
     a, b = make_schedule(1, 45, 3, opts), make_schedule(1, 45, 3, opts)
     assert a == b and a != make_schedule(2, 45, 3, opts)
     kinds = [f.kind for f in a]

@@ -70,7 +70,8 @@ def test_killed_guest_comes_back_as_the_next_boot(host, vm_id, tmp_path):
     first = {e["guest_pid"]: e for e in host.events() if e["event"] == "vcpu_connect"}
     killed = first[g0.proc.pid]
     assert killed["boot"] == 1 and killed["assigned"] is True
-    wait_until(lambda: any(e["event"] == "kvm_async_pf_ready" and e["vcpu"] == killed["vcpu"] for e in host.events()), 20,
+    wait_until(lambda: any(e["event"] == "kvm_async_pf_ready" and e["vcpu"] == killed["vcpu"]
+                           for e in host.events()), 20,
                "APF traffic on the vCPU to kill")
     g0.signal(signal.SIGKILL)
     assert g0.wait() == -signal.SIGKILL

@@ -175,7 +175,7 @@ def test_a_guest_stopped_across_a_host_restart_loses_nothing(tmp_path, vm_id):
         guests[0].signal(signal.SIGCONT)
         wait_for_events(guests[0].log, "guest_reconnect")
         n = [count_events(g.log, "guest_apf_wait") for g in guests]
-        for g, k in zip(guests, n):  # evictions again: both fault again
+        for g, k in zip(guests, n, strict=False):  # evictions again: both fault again
             wait_for_events(g.log, "guest_apf_wait", k + 100)
         for g in guests:
             assert g.stop() == 0
@@ -201,7 +201,7 @@ def test_pauses_hold_queues_deliver_nothing_twice_lose_nothing(tmp_path, vm_id):
         host.proc.send_signal(signal.SIGSTOP)
         n = [count_events(g.log, "guest_apf_wait") for g in guests]
         host.proc.send_signal(signal.SIGCONT)
-        for g, k in zip(guests, n):
+        for g, k in zip(guests, n, strict=False):
             wait_for_events(g.log, "guest_apf_wait", k + 100)
         for g in guests:
             assert g.stop() == 0

@@ -1,5 +1,6 @@
 # Every invariant the checker knows, checked over the logs of real multi-process `apf-emu run`s, in three
-# configurations, each on both transports (socket frames and real-time signals). Each test also asserts that its invariant was actually exercised (the events it reads are there),
+# configurations, each on both transports (socket frames and real-time signals). Each test also asserts that its
+# invariant was actually exercised (the events it reads are there),
 # so a run that did nothing cannot pass.
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ async def test_eviction_races_accesses_without_losing_data(tmp_path):
                 await trio.sleep(0)
             nursery.cancel_scope.cancel()
         counts = []
-        for proc, buf in zip(procs, bufs):
+        for proc, buf in zip(procs, bufs, strict=False):
             assert proc.stdout is not None
             rest = buf + b"".join([chunk async for chunk in proc.stdout])
             counts.append(json.loads(rest.decode().split("ready\n", 1)[1]))

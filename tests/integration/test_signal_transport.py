@@ -13,9 +13,9 @@ import pytest
 
 from apf_emu.stats import INTERLEAVINGS
 from host_daemon.guest_views import ControlBlock
+from shared.signals import SIG_PF, interrupt_signals, signal_vectors, vector_signal
 from shared.views import CTL_IRR
 from shared.wire import PROTOCOL_VERSION
-from shared.signals import SIG_PF, interrupt_signals, signal_vectors, vector_signal
 
 from .helpers import ROOT, HostProcess, WireClient, wait_until
 
@@ -74,7 +74,8 @@ def test_host_signals_only_the_pid_the_kernel_vouches_for(tmp_path, vm_id):
     host = HostProcess(tmp_path, vm_id, "--vcpus", "2", "--pages", "16", "--resident", "8")
     try:
         liar = WireClient(host.socket)
-        reply = liar.request("hello", proto=PROTOCOL_VERSION, vm=vm_id, vcpu=0, boot=1, kind="normal", pid=1, transport="signal")
+        reply = liar.request("hello", proto=PROTOCOL_VERSION, vm=vm_id, vcpu=0, boot=1, kind="normal", pid=1,
+                             transport="signal")
         assert reply["t"] == "error" and reply["code"] == "bad_pid" and reply["fatal"]
         liar.close()
         honest = WireClient(host.socket)

@@ -22,8 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guest_agent.memory import SLOT_PATTERNS, Access, GuestMemoryAccess, SlotCheck, shared_pages, slot_pattern_byte
-from shared.abi import KVM_APF_WAKE_ALL_TOKEN, MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT
-from shared.abi import async_pf_en_value
+from shared.abi import (
+    KVM_APF_WAKE_ALL_TOKEN,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    async_pf_en_value,
+)
 from shared.apf_data import KvmVcpuPvApfData
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, vm_shm_names
 from shared.views import CTL_CR2, CTL_IN_ACCESS, CTL_IRR, CTL_PF_SEQ, GuestViews, ept_size

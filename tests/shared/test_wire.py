@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import msgpack
 import pytest
 from hypothesis import given
@@ -86,9 +88,7 @@ def test_arbitrary_bytes_only_ever_raise_wire_errors(data):
     reader = FrameReader()
     try:
         for payload in reader.feed(data):
-            try:
+            with contextlib.suppress(WireError):
                 decode(payload, GUEST_TO_HOST)
-            except WireError:
-                pass
     except WireError as exc:
         assert exc.fatal
