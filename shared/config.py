@@ -239,12 +239,18 @@ def option(table: Sequence[Option], dest: str) -> Option:
 
 # --- typed options ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class HostOptions:
+class ProcessOptions:
+    """What the host and every guest agent share (COMMON_OPTIONS)."""
+
     vm: str = "vm0"
     socket: Path = Path("/tmp/apf-emu-vm0.sock")
     seed: int = 0
     log_dir: Path | None = None
     log_stdout: bool = False
+
+
+@dataclass(frozen=True)
+class HostOptions(ProcessOptions):
     vcpus: int = 2
     pages: int = 512
     resident: int = 384
@@ -269,12 +275,7 @@ class HostOptions:
 
 
 @dataclass(frozen=True)
-class GuestOptions:
-    vm: str = "vm0"
-    socket: Path = Path("/tmp/apf-emu-vm0.sock")
-    seed: int = 0
-    log_dir: Path | None = None
-    log_stdout: bool = False
+class GuestOptions(ProcessOptions):
     transport: str = "socket"
     vcpu: int | None = None
     boot: int = 0
