@@ -17,6 +17,7 @@ MSR_NAMES: Final = {
     MSR_KVM_ASYNC_PF_EN: "MSR_KVM_ASYNC_PF_EN",
     MSR_KVM_ASYNC_PF_INT: "MSR_KVM_ASYNC_PF_INT",
     MSR_KVM_ASYNC_PF_ACK: "MSR_KVM_ASYNC_PF_ACK",
+    0x80F: "APIC_SPIV",
 }
 
 # MSR_KVM_ASYNC_PF_EN bits
@@ -33,6 +34,15 @@ KVM_ASYNC_PF_INT_VECTOR_MASK: Final = 0xFF
 # The vector Linux programs (HYPERVISOR_CALLBACK_VECTOR) and kvm-unit-tests uses.
 HYPERVISOR_CALLBACK_VECTOR: Final = 0xF3
 
+# --- the local APIC's software enable (arch/x86/kvm/lapic.c apic_set_spiv) -----------------------------------------
+# Page-ready is delivered only while the LAPIC is software-enabled (kvm_arch_can_dequeue_async_page_present). A
+# guest enables it by writing the spurious-interrupt vector register with bit 8; apf-emu's vCPUs are in x2APIC mode,
+# where that register is MSR 0x80f. After reset it holds 0xff: disabled.
+MSR_X2APIC_SPIV: Final = 0x80F
+APIC_SPIV_APIC_ENABLED: Final = 1 << 8
+APIC_SPIV_RESET: Final = 0xFF
+SPURIOUS_APIC_VECTOR: Final = 0xFF  # the spurious vector Linux programs with the enable bit
+
 # --- CPUID 0x40000001 EAX feature bits that apf-emu's "host" advertises -------------------------------------------
 KVM_FEATURE_ASYNC_PF: Final = 1 << 4
 KVM_FEATURE_ASYNC_PF_VMEXIT: Final = 1 << 10  # not advertised: apf-emu has no nested guests
@@ -47,7 +57,7 @@ KVM_PV_REASON_PAGE_READY: Final = 2  # unused since page-ready became an interru
 ASYNC_PF_PER_VCPU: Final = 64
 TOKEN_VCPU_BITS: Final = 12
 TOKEN_VCPU_MASK: Final = (1 << TOKEN_VCPU_BITS) - 1
-TOKEN_ID_LIMIT: Final = 1 << (32 - TOKEN_VCPU_BITS)  # the id wraps here, as the kernel's u32 arithmetic does
+TOKEN_ID_LIMIT: Final = 1 << (32 - TOKEN_VCPU_BITS)  # ids repeat in tokens after this many (u32 arithmetic)
 KVM_APF_WAKE_ALL_TOKEN: Final = 0xFFFF_FFFF  # `work->arch.token = ~0` in kvm_async_pf_wakeup_all
 MAX_VCPUS: Final = 64  # apf-emu's own limit: one 64-byte APF area slot per vCPU in the guest's kernel page
 
@@ -68,16 +78,14 @@ def token_id(token: int) -> int:
     return token >> TOKEN_VCPU_BITS
 
 
-def next_apf_id(apf_id: int, vcpu_id: int) -> int:
-    """The id after `apf_id`, skipping values that would make a token the kernel's reserved 0 or ~0.
-
-    Linux starts `apf.id` at 0, so its very first token on vCPU 0 is 0, the value that also means "slot free".
-    apf-emu never hands out 0 (see docs/PROTOCOL.md, "Tokens").
-    """
-    nxt = (apf_id + 1) % TOKEN_ID_LIMIT
-    while make_token(nxt, vcpu_id) in (0, KVM_APF_WAKE_ALL_TOKEN):
-        nxt = (nxt + 1) % TOKEN_ID_LIMIT
-    return nxt
+def alloc_apf_token(apf_id: int, vcpu_id: int) -> tuple[int, int]:
+    """`alloc_apf_token` (arch/x86/kvm/mmu/mmu.c): `apf_id` is vcpu->arch.apf.id, the next id to use. Returns
+    (the new id, the token). If `id << 12` is 0 as a u32 (the first call, and every 2^20 calls) the id becomes 1,
+    so that no token is 0, the value that also means "slot free" (Liang Zhang's 2022 fix)."""
+    if (apf_id << TOKEN_VCPU_BITS) & U32_MAX == 0:
+        apf_id = 1
+    token = ((apf_id << TOKEN_VCPU_BITS) | vcpu_id) & U32_MAX
+    return (apf_id + 1) & U32_MAX, token
 
 
 def token_is_well_formed(token: int, vcpu_id: int) -> bool:

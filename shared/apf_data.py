@@ -53,8 +53,7 @@ class KvmVcpuPvApfData:
     def read_and_reset_flags(self) -> int:
         """`kvm_read_and_reset_apf_flags`: the guest's #PF entry reads `flags` and writes 0."""
         flags = self.flags
-        if flags:
-            self.flags = 0
+        self.flags = 0
         return flags
 
     def release(self) -> None:

@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .wire import HOST_TO_GUEST, FrameReader, Message, WireError, decode, encode
+from .wire import HOST_TO_GUEST, FrameReader, Message, Schema, WireError, decode, encode
 
 RECEIVE_CHUNK = 65536
 MAX_FDS = 8  # per read; the host sends at most 2
@@ -44,7 +44,7 @@ def connect(path: Path, timeout: float) -> socket.socket:
 
 
 class BlockingChannel:
-    def __init__(self, sock: socket.socket, schema: dict[str, dict[str, tuple[type, ...]]] = HOST_TO_GUEST) -> None:
+    def __init__(self, sock: socket.socket, schema: Schema = HOST_TO_GUEST) -> None:
         self.sock = sock
         self._schema = schema
         self._reader = FrameReader()
@@ -52,11 +52,11 @@ class BlockingChannel:
         self._fds: list[int] = []
         self._cmsg_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
-    def send(self, msg_type: str, **fields: Any) -> None:
+    def send(self, msg: Message) -> None:
         try:
-            self.sock.sendall(encode(msg_type, **fields))
+            self.sock.sendall(encode(msg))
         except OSError as exc:
-            raise ChannelClosed(f"sending {msg_type} failed: {exc}") from None
+            raise ChannelClosed(f"sending {msg.TYPE} failed: {exc}") from None
 
     def fill(self, *, block: bool) -> bool:
         """Read what the socket has into frames. False if nothing was there (non-blocking reads only)."""
@@ -82,18 +82,18 @@ class BlockingChannel:
         self.frames.extend(self._reader.feed(data))
         return True
 
-    def receive(self, *, block: bool = True) -> Message | None:
+    def receive(self, *, block: bool = True) -> Any:
         """The next message; None only for a non-blocking read that found nothing."""
         while not self.frames:
             if not self.fill(block=block):
                 return None
         return decode(self.frames.popleft(), self._schema)
 
-    def request(self, msg_type: str, **fields: Any) -> Message:
-        self.send(msg_type, **fields)
-        msg = self.receive()
-        assert msg is not None
-        return msg
+    def request(self, msg: Message) -> Any:
+        self.send(msg)
+        reply = self.receive()
+        assert reply is not None
+        return reply
 
     def take_fds(self) -> list[int]:
         fds, self._fds = self._fds, []

@@ -15,13 +15,13 @@ from typing import Any
 
 import trio
 
-from .wire import FrameReader, Message, WireError, decode, encode
+from .wire import FrameReader, Message, Schema, WireError, decode, encode
 
 RECEIVE_CHUNK = 65536
 
 
 class MessageChannel:
-    def __init__(self, stream: trio.abc.Stream, schema: dict[str, dict[str, tuple[type, ...]]]) -> None:
+    def __init__(self, stream: trio.abc.Stream, schema: Schema) -> None:
         self.stream = stream
         self._schema = schema
         self._reader = FrameReader()
@@ -29,14 +29,14 @@ class MessageChannel:
         self._send_lock = trio.Lock()
         self.closed = False
 
-    async def send(self, msg_type: str, **fields: Any) -> None:
-        data = encode(msg_type, **fields)
+    async def send(self, msg: Message) -> None:
+        data = encode(msg)
         async with self._send_lock:
             await self.stream.send_all(data)
 
-    async def send_with_fds(self, fds: Sequence[int], msg_type: str, **fields: Any) -> None:
+    async def send_with_fds(self, fds: Sequence[int], msg: Message) -> None:
         """One frame with file descriptors attached (the stream must be a Unix socket stream)."""
-        data = encode(msg_type, **fields)
+        data = encode(msg)
         stream = self.stream
         assert isinstance(stream, trio.SocketStream)
         async with self._send_lock:
@@ -45,8 +45,8 @@ class MessageChannel:
             if sent < len(data):
                 await stream.send_all(data[sent:])
 
-    async def receive(self) -> Message | None:
-        """The next valid message, or None at a clean end of stream.
+    async def receive(self) -> Any:
+        """The next valid message (of the channel's schema), or None at a clean end of stream.
 
         Raises WireError for a bad frame; unless it is fatal the channel can go on being read.
         """

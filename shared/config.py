@@ -224,6 +224,9 @@ GUEST_OPTIONS: Final = (
            "vCPU in each), 0..1; 0 keeps each task on its own pages"),
     Option("apf_reinit_every", _duration, None, "take the vCPU offline and online again this often (APF disabled, "
            "sleepers woken, APF enabled), in seconds (default never)", metavar="SECONDS"),
+    Option("online_clears_token", flag, False, "on CPU online, write 0 to the APF token slot before enabling APF "
+           "(Linux does not: a page-ready taken while APF was off stays in the slot and blocks every later one; "
+           "docs/PROTOCOL.md section 10)", is_flag=True),
     Option("kdump_apf", flag, False, "with --kind kdump: the crash kernel enables APF afresh (default: never)",
            is_flag=True),
     Option("reconnect_timeout", _duration, 30.0, "seconds to keep reconnecting when the host goes away"),
@@ -289,6 +292,7 @@ class GuestOptions(ProcessOptions):
     irq_off_ratio: float = 0.05
     shared_ratio: float = 0.2
     apf_reinit_every: float | None = None
+    online_clears_token: bool = False
     kdump_apf: bool = False
     reconnect_timeout: float = 30.0
     connect_timeout: float = 10.0

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import re
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class GuestRam:
         shm.close_fd()
         self.mem: memoryview = memoryview(self._map)
         self.u32: memoryview = self.mem.cast("I")
+        probe = ctypes.c_char.from_buffer(self._map)
+        self.hva_base: int = ctypes.addressof(probe)  # where this process maps gpa 0 (KVM's hva of guest RAM)
+        del probe  # ctypes holds an export of the mapping while it lives
 
     @classmethod
     def create(cls, vm: str, layout: RamLayout) -> GuestRam:

@@ -9,8 +9,9 @@
 #   2. this vCPU's control block: one page, private to this connection (nobody else holds the fd):
 #        word 0        in_access  guest  gfn + 1 while the vCPU is inside an access to gfn, else 0: what the host's
 #                                        TLB shootdown looks at before it copies a page out
-#        word 1        cr2        host   signal transport: CR2 of the last #PF injected by signal
-#        word 2        pf_seq     host   signal transport: incremented after cr2 is written, before SIG_PF
+#        word 1        cr2        host   signal transport: CR2 of the last exception injected by signal
+#        word 2        pf_seq     host   signal transport: incremented after cr2 and vector, before SIG_PF
+#        word 3        vector     host   signal transport: the vector of that exception (14: #PF)
 #        words 16-271  irr[v]     host   signal transport: raise counter of vector v, incremented before v's signal
 #      A guest can write all of it, but what it writes reaches only itself: the host reads nothing here but
 #      `in_access`, only while this connection lives, and uses it only to skip one eviction victim.
@@ -30,6 +31,7 @@ CTL_SIZE: Final = PAGE_SIZE
 CTL_IN_ACCESS: Final = 0
 CTL_CR2: Final = 1
 CTL_PF_SEQ: Final = 2
+CTL_EXC_VECTOR: Final = 3
 CTL_IRR: Final = 16
 WELCOME_FDS: Final = 2  # the EPT, then the control block
 

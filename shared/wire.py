@@ -1,64 +1,165 @@
-# The wire: how a guest agent and the host daemon talk over a Unix stream socket.
+# The wire: how a guest agent and the host daemon talk over a Unix stream socket, and the typed messages they send.
 #
 # A frame is a 4-byte big-endian payload length followed by that many bytes of msgpack, which must decode to a map
-# with a string key "t" (the message type) and the fields the schema below lists for that type. The length prefix
-# keeps framing independent of payload validity: a frame whose msgpack is garbage, whose type is unknown or whose
-# fields are wrong is rejected on its own and the stream stays in sync; only a length over MAX_FRAME (or a stream
-# that ends mid-frame) makes the connection unusable. docs/PROTOCOL.md is the human version of this file; keep them
-# in step.
+# with a string key "t" (the message type) and exactly the fields of that type's dataclass below, each of its type.
+# The length prefix keeps framing independent of payload validity: a frame whose msgpack is garbage, whose type is
+# unknown or whose fields are wrong is rejected on its own and the stream stays in sync; only a length over
+# MAX_FRAME (or a stream that ends mid-frame) makes the connection unusable.
+#
+# Messages are frozen dataclasses, decoded and validated once, here: the rest of the code matches on their classes
+# and never sees a dict. docs/PROTOCOL.md is the human version of this file; keep them in step.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any, Final
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Final, TypeAlias
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 2  # 2: EPT and control block passed as fds with welcome
+PROTOCOL_VERSION: Final = 3  # 2: EPT and control block passed as fds with welcome; 3: `exception`, `msr_read`
 MAX_FRAME: Final = 64 * 1024
 HEADER: Final = struct.Struct(">I")
 
-Message = dict[str, Any]
-
-_INT = (int,)
-_OPT_INT = (int, type(None))
-_STR = (str,)
-_OPT_STR = (str, type(None))
-_BOOL = (bool,)
-
-# type -> {field: accepted Python types}. Every field is required; a None must be sent explicitly.
-GUEST_TO_HOST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
-    # First message on a connection, and only there (a second one is fatal). vcpu=None asks the host to assign a
-    # free vCPU, boot=0 to number this boot (one more than the last boot it saw of that vCPU); welcome says what was
-    # assigned. transport: "socket" or "signal". The host checks each value's range (HELLO_RANGES).
-    "hello": {
-        "proto": _INT, "vm": _STR, "vcpu": _OPT_INT, "boot": _INT, "kind": _STR, "pid": _INT, "transport": _STR,
-    },
-    # wrmsr: answered by msr_result (ok=False is a #GP).
-    "msr_write": {"msr": _INT, "value": _INT},
-    # A guest access found its gfn not present in the EPT: the VM exit. Answered by inject_pf or resume.
-    "exit_mem": {"gpa": _INT, "write": _BOOL, "user": _BOOL, "irq": _BOOL},
-}
 # The range of each integer of `hello`; the host refuses a value outside it (docs/PROTOCOL.md, section 3).
 BOOT_MAX: Final = 0xFFFF_FFFF  # a boot number is a u32 (the host saves it in a u32 register slot)
 PID_MAX: Final = 1 << 22  # Linux's PID_MAX_LIMIT: no pid is larger
 HELLO_RANGES: Final = {"proto": (0, 0xFFFF_FFFF), "boot": (0, BOOT_MAX), "pid": (1, PID_MAX)}
-HOST_TO_GUEST: Final[dict[str, dict[str, tuple[type, ...]]]] = {
-    # Sent with two file descriptors (SCM_RIGHTS): the EPT and this vCPU's control block (shared/views.py).
-    "welcome": {
-        "proto": _INT, "vm": _STR, "vcpu": _INT, "boot": _INT, "vcpus": _INT, "pages": _INT, "page_size": _INT,
-        "shm": _STR, "cpuid": _INT,
-    },
-    "msr_result": {"msr": _INT, "ok": _BOOL, "error": _OPT_STR},
-    # Exception injection: vector 14 with CR2. For an APF "page not present", flags=1 is already in the APF area.
-    "inject_pf": {"cr2": _INT},
-    # The exit was handled synchronously (the vCPU was halted until the page came in): re-enter and retry.
-    "resume": {"gpa": _INT},
-    # An interrupt on `vector`. For page-ready the token is already in the APF area.
-    "interrupt": {"vector": _INT},
-    # The host rejected a message. fatal=True: the host closes the connection after sending this.
-    "error": {"code": _STR, "message": _STR, "fatal": _BOOL},
-}
+
+
+# --- guest to host --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """First message on a connection, and only there (a second one is fatal). vcpu=None asks the host to assign a
+    free vCPU, boot=0 to number this boot; `welcome` says what was assigned. The host checks each value's range."""
+
+    TYPE: ClassVar[str] = "hello"
+    proto: int
+    vm: str
+    vcpu: int | None
+    boot: int
+    kind: str
+    pid: int
+    transport: str
+
+
+@dataclass(frozen=True, slots=True)
+class MsrWrite:
+    """wrmsr: answered by msr_result (ok=False is a #GP)."""
+
+    TYPE: ClassVar[str] = "msr_write"
+    msr: int
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class MsrRead:
+    """rdmsr: answered by msr_result with the value (ok=False is a #GP)."""
+
+    TYPE: ClassVar[str] = "msr_read"
+    msr: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitMem:
+    """A guest access found its gfn not present in the EPT: the VM exit. Answered by exception or resume."""
+
+    TYPE: ClassVar[str] = "exit_mem"
+    gpa: int
+    write: bool
+    user: bool
+    irq: bool
+
+
+# --- host to guest --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Handshake accepted. Sent with two file descriptors (SCM_RIGHTS): the EPT and this vCPU's control block
+    (shared/views.py)."""
+
+    TYPE: ClassVar[str] = "welcome"
+    proto: int
+    vm: str
+    vcpu: int
+    boot: int
+    vcpus: int
+    pages: int
+    page_size: int
+    shm: str
+    cpuid: int
+
+
+@dataclass(frozen=True, slots=True)
+class MsrResult:
+    """The result of msr_write (value None) or msr_read (the value). ok=False is a #GP; error says why."""
+
+    TYPE: ClassVar[str] = "msr_result"
+    msr: int
+    ok: bool
+    error: str | None
+    value: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InjectException:
+    """Exception injection at the vCPU's next entry: vector 14 (#PF) with CR2. For an APF "page not present", CR2 is
+    the token and `flags` = 1 is already in the APF area."""
+
+    TYPE: ClassVar[str] = "exception"
+    vector: int
+    cr2: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The exit ended without an exception (the page is in, or the vCPU was halted and woke): re-enter, take any
+    pending interrupt, and retry the access."""
+
+    TYPE: ClassVar[str] = "resume"
+    gpa: int
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """An interrupt on `vector`. For page-ready the token is already in the APF area."""
+
+    TYPE: ClassVar[str] = "interrupt"
+    vector: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """The host rejected a message. fatal=True: the host closes the connection after sending this."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    fatal: bool
+
+
+GuestMessage: TypeAlias = Hello | MsrWrite | MsrRead | ExitMem
+HostMessage: TypeAlias = Welcome | MsrResult | InjectException | Resume | Interrupt | ErrorReply
+Message: TypeAlias = GuestMessage | HostMessage
+Schema: TypeAlias = dict[str, type]
+
+GUEST_TO_HOST: Final[Schema] = {c.TYPE: c for c in (Hello, MsrWrite, MsrRead, ExitMem)}
+HOST_TO_GUEST: Final[Schema] = {c.TYPE: c for c in (Welcome, MsrResult, InjectException, Resume, Interrupt,
+                                                    ErrorReply)}
+PF_VECTOR: Final = 14
+
+
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Each field's accepted Python types, from the dataclass annotations (int | None -> (int, NoneType))."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[type, ...]] = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        out[f.name] = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return out
+
+
+_TYPES: Final = {cls: _field_types(cls) for cls in (*GUEST_TO_HOST.values(), *HOST_TO_GUEST.values())}
 
 
 class WireError(Exception):
@@ -71,37 +172,45 @@ class WireError(Exception):
         self.fatal = fatal
 
 
-def encode(msg_type: str, **fields: Any) -> bytes:
-    payload: bytes = msgpack.packb({"t": msg_type, **fields})
+def encode(msg: Message) -> bytes:
+    payload: bytes = msgpack.packb({"t": msg.TYPE, **asdict(msg)})
     if len(payload) > MAX_FRAME:
-        raise WireError("frame_too_large", f"{msg_type} message of {len(payload)} bytes exceeds {MAX_FRAME}")
+        raise WireError("frame_too_large", f"{msg.TYPE} message of {len(payload)} bytes exceeds {MAX_FRAME}")
     return HEADER.pack(len(payload)) + payload
 
 
-def decode(payload: bytes, schema: dict[str, dict[str, tuple[type, ...]]]) -> Message:
-    """Decode and validate one frame's payload against `schema` (GUEST_TO_HOST or HOST_TO_GUEST)."""
+def decode(payload: bytes, schema: Schema) -> Any:
+    """Decode and validate one frame's payload against `schema` (GUEST_TO_HOST or HOST_TO_GUEST): a message of
+    one of the schema's classes, or WireError."""
     try:
-        msg = msgpack.unpackb(payload, use_list=False, strict_map_key=True)
+        raw = msgpack.unpackb(payload, use_list=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises ValueError subclasses, StackError, ExtraData, ...
         raise WireError("malformed", f"undecodable msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(msg, dict):
-        raise WireError("malformed", f"message is a {type(msg).__name__}, not a map")
-    msg_type = msg.get("t")
+    if not isinstance(raw, dict):
+        raise WireError("malformed", f"message is a {type(raw).__name__}, not a map")
+    msg_type = raw.get("t")
     if not isinstance(msg_type, str):
         raise WireError("malformed", "message has no string field 't'")
-    fields = schema.get(msg_type)
-    if fields is None:
+    cls = schema.get(msg_type)
+    if cls is None:
         raise WireError("unknown_type", f"unknown message type {msg_type[:64]!r}")
-    for name, types in fields.items():
-        if name not in msg:
+    wanted = _TYPES[cls]
+    for name, accepted in wanted.items():
+        if name not in raw:
             raise WireError("bad_field", f"{msg_type}: missing field {name!r}")
-        value = msg[name]
+        value = raw[name]
         # bool is an int subclass: an int field must not accept True/False.
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
             raise WireError("bad_field", f"{msg_type}: field {name!r} has type {type(value).__name__}")
-    extra = msg.keys() - fields.keys() - {"t"}
+    extra = raw.keys() - wanted.keys() - {"t"}
     if extra:
         raise WireError("bad_field", f"{msg_type}: unknown fields {sorted(map(str, extra))[:8]}")
+    return cls(**{name: raw[name] for name in wanted})
+
+
+def make(schema: Schema, msg_type: str, **values: Any) -> Message:
+    """A message from its type name and fields (for scripted clients and tests)."""
+    msg: Message = schema[msg_type](**values)
     return msg
 
 
