@@ -9,7 +9,7 @@
 #   residency[P]    (generation << 1) | present, per gfn: the master EPT. The published EPT is written after it
 #   swap_state[P]   (generation << 1) | slot : which of the page's two slots holds its copy, and the EPT generation
 #                   at which that copy was made (the generation of the unmap that preceded it)
-#   vcpu[64]        16 words each: valid, boot, msr_en lo, msr_en hi, msr_int, apf_id, connected, pid
+#   vcpu[64]        16 words each: valid, boot, msr_en lo, msr_en hi, msr_int, apf_id, connected, pid, spiv
 #   slots[P][2]     two 4 KiB copies per page
 #
 # An eviction writes the copy into the slot NOT named by swap_state, then commits with one aligned store of
@@ -30,9 +30,9 @@ from shared.abi import MAX_VCPUS
 from shared.guest_ram import PAGE_SIZE, page_align, swap_name, unlink
 
 MAGIC: Final = 0x41504653  # "APFS"
-VERSION: Final = 2
+VERSION: Final = 3  # 3: the SPIV register saved with each vCPU
 VCPU_WORDS: Final = 16
-V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID, V_CONNECTED, V_PID = range(8)
+V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID, V_CONNECTED, V_PID, V_SPIV = range(9)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class SavedVcpu:
     msr_en: int
     msr_int: int
     apf_id: int
+    spiv: int  # the LAPIC's spurious-interrupt vector register (its software enable)
 
 
 class BackingStore:
@@ -107,7 +108,7 @@ class BackingStore:
         return self.state(gfn) >> 1 == generation
 
     # --- vCPU registers ------------------------------------------------------------------------------------------
-    def save_vcpu(self, vcpu: int, boot: int, msr_en: int, msr_int: int, apf_id: int) -> None:
+    def save_vcpu(self, vcpu: int, boot: int, msr_en: int, msr_int: int, apf_id: int, spiv: int) -> None:
         base = self._vcpu0 + vcpu * VCPU_WORDS
         u32 = self.u32
         u32[base + V_VALID] = 0  # a torn save is never restored
@@ -116,6 +117,7 @@ class BackingStore:
         u32[base + V_EN_HI] = msr_en >> 32
         u32[base + V_INT] = msr_int
         u32[base + V_APF_ID] = apf_id
+        u32[base + V_SPIV] = spiv
         u32[base + V_VALID] = 1
 
     def attach_guest(self, vcpu: int, pid: int) -> None:
@@ -146,7 +148,7 @@ class BackingStore:
         if not u32[base + V_VALID]:
             return None
         return SavedVcpu(int(u32[base + V_BOOT]), int(u32[base + V_EN_LO]) | int(u32[base + V_EN_HI]) << 32,
-                         int(u32[base + V_INT]), int(u32[base + V_APF_ID]))
+                         int(u32[base + V_INT]), int(u32[base + V_APF_ID]), int(u32[base + V_SPIV]))
 
     def forget_vcpu(self, vcpu: int) -> None:
         self.u32[self._vcpu0 + vcpu * VCPU_WORDS + V_VALID] = 0

@@ -28,14 +28,15 @@ from shared.abi import APF_EMU_CPUID_FEATURES, AsyncPfEn
 from shared.channel import MessageChannel
 from shared.config import HostOptions
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, check_vm_id
-from shared.wire import BOOT_MAX, GUEST_TO_HOST, HELLO_RANGES, PROTOCOL_VERSION, WireError
+from shared.transports import TRANSPORTS
+from shared.wire import BOOT_MAX, GUEST_TO_HOST, HELLO_RANGES, PROTOCOL_VERSION, ErrorReply, Hello, Welcome, WireError
 
 from .backing_store import BackingStore
 from .guest_views import ControlBlock, PublishedEpt
 from .memory import GuestMemory
-from .notify import Notifier, SignalNotifier, SocketNotifier
 from .pager import Pager
 from .processes import pid_alive
+from .transports import make_notifier
 from .vcpu_conn import VcpuConnection
 
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -170,16 +171,16 @@ class Vm:
             return
         if msg is None:
             return  # a probe (health check) that connected and left
-        if msg["t"] != "hello":
-            await self._refuse(chan, "unexpected", f"expected hello, got {msg['t']}")
+        if not isinstance(msg, Hello):
+            await self._refuse(chan, "unexpected", f"expected hello, got {msg.TYPE}")
             return
         peer_pid = _peer_pid(chan)
         problem = self._check_hello(msg) or self._check_peer(peer_pid, msg)
         if problem:
             await self._refuse(chan, *problem)
             return
-        vcpu_id = msg["vcpu"] if msg["vcpu"] is not None else self._free_vcpu()
-        boot = msg["boot"] or self._next_boot(vcpu_id)
+        vcpu_id = msg.vcpu if msg.vcpu is not None else self._free_vcpu()
+        boot = msg.boot or self._next_boot(vcpu_id)
         old = self.vcpus.get(vcpu_id)
         if old is not None:
             # A newer boot of this vCPU: the guest that held it is gone even if its connection has not ended yet
@@ -195,24 +196,20 @@ class Vm:
                 await self._refuse(chan, "vcpu_busy", f"vCPU {vcpu_id} did not become free")
                 return
         ctl = ControlBlock(self.config.vm, vcpu_id)
-        notifier: Notifier
-        if msg["transport"] == "signal":
-            try:
-                notifier = SignalNotifier(ctl.u32, msg["pid"])
-            except OSError as exc:
-                ctl.close()
-                await self._refuse(chan, "bad_pid", f"cannot open a pidfd for pid {msg['pid']}: {exc.strerror}")
-                return
-        else:
-            notifier = SocketNotifier(chan)
+        try:
+            notifier = make_notifier(msg.transport, chan, ctl.u32, msg.pid)
+        except OSError as exc:
+            ctl.close()
+            await self._refuse(chan, "bad_pid", f"cannot set up {msg.transport} for pid {msg.pid}: {exc.strerror}")
+            return
         log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=boot)
         conn = VcpuConnection(self, chan, notifier, ctl, vcpu_id, boot, log, peer_pid or 0)
         session.vcpu = vcpu_id
         self.vcpus[vcpu_id] = conn
         self.last_boot[vcpu_id] = max(boot, self.last_boot.get(vcpu_id, 0))
         saved = self.memory.backing.saved_vcpu(vcpu_id)
-        log.info("vcpu_connect", guest_pid=msg["pid"], kind=msg["kind"], transport=msg["transport"],
-                 restored=saved is not None and saved.boot == boot, assigned=msg["vcpu"] is None or not msg["boot"])
+        log.info("vcpu_connect", guest_pid=msg.pid, kind=msg.kind, transport=msg.transport,
+                 restored=saved is not None and saved.boot == boot, assigned=msg.vcpu is None or not msg.boot)
         try:
             self.memory.attach(vcpu_id, ctl.u32)
             self.memory.backing.attach_guest(vcpu_id, peer_pid or 0)
@@ -221,9 +218,9 @@ class Vm:
                 self.memory.unpin(self.recovery_pins.pop(vcpu_id))
             await chan.send_with_fds(
                 [self.ept.fd, ctl.fd],
-                "welcome", proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, boot=boot, vcpus=self.config.vcpus,
-                pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,
-                cpuid=APF_EMU_CPUID_FEATURES,
+                Welcome(proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, boot=boot, vcpus=self.config.vcpus,
+                        pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,
+                        cpuid=APF_EMU_CPUID_FEATURES),
             )
             ctl.forget_fd()
             await conn.serve()
@@ -234,33 +231,33 @@ class Vm:
             log.info("vcpu_disconnect")
             conn.done.set()  # only now may a newer boot's connect be logged: the checker reads them in order
 
-    def _check_hello(self, msg: dict[str, Any]) -> tuple[str, str] | None:
+    def _check_hello(self, msg: Hello) -> tuple[str, str] | None:
         """Every field of `hello` within its documented range (docs/PROTOCOL.md, section 3)."""
-        if msg["proto"] != PROTOCOL_VERSION:
-            return "bad_version", f"protocol {_short(msg['proto'])} is not {PROTOCOL_VERSION}"
+        if msg.proto != PROTOCOL_VERSION:
+            return "bad_version", f"protocol {_short(msg.proto)} is not {PROTOCOL_VERSION}"
         try:
-            check_vm_id(msg["vm"])
+            check_vm_id(msg.vm)
         except ValueError:
-            return "wrong_vm", f"{_short(msg['vm'])} is not a VM id (1-48 characters of [A-Za-z0-9_.-])"
-        if msg["vm"] != self.config.vm:
-            return "wrong_vm", f"this host runs VM {self.config.vm!r}, not {msg['vm']!r}"
-        if msg["transport"] not in ("socket", "signal"):
-            return "bad_field", "transport must be socket or signal"
-        if msg["kind"] not in ("normal", "kdump"):
+            return "wrong_vm", f"{_short(msg.vm)} is not a VM id (1-48 characters of [A-Za-z0-9_.-])"
+        if msg.vm != self.config.vm:
+            return "wrong_vm", f"this host runs VM {self.config.vm!r}, not {msg.vm!r}"
+        if msg.transport not in TRANSPORTS:
+            return "bad_field", f"transport must be one of {', '.join(TRANSPORTS)}"
+        if msg.kind not in ("normal", "kdump"):
             return "bad_field", "kind must be normal or kdump"
         lo, hi = HELLO_RANGES["boot"]
-        if not lo <= msg["boot"] <= hi:
+        if not lo <= msg.boot <= hi:
             return "bad_field", f"boot must be {lo}..{hi} (0 asks the host to number the boot)"
         lo, hi = HELLO_RANGES["pid"]
-        if not lo <= msg["pid"] <= hi:
+        if not lo <= msg.pid <= hi:
             return "bad_pid", f"pid must be {lo}..{hi}"
-        vcpu = msg["vcpu"]
+        vcpu = msg.vcpu
         if vcpu is None:
             if len(self.vcpus) >= self.config.vcpus:
                 return "no_vcpu", f"all {self.config.vcpus} vCPUs are taken"
         elif not 0 <= vcpu < self.config.vcpus:
             return "bad_vcpu", f"vCPU {_short(vcpu)} is not in 0..{self.config.vcpus - 1}"
-        elif vcpu in self.vcpus and msg["boot"] and msg["boot"] <= self.vcpus[vcpu].boot:
+        elif vcpu in self.vcpus and msg.boot and msg.boot <= self.vcpus[vcpu].boot:
             return "vcpu_busy", f"vCPU {vcpu} is connected (boot {self.vcpus[vcpu].boot})"
         return None
 
@@ -286,16 +283,16 @@ class Vm:
             return 1
         return last + 1
 
-    def _check_peer(self, peer_pid: int | None, msg: dict[str, Any]) -> tuple[str, str] | None:
+    def _check_peer(self, peer_pid: int | None, msg: Hello) -> tuple[str, str] | None:
         """The signal transport signals the guest's PID: only if the kernel says that PID is our peer."""
-        if msg["transport"] == "signal" and peer_pid != msg["pid"]:
-            return "bad_pid", f"hello claims pid {msg['pid']} but the socket's peer is pid {peer_pid or 'unknown'}"
+        if msg.transport == "signal" and peer_pid != msg.pid:
+            return "bad_pid", f"hello claims pid {msg.pid} but the socket's peer is pid {peer_pid or 'unknown'}"
         return None
 
     async def _refuse(self, chan: MessageChannel, code: str, message: str) -> None:
         self.log.error("wire_error", code=code, message=message, fatal=True)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await chan.send("error", code=code, message=message, fatal=True)
+            await chan.send(ErrorReply(code, message, True))
 
 
 @dataclass

@@ -1,39 +1,48 @@
-# The host's per-vCPU APF state machine: what KVM keeps in `vcpu->arch.apf` and `vcpu->async_pf`.
+# The host's per-vCPU APF state machine: what KVM keeps in `vcpu->arch.apf` and `vcpu->async_pf`, and the functions
+# that change it, each named after the KVM function it follows (arch/x86/kvm/x86.c and msrs.c, mmu/mmu.c,
+# virt/kvm/async_pf.c, lapic.c). Sans I/O: it reads and writes the guest's `struct kvm_vcpu_pv_apf_data` (a view
+# over guest RAM), logs KVM's tracepoints, and returns decisions; host_daemon/vcpu_conn.py does the sending, the
+# page-ins, the waiting and the entries.
 #
-# Sans I/O: it reads and writes the guest's `struct kvm_vcpu_pv_apf_data` (a view over guest RAM), logs KVM's
-# tracepoints, and returns decisions; the connection handler (host_daemon/vcpu_conn.py) does the sending, the
-# page-ins and the waiting. That keeps every protocol rule in this one file and lets tests drive it with hypothesis.
-#
-# Rules, with the kernel function each follows (arch/x86/kvm/x86.c unless said otherwise):
-# - MSR_KVM_ASYNC_PF_EN (`kvm_pv_enable_async_pf`): reserved bits 5:4, DELIVERY_AS_PF_VMEXIT (not advertised) or an
-#   area outside guest RAM -> #GP. APF is on only with ENABLED and DELIVERY_AS_INT (`kvm_pv_async_pf_enabled`).
-#   Writing a value that is not "on" drops every outstanding item (`kvm_clear_async_pf_completion_queue`): their
-#   page-ready events are eaten and logged as apf_ready_dropped. Turning it on queues a wake-all
-#   (`kvm_async_pf_wakeup_all`). Deviation: KVM stores the value before validating the address; we store only
-#   values that were accepted.
-# - MSR_KVM_ASYNC_PF_INT (`kvm_pv_enable_async_pf_int`): bits 63:8 -> #GP.
-# - MSR_KVM_ASYNC_PF_ACK: value 1 re-scans the done queue; other values are ignored.
-# - A fault on a non-resident gfn becomes an APF only if interrupts are on (`kvm_can_do_async_pf`), the gfn is not
-#   already being paged in for this vCPU (else `kvm_async_pf_repeated_fault`), fewer than ASYNC_PF_PER_VCPU items
-#   are queued (`kvm_setup_async_pf`), APF is on, the guest is in user mode or asked for SEND_ALWAYS
-#   (`kvm_can_deliver_async_pf`) and no wake-all is waiting for the token slot. `flags` is written, never read
-#   (`apf_put_user_notpresent`): a value the guest left there refuses nothing. Otherwise
-#   it is a synchronous fault: the vCPU stays halted until the page is in, and it gets no page-ready later
-#   (bugzilla 208081). The wake-all rule is apf-emu's: until the guest has ACKed a wake-all, no new token is
-#   handed out. KVM injects the wake-all of an enable on the next entry, before the guest can fault; but after a
-#   host restore (or a re-enable with a page-ready still unread) it may wait for the slot or sit pending in the
-#   guest, and a not-present injected meanwhile would have its task woken by the wake-all and its own page-ready
-#   leave a dummy behind. The chaos harness found exactly that.
-# - Page-ready (`kvm_check_async_pf_completion`): the first done item goes out only when the `token` slot is 0; the
-#   host writes the token and raises the programmed vector. Wake-all items are always delivered; items whose
-#   not-present was not injected never are.
+# The vCPU's life as KVM runs it, and as this module models it:
+# - A VM exit (a request from the guest) ends with an *entry* (`entry`): the requests KVM_REQ_APF_HALT and
+#   KVM_REQ_APF_READY are processed there, in vcpu_enter_guest's order (HALT first: the vCPU then blocks instead
+#   of entering). A running vCPU is "kicked" into an entry by a completion only if no page-ready is pending
+#   (`kvm_arch_async_page_present_queued`); otherwise a completion waits for the next exit or the ACK.
+# - A fault on a page that is out (`on_fault`, after `__kvm_mmu_faultin_pfn`): with interrupts off
+#   (`kvm_can_do_async_pf`) it is synchronous; otherwise `kvm_try_async_get_page` is traced, a gfn already being
+#   paged in is a repeated fault (KVM_REQ_APF_HALT), and a new one becomes async work (`kvm_setup_async_pf`, at most
+#   ASYNC_PF_PER_VCPU, else synchronous) whose not-present is injected as #PF if it can be delivered
+#   (`kvm_can_deliver_async_pf`: APF on with DELIVERY_AS_INT, user mode or SEND_ALWAYS) and otherwise turned into
+#   the artificial halt (KVM_REQ_APF_HALT). APF need not be enabled for the halt: it is KVM's non-PV "halt while
+#   swapping in". A halted vCPU blocks until its done list is not empty (`kvm_vcpu_has_events`), then enters
+#   again: interrupts (a page-ready of another token) are delivered, the guest retries the access, and either finds
+#   the page or faults again (a repeated fault: halt again).
+# - A page-in finished (`complete`, after `async_pf_execute`): the item joins the done list; only the first item of
+#   an empty list raises KVM_REQ_APF_READY and perhaps a kick; `kvm_async_pf_completed` is traced after that.
+# - Delivery (`check_completion`, `kvm_check_async_pf_completion`): while the done list is not empty and
+#   `kvm_arch_can_dequeue_async_page_present` (APF off: always, the event is consumed; on: the LAPIC is enabled and
+#   the token slot is 0), `kvm_arch_async_page_present` traces `kvm_async_pf_ready` and injects the page-ready
+#   vector only for items whose not-present was injected (and wake-alls), setting pageready_pending; it also ends
+#   the artificial halt.
+# - MSRs: `kvm_pv_enable_async_pf` (reserved bits, DELIVERY_AS_PF_VMEXIT without the feature, and an area outside
+#   guest RAM when enabling, are #GP before anything is stored; enabling queues a wake-all only if the done list is
+#   empty (`kvm_async_pf_wakeup_all`); anything else clears the queue and the gfn hash), `kvm_pv_enable_async_pf_int`
+#   (bits 63:8 #GP), MSR_KVM_ASYNC_PF_ACK (bit 0: pageready_pending = false, then `kvm_check_async_pf_completion`),
+#   `kvm_get_msr_common` (EN and INT read back as written, ACK reads 0), the x2APIC SPIV register
+#   (`apic_set_spiv`: software-enables the LAPIC and, when enabled, raises KVM_REQ_APF_READY; reset value 0xff,
+#   disabled).
+# - Tokens: `alloc_apf_token`.
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Final
 
 from shared.abi import (
+    APIC_SPIV_APIC_ENABLED,
+    APIC_SPIV_RESET,
     ASYNC_PF_PER_VCPU,
     KVM_APF_WAKE_ALL_TOKEN,
     KVM_ASYNC_PF_INT_VECTOR_MASK,
@@ -43,37 +52,50 @@ from shared.abi import (
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
     MSR_NAMES,
+    MSR_X2APIC_SPIV,
+    U32_MAX,
     U64_MAX,
     AsyncPfEn,
-    make_token,
-    next_apf_id,
+    alloc_apf_token,
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.guest_ram import PAGE_SIZE
 
+APF_HALT: Final = "KVM_REQ_APF_HALT"
+APF_READY: Final = "KVM_REQ_APF_READY"
+
 
 @dataclass(slots=True)
 class AsyncPf:
-    """One outstanding async page fault (`struct kvm_async_pf`)."""
+    """One async page fault (`struct kvm_async_pf`): queued until its page-in is done, then on the done list."""
 
     token: int
     gfn: int
+    gva: int  # work->cr2_or_gpa: the faulting gpa (KVM runs the guest under TDP)
+    hva: int = 0  # work->addr: the host virtual address of the page
     wakeup_all: bool = False
-    notpresent_injected: bool = True
-    done: bool = False
+    notpresent_injected: bool = False
+
+
+class Fault(Enum):
+    SYNC = "sync"  # faulted in on the vCPU thread; the exit ends when the page is in
+    INJECT = "inject"  # a not-present #PF is injected at the entry
+    HALT = "halt"  # the artificial halt (KVM_REQ_APF_HALT)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDecision:
+    kind: Fault
+    item: AsyncPf | None = None  # new async work (INJECT, or HALT on a new gfn): its page-in must be started
+    reason: str | None = None  # why it is not an injected APF
 
 
 @dataclass(frozen=True, slots=True)
 class MsrResult:
     ok: bool
     error: str | None = None
-    rescan: bool = False  # the caller should run check_completion (ACK, enable)
-
-
-@dataclass(frozen=True, slots=True)
-class FaultDecision:
-    apf: AsyncPf | None  # None: handle synchronously
-    reason: str | None = None
+    value: int | None = None  # rdmsr
+    vectors: tuple[int, ...] = ()  # interrupts to raise before the exit ends (the ACK's delivery)
 
 
 @dataclass
@@ -82,22 +104,38 @@ class VcpuApf:
     ram_u32: memoryview
     ram_pages: int
     log: Any
-    msr_en: int = 0
-    msr_int: int = 0
-    apf_id: int = 0
-    area: KvmVcpuPvApfData | None = None
-    queue: dict[int, AsyncPf] = field(default_factory=dict)  # token -> item, all not yet delivered or dropped
-    done: deque[AsyncPf] = field(default_factory=deque)
-    gfn_hash: set[int] = field(default_factory=set)  # gfns being paged in asynchronously for this vCPU
-    slot_token: int = 0  # the last token the host wrote into the `token` slot
-    reraise: bool = False  # restore found a published page-ready whose interrupt may have been lost
-    wakeup_all_unacked: bool = False
+    hva_base: int = 0  # where guest RAM is mapped in the host: kvm_async_pf_completed's `address`
+    msr_en: int = 0  # vcpu->arch.apf.msr_en_val
+    msr_int: int = 0  # vcpu->arch.apf.msr_int_val
+    apf_id: int = 0  # vcpu->arch.apf.id, the next token id (alloc_apf_token)
+    spiv: int = APIC_SPIV_RESET  # the LAPIC's spurious-interrupt vector register: bit 8 is the software enable
+    pageready_pending: bool = False  # a page-ready was injected and not yet ACKed
+    halted: bool = False  # vcpu->arch.apf.halted: the artificial halt
+    requests: set[str] = field(default_factory=set)
+    queue: dict[int, AsyncPf] = field(default_factory=dict)  # every item not yet freed (token, or id of a wake-all)
+    done: deque[AsyncPf] = field(default_factory=deque)  # vcpu->async_pf.done
+    gfn_hash: set[int] = field(default_factory=set)  # vcpu->arch.apf.gfns: gfns being paged in asynchronously
+    slot_token: int = 0  # the last token this host published in the slot (for `released`)
+    reraise: bool = False  # restore found a published page-ready whose interrupt may have died with the old host
     _garbage_reported: bool = False
 
     # --- state ---------------------------------------------------------------------------------------------------
     @property
-    def apf_enabled(self) -> bool:
-        return self.area is not None and AsyncPfEn(self.msr_en).apf_enabled
+    def pv_enabled(self) -> bool:
+        """`kvm_pv_async_pf_enabled`: ENABLED and DELIVERY_AS_INT."""
+        return AsyncPfEn(self.msr_en).apf_enabled
+
+    @property
+    def area(self) -> KvmVcpuPvApfData | None:
+        """vcpu->arch.apf.data: the area the last enabling write named (None while APF is off)."""
+        if not self.pv_enabled:
+            return None
+        return KvmVcpuPvApfData(self.ram_u32, AsyncPfEn(self.msr_en).gpa)
+
+    @property
+    def lapic_enabled(self) -> bool:
+        """`kvm_lapic_enabled`: the LAPIC is software-enabled (the in-kernel LAPIC is always present)."""
+        return bool(self.spiv & APIC_SPIV_APIC_ENABLED)
 
     @property
     def vector(self) -> int:
@@ -105,7 +143,12 @@ class VcpuApf:
 
     @property
     def queued(self) -> int:
+        """vcpu->async_pf.queued: items and wake-alls not yet freed (at most ASYNC_PF_PER_VCPU of the former)."""
         return len(self.queue)
+
+    def has_events(self) -> bool:
+        """`kvm_vcpu_has_events`, the part apf-emu models: the done list is not empty."""
+        return bool(self.done)
 
     # --- MSRs ----------------------------------------------------------------------------------------------------
     def area_gfn_enabled_by(self, msr: int, value: int) -> int | None:
@@ -120,163 +163,227 @@ class VcpuApf:
         return en.gpa // PAGE_SIZE
 
     def write_msr(self, msr: int, value: int) -> MsrResult:
+        """`kvm_set_msr_common` for the MSRs apf-emu has."""
         if not 0 <= value <= U64_MAX:
             result = MsrResult(False, "value is not a u64")
         elif msr == MSR_KVM_ASYNC_PF_EN:
-            result = self._write_en(value)
+            result = self._enable_async_pf(value)
         elif msr == MSR_KVM_ASYNC_PF_INT:
-            if value & ~KVM_ASYNC_PF_INT_VECTOR_MASK:
+            if value >> 8:  # kvm_pv_enable_async_pf_int
                 result = MsrResult(False, "bits 63:8 of MSR_KVM_ASYNC_PF_INT are reserved")
             else:
                 self.msr_int = value
                 result = MsrResult(True)
         elif msr == MSR_KVM_ASYNC_PF_ACK:
-            result = MsrResult(True, rescan=value == 1)
-            if value == 1:
-                self.wakeup_all_unacked = False
-                self.log.info("apf_ack")
+            vectors: list[int] = []
+            if value & 0x1:
+                self.log.info("apf_ack", value=value)
+                self.pageready_pending = False
+                vectors = self.check_completion()
+            result = MsrResult(True, vectors=tuple(vectors))
+        elif msr == MSR_X2APIC_SPIV:
+            if value >> 32:
+                result = MsrResult(False, "bits 63:32 of the x2APIC SPIV register are reserved")
+            else:
+                self._set_spiv(value & 0x3FF)
+                result = MsrResult(True)
         else:
             result = MsrResult(False, "unknown MSR")
         if msr != MSR_KVM_ASYNC_PF_ACK or not result.ok:
-            self.log.info(
-                "msr_write", msr=MSR_NAMES.get(msr, hex(msr) if isinstance(msr, int) else str(msr)),
-                value=value, ok=result.ok, error=result.error,
-            )
+            self.log.info("msr_write", msr=MSR_NAMES.get(msr, hex(msr) if isinstance(msr, int) else str(msr)),
+                          value=value, ok=result.ok, error=result.error)
         return result
 
-    def _write_en(self, value: int) -> MsrResult:
+    def read_msr(self, msr: int) -> MsrResult:
+        """`kvm_get_msr_common`: EN and INT read back as stored, ACK reads 0."""
+        values = {MSR_KVM_ASYNC_PF_EN: self.msr_en, MSR_KVM_ASYNC_PF_INT: self.msr_int, MSR_KVM_ASYNC_PF_ACK: 0,
+                  MSR_X2APIC_SPIV: self.spiv}
+        if msr not in values:
+            return MsrResult(False, "unknown MSR")
+        return MsrResult(True, value=values[msr])
+
+    def _enable_async_pf(self, value: int) -> MsrResult:
+        """`kvm_pv_enable_async_pf`: everything that makes it #GP is checked before the value is stored."""
         en = AsyncPfEn(value)
         if value & KVM_ASYNC_PF_RESERVED:
             return MsrResult(False, "bits 5:4 of MSR_KVM_ASYNC_PF_EN are reserved")
         if en.delivery_as_pf_vmexit:
             return MsrResult(False, "DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT")
-        if not en.apf_enabled:
-            # Also ENABLED without DELIVERY_AS_INT: accepted, but APF stays off (5.9+ hosts).
-            self.msr_en = value
-            self.area = None
-            self.drop_all("apf_disabled")
-            return MsrResult(True)
-        gpa = en.gpa
-        if gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
-            return MsrResult(False, f"APF area {gpa:#x} is outside guest RAM")
+        if en.apf_enabled and en.gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
+            return MsrResult(False, f"APF area {en.gpa:#x} is outside guest RAM")  # kvm_gfn_to_hva_cache_init
         self.msr_en = value
-        self.area = KvmVcpuPvApfData(self.ram_u32, gpa)
-        self._garbage_reported = False
-        self._queue_wakeup_all()
-        return MsrResult(True, rescan=True)
+        if en.apf_enabled:
+            self._garbage_reported = False
+            self._wakeup_all()
+        else:
+            self.drop_all("apf_disabled")  # kvm_clear_async_pf_completion_queue
+            self.gfn_hash.clear()  # kvm_async_pf_hash_reset
+        return MsrResult(True)
 
-    def restore(self, msr_en: int, msr_int: int, apf_id: int) -> None:
-        """Load registers saved before a host restart (as a VMM restores MSR_KVM_ASYNC_PF_EN/_INT after a
-        snapshot or live update). The events in flight died with the old host: a wake-all replaces them, so every
-        task sleeping on one of their tokens retries."""
+    def _set_spiv(self, value: int) -> None:
+        """`apic_set_spiv`: pending page-ready events are looked at again whenever the LAPIC is enabled."""
+        self.spiv = value
+        if self.lapic_enabled:
+            self.requests.add(APF_READY)
+
+    def _wakeup_all(self) -> None:
+        """`kvm_async_pf_wakeup_all`: only if the done list is empty."""
+        if self.done:
+            self.log.info("apf_wakeup_all_skipped", done=len(self.done))
+            return
+        item = AsyncPf(KVM_APF_WAKE_ALL_TOKEN, -1, 0, wakeup_all=True)
+        self.queue[id(item)] = item  # keyed apart so that it never collides with a token
+        self.done.append(item)
+        self._present_queued()  # first: the list was empty
+
+    def restore(self, msr_en: int, msr_int: int, apf_id: int, spiv: int) -> None:
+        """Registers restored by a VMM after a host restart (KVM_SET_MSRS, KVM_SET_LAPIC): the enabling write
+        queues a wake-all as `kvm_pv_enable_async_pf` does, which replaces the events in flight that died with
+        the old host; an interrupt whose page-ready is still in the slot is raised again (the restored IRR)."""
         self.msr_int = msr_int
         self.apf_id = apf_id
-        en = AsyncPfEn(msr_en)
+        self._set_spiv(spiv)
         self.msr_en = msr_en
-        if en.apf_enabled and en.gpa + KVM_VCPU_PV_APF_DATA_SIZE <= self.ram_pages * PAGE_SIZE:
-            self.area = KvmVcpuPvApfData(self.ram_u32, en.gpa)
-            self.slot_token = self.area.token  # whatever the old host delivered last is not garbage
-            # A page-ready the old host published may have lost its interrupt with it (the LAPIC state a VMM
-            # restores): raise the vector again. A guest that already took it finds the slot empty.
+        area = self.area
+        if area is not None and self.area_gfn_enabled_by(MSR_KVM_ASYNC_PF_EN, msr_en) is not None:
+            self.slot_token = area.token
             self.reraise = self.slot_token != 0
-            self._queue_wakeup_all()
-        self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, apf_enabled=self.apf_enabled,
-                      slot=self.slot_token)
-
-    @property
-    def wakeup_all_queued(self) -> bool:
-        """A wake-all not yet consumed by the guest: queued, or delivered and not yet ACKed."""
-        return self.wakeup_all_unacked or any(item.wakeup_all for item in self.done)
-
-    def _queue_wakeup_all(self) -> None:
-        item = AsyncPf(KVM_APF_WAKE_ALL_TOKEN, -1, wakeup_all=True, done=True)
-        self.queue[id(item)] = item  # not a real token: keyed apart so it never collides with one
-        self.done.append(item)
-
-    # --- not present ---------------------------------------------------------------------------------------------
-    def on_fault(self, gfn: int, *, user: bool, irq: bool) -> FaultDecision:
-        """A guest access hit non-resident gfn. Decide APF or synchronous, and for APF inject the not-present."""
-        if not irq:
-            reason = "irq_disabled"
-        elif gfn in self.gfn_hash:
-            self.log.info("kvm_async_pf_repeated_fault", gfn=gfn)
-            reason = "repeated_fault"
-        elif self.queued >= ASYNC_PF_PER_VCPU:
-            reason = "queue_full"
-        elif not self.apf_enabled:
-            reason = "apf_disabled"
-        elif self.wakeup_all_queued:
-            # No new token may exist before the guest has seen the wake-all: a wake-all that overtook a fresh
-            # not-present would wake its task early and leave a dummy for its page-ready (bugzilla 208081's leak).
-            reason = "wake_all_pending"
-        elif not user and not AsyncPfEn(self.msr_en).send_always:
-            reason = "kernel_mode"
+            self._wakeup_all()
         else:
-            return FaultDecision(self._inject_not_present(gfn))
-        self.log.info("apf_sync_fault", gfn=gfn, reason=reason)
-        return FaultDecision(None, reason)
+            self.msr_en = 0
+        self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, spiv=spiv,
+                      apf_enabled=self.pv_enabled, slot=self.slot_token)
 
-    def _inject_not_present(self, gfn: int) -> AsyncPf:
-        assert self.area is not None
-        self.apf_id = next_apf_id(self.apf_id, self.vcpu_id)
-        token = make_token(self.apf_id, self.vcpu_id)
-        item = AsyncPf(token, gfn)
+    # --- faults --------------------------------------------------------------------------------------------------
+    def on_fault(self, gfn: int, gva: int, *, user: bool, irq: bool, hva: int = 0) -> FaultDecision:
+        """`__kvm_mmu_faultin_pfn` for a page that needs I/O: synchronous, injected, or the artificial halt."""
+        if not irq:  # kvm_can_do_async_pf: "if interrupts are off we cannot even use an artificial halt state"
+            self.log.info("apf_sync_fault", gfn=gfn, reason="irq_disabled")
+            return FaultDecision(Fault.SYNC, reason="irq_disabled")
+        self.log.info("kvm_try_async_get_page", gva=gva, gfn=gfn)
+        if gfn in self.gfn_hash:  # kvm_find_async_pf_gfn
+            self.log.info("kvm_async_pf_repeated_fault", gva=gva, gfn=gfn)
+            self.requests.add(APF_HALT)
+            return FaultDecision(Fault.HALT, reason="repeated_fault")
+        # kvm_arch_setup_async_pf allocates the token before kvm_setup_async_pf looks at the queue: a refused
+        # fault uses up an id too.
+        self.apf_id, token = alloc_apf_token(self.apf_id, self.vcpu_id)
+        if self.queued >= ASYNC_PF_PER_VCPU:  # kvm_setup_async_pf refuses
+            self.log.info("apf_sync_fault", gfn=gfn, reason="queue_full")
+            return FaultDecision(Fault.SYNC, reason="queue_full")
+        item = AsyncPf(token, gfn, gva, hva)
         self.queue[token] = item
-        self.gfn_hash.add(gfn)
-        self.log.info("kvm_async_pf_not_present", token=token, gfn=gfn)
-        self.area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT  # apf_put_user_notpresent: a plain store, no read
-        return item
+        item.notpresent_injected = self._async_page_not_present(item, user=user)
+        if item.notpresent_injected:
+            return FaultDecision(Fault.INJECT, item)
+        return FaultDecision(Fault.HALT, item, reason="apf_disabled" if not self.pv_enabled else "kernel_mode")
 
-    # --- page ready ----------------------------------------------------------------------------------------------
+    def _async_page_not_present(self, item: AsyncPf, *, user: bool) -> bool:
+        """`kvm_arch_async_page_not_present`: traced, hashed, and injected if it can be delivered; else the halt."""
+        deliver = self._can_deliver(user=user)
+        self.log.info("kvm_async_pf_not_present", token=item.token, gva=item.gva, gfn=item.gfn, injected=deliver)
+        self.gfn_hash.add(item.gfn)  # kvm_add_async_pf_gfn
+        area = self.area
+        if deliver and area is not None:
+            area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT  # apf_put_user_notpresent: a plain store, no read
+            return True
+        self.requests.add(APF_HALT)
+        return False
+
+    def _can_deliver(self, *, user: bool) -> bool:
+        """`kvm_can_deliver_async_pf`: APF on, and CPL 3 unless SEND_ALWAYS (paging on, no nesting: apf-emu)."""
+        return self.pv_enabled and (user or AsyncPfEn(self.msr_en).send_always)
+
+    # --- completion and delivery ---------------------------------------------------------------------------------
     def complete(self, item: AsyncPf) -> bool:
-        """The page-in behind `item` finished. True if the caller should run check_completion."""
+        """`async_pf_execute` after the page-in: the item joins the done list. True if the vCPU is to be kicked
+        (it enters, and the entry delivers)."""
         if self.queue.get(item.token) is not item:
             return False  # dropped meanwhile (APF disabled, vCPU reset): nothing to deliver
-        item.done = True
+        first = not self.done
         self.done.append(item)
-        self.log.info("kvm_async_pf_completed", token=item.token, gfn=item.gfn)
-        return True
+        kick = self._present_queued() if first else False
+        self.log.info("kvm_async_pf_completed", address=item.hva, gva=item.gva, token=item.token, gfn=item.gfn)
+        return kick
 
-    def check_completion(self) -> int | None:
-        """Deliver at most one page-ready. Returns the vector to raise, or None."""
-        while self.done:
-            if self.apf_enabled:
-                assert self.area is not None
-                slot = self.area.token
-                if slot != 0:
-                    if slot != self.slot_token and not self._garbage_reported:
-                        self._garbage_reported = True
-                        self.log.warning("apf_slot_busy", slot=slot,
-                                         message="token slot holds a value the host never delivered")
-                    return None
+    def _present_queued(self) -> bool:
+        """`kvm_arch_async_page_present_queued`: KVM_REQ_APF_READY, and a kick unless a page-ready is pending."""
+        self.requests.add(APF_READY)
+        return not self.pageready_pending
+
+    def entry(self) -> list[int]:
+        """`vcpu_enter_guest`'s APF requests, in its order. Returns the vectors injected; `halted` says whether
+        the vCPU blocks instead of entering."""
+        if APF_HALT in self.requests:
+            self.requests.discard(APF_HALT)
+            self.halted = True
+            return []
+        if APF_READY in self.requests:
+            self.requests.discard(APF_READY)
+            return self.check_completion()
+        return []
+
+    def unhalt(self) -> None:
+        """`vcpu_block` woke up (the done list is not empty): the vCPU is runnable again."""
+        self.halted = False
+
+    def check_completion(self) -> list[int]:
+        """`kvm_check_async_pf_completion`. Returns the vectors injected (at most one while APF is on)."""
+        vectors = []
+        while self.done and self._can_dequeue():
             item = self.done.popleft()
-            self._forget(item)
-            if not self.apf_enabled or not (item.notpresent_injected or item.wakeup_all):
-                self.log.info("apf_ready_dropped", token=item.token, gfn=item.gfn, reason="apf_disabled")
-                continue
-            assert self.area is not None
-            # Logged before the store that publishes it, so that its mono_ns precedes anything the guest logs
-            # after reading the slot. The same holds for not-present below. `released`: the token this host had
-            # published and has now found cleared (the host's own view of the guest's release, which is all the
-            # checker has for a guest that does not log).
-            self.log.info("kvm_async_pf_ready", token=item.token, gfn=item.gfn, vector=self.vector,
-                          released=self.slot_token or None)
-            self.area.token = self.slot_token = item.token  # apf_put_user_ready
-            self.wakeup_all_unacked = item.wakeup_all
-            return self.vector
-        return None
+            del self.queue[id(item) if item.wakeup_all else item.token]
+            vector = self._async_page_present(item)
+            if vector is not None:
+                vectors.append(vector)
+        return vectors
 
-    def _forget(self, item: AsyncPf) -> None:
-        key = id(item) if item.wakeup_all else item.token
-        self.queue.pop(key, None)
-        self.gfn_hash.discard(item.gfn)
+    def _can_dequeue(self) -> bool:
+        """`kvm_arch_can_dequeue_async_page_present`: APF off: yes (the event is consumed); on: the LAPIC is
+        enabled and the token slot is free (`apf_pageready_slot_free`)."""
+        area = self.area
+        if area is None:
+            return True
+        if not self.lapic_enabled:
+            return False
+        slot = area.token
+        if slot != 0 and slot != self.slot_token and not self._garbage_reported:
+            self._garbage_reported = True
+            self.log.warning("apf_slot_busy", slot=slot, message="token slot holds a value the host never delivered")
+        return slot == 0
+
+    def _async_page_present(self, item: AsyncPf) -> int | None:
+        """`kvm_arch_async_page_present`: traced always; injected only for an injected not-present or a wake-all,
+        with APF on. Ends the artificial halt."""
+        if not item.wakeup_all:
+            self.gfn_hash.discard(item.gfn)  # kvm_del_async_pf_gfn
+        area = self.area
+        inject = (item.wakeup_all or item.notpresent_injected) and area is not None
+        # Logged before the store that publishes it, so that its mono_ns precedes anything the guest logs after
+        # reading the slot. `released`: the token this host had published and has now found cleared (the host's
+        # own view of the guest's release, which is all the checker has for a guest that does not log).
+        self.log.info("kvm_async_pf_ready", token=item.token, gva=item.gva, gfn=item.gfn, injected=inject,
+                      vector=self.vector if inject else None, released=(self.slot_token or None) if inject else None)
+        self.halted = False
+        if not inject or area is None:
+            return None
+        area.token = self.slot_token = item.token & U32_MAX  # apf_put_user_ready
+        self.pageready_pending = True
+        return self.vector
 
     def drop_all(self, reason: str) -> None:
         """`kvm_clear_async_pf_completion_queue`: outstanding events are eaten, never delivered."""
-        for item in list(self.queue.values()):
+        for item in self.queue.values():
             if not item.wakeup_all:
                 self.log.info("apf_ready_dropped", token=item.token, gfn=item.gfn, reason=reason)
         self.queue.clear()
         self.done.clear()
+
+    def reset(self, reason: str) -> None:
+        """`kvm_vcpu_reset` (and destroy): MSRs cleared, queue eaten, gfn hash reset, halt ended."""
+        self.drop_all(reason)
         self.gfn_hash.clear()
-        self.wakeup_all_unacked = False
+        self.msr_en = self.msr_int = 0
+        self.halted = False
+        self.requests.clear()
+        self.spiv = APIC_SPIV_RESET  # kvm_lapic_reset: apic_set_spiv(apic, 0xff), software-disabled

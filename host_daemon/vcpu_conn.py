@@ -1,12 +1,19 @@
 # One guest agent's connection: the vCPU "thread" that runs the state machine of host_daemon/vcpu.py against the
-# wire, the page-ins of host_daemon/memory.py and the guest's APF area.
+# wire, the page-ins of host_daemon/pager.py and the guest's APF area.
 #
-# Every request from the guest gets exactly one reply (its result, an `error`, or for an APF the #PF itself);
-# page-ready interrupts are pushed whenever a completion or an ACK lets one out. How a #PF or an interrupt reaches
-# the guest is the notifier's business (host_daemon/notify.py). A bad frame is answered with an `error` and logged;
-# only a fatal one (oversized or truncated frame, a second hello) closes the connection, and nothing here can take
-# the daemon or other vCPUs down. The connection owns the vCPU's control block (host_daemon/guest_views.py): when
-# it ends, the memory model stops looking at the block and the vCPU holds no page any more.
+# Every request from the guest is a VM exit and gets exactly one reply (its result, an `error`, or for an APF the
+# #PF itself); before the reply the vCPU *enters* (`_enter`): the requests KVM_REQ_APF_HALT / KVM_REQ_APF_READY are
+# processed as vcpu_enter_guest does, and the interrupts they inject are raised before the reply, so that they are
+# pending when the guest resumes. A completion kicks a running vCPU (one not in an exit) into an entry only when the
+# state machine says so (no page-ready pending); otherwise it waits for the guest's next exit or its ACK. The
+# artificial halt blocks the exit until the vCPU has events (a completed page-in), then enters, raises what that
+# delivers and resumes the guest, which retries its access (and may halt again).
+#
+# How an exception or an interrupt reaches the guest is the notifier's business (host_daemon/transports/). A bad
+# frame is answered with an `error` and logged; only a fatal one (oversized or truncated frame, a second hello)
+# closes the connection, and nothing here can take the daemon or other vCPUs down. The connection owns the vCPU's
+# control block (host_daemon/guest_views.py): when it ends, the memory model stops looking at the block and the
+# vCPU holds no page any more.
 from __future__ import annotations
 
 import contextlib
@@ -14,16 +21,17 @@ from typing import Any, Protocol
 
 import trio
 
+from shared.abi import MSR_KVM_ASYNC_PF_ACK
 from shared.channel import MessageChannel
 from shared.guest_ram import PAGE_SIZE
-from shared.wire import Message, WireError
+from shared.wire import PF_VECTOR, ErrorReply, ExitMem, Hello, Message, MsrRead, MsrResult, MsrWrite, Resume, WireError
 
 from .backing_store import SavedVcpu
 from .guest_views import ControlBlock
 from .memory import GuestMemory
-from .notify import Notifier
 from .pager import Pager
-from .vcpu import AsyncPf, VcpuApf
+from .transports import Notifier
+from .vcpu import AsyncPf, Fault, VcpuApf
 
 
 class VmContext(Protocol):
@@ -50,34 +58,37 @@ class VcpuConnection:
         self.vcpu_id = vcpu_id
         self.boot = boot
         self.log = log
-        self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log)
+        self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log, vm.memory.ram.hva_base)
         self.pinned: int | None = None
         self.scope = trio.CancelScope()
         self.done = trio.Event()  # set once the connection is reset and its end logged
+        self.in_exit = False  # the guest is in a VM exit (a request is being handled): entries happen at its end
+        self._events = trio.Event()  # set when the done list gains an item: wakes a halted vCPU
+        self._completions = trio.Event()  # set while a completion may be applied (see _complete_when)
+        self._completions.set()
 
     async def start(self, saved: SavedVcpu | None) -> None:
         """Continue the vCPU's token ids across boots; restore its registers if this boot is the one saved."""
-        backing = self.vm.memory.backing
         if saved is not None and saved.boot == self.boot:
-            self.apf.restore(saved.msr_en, saved.msr_int, saved.apf_id)
+            self.apf.restore(saved.msr_en, saved.msr_int, saved.apf_id, saved.spiv)
             await self._sync_pin()
         else:
             self.apf.apf_id = saved.apf_id if saved is not None else 0
-            backing.save_vcpu(self.vcpu_id, self.boot, 0, 0, self.apf.apf_id)
+            self._save()
 
     def _save(self) -> None:
-        self.vm.memory.backing.save_vcpu(self.vcpu_id, self.boot, self.apf.msr_en, self.apf.msr_int, self.apf.apf_id)
+        self.vm.memory.backing.save_vcpu(self.vcpu_id, self.boot, self.apf.msr_en, self.apf.msr_int,
+                                         self.apf.apf_id, self.apf.spiv)
 
     async def serve(self) -> None:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    if self.apf.reraise:
+                    if self.apf.reraise:  # the restored IRR: a page-ready still in the slot
                         self.apf.reraise = False
                         await self.notifier.interrupt(self.apf.vector)
-                    if self.apf.done:  # a restore queued a wake-all
-                        await self.deliver_ready()
+                    await self._enter()  # the first entry after a restore delivers what it queued
                     await self._message_loop()
                 finally:
                     nursery.cancel_scope.cancel()
@@ -95,26 +106,70 @@ class VcpuConnection:
                 return
             if msg is None:
                 return
+            self._exit_begins()
             try:
                 await self._dispatch(msg)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the guest went away while we answered
+            finally:
+                self._exit_ends()
 
     async def reject(self, exc: WireError) -> None:
         self.log.error("wire_error", code=exc.code, message=exc.message, fatal=exc.fatal)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.chan.send("error", code=exc.code, message=exc.message, fatal=exc.fatal)
+            await self.chan.send(ErrorReply(exc.code, exc.message, exc.fatal))
 
     async def _dispatch(self, msg: Message) -> None:
-        t = msg["t"]
-        if t == "msr_write":
-            await self._msr_write(msg["msr"], msg["value"])
-        elif t == "exit_mem":
-            await self._exit_mem(msg["gpa"], user=msg["user"], irq=msg["irq"])
-        else:  # hello again: the guest lost track of its connection; nothing it says can be trusted any more
-            await self.reject(WireError("unexpected", f"a second {t} on one connection", fatal=True))
-            raise trio.ClosedResourceError("second hello")
+        match msg:
+            case MsrWrite(msr=msr, value=value):
+                await self._msr_write(msr, value)
+            case MsrRead(msr=msr):
+                result = self.apf.read_msr(msr)
+                await self._enter()
+                await self.chan.send(MsrResult(msr, result.ok, result.error, result.value))
+            case ExitMem(gpa=gpa, user=user, irq=irq):
+                await self._exit_mem(gpa, user=user, irq=irq)
+            case Hello():  # a second hello: the guest lost track of its connection; nothing it says counts now
+                await self.reject(WireError("unexpected", "a second hello on one connection", fatal=True))
+                raise trio.ClosedResourceError("second hello")
 
+    # --- exits and entries ---------------------------------------------------------------------------------------
+    def _exit_begins(self) -> None:
+        self.in_exit = True
+        self._completions = trio.Event()
+
+    def _exit_ends(self) -> None:
+        self.in_exit = False
+        self._completions.set()
+
+    # --- entries -------------------------------------------------------------------------------------------------
+    async def _raise(self, vectors: list[int] | tuple[int, ...]) -> None:
+        for vector in vectors:
+            await self.notifier.interrupt(vector)
+
+    async def _enter(self) -> None:
+        """The vCPU enters the guest (vcpu_enter_guest): pending APF requests are processed and what they inject
+        is raised. A halt requested by a fault is handled by `_halt`, not here."""
+        await self._raise(self.apf.entry())
+
+    async def _halt(self, reason: str | None) -> None:
+        """The artificial halt: block until the vCPU has events, then enter; repeat while it halts again. While
+        blocked the vCPU is not in an exit that an entry ends: completions land at once."""
+        self.log.info("apf_halt", reason=reason)
+        start = trio.current_time()
+        while True:
+            await self._raise(self.apf.entry())
+            if not self.apf.halted:
+                break
+            self._completions.set()
+            while not self.apf.has_events():  # vcpu_block until kvm_vcpu_has_events
+                self._events = trio.Event()
+                await self._events.wait()
+            self._completions = trio.Event()
+            self.apf.unhalt()
+        self.log.info("apf_halt_end", us=round((trio.current_time() - start) * 1e6))
+
+    # --- MSRs ----------------------------------------------------------------------------------------------------
     async def _msr_write(self, msr: int, value: int) -> None:
         target = self.apf.area_gfn_enabled_by(msr, value)
         if target is not None:
@@ -125,13 +180,11 @@ class VcpuConnection:
         await self._sync_pin()
         if target is not None:
             self.vm.memory.unpin(target)
-        if result.ok:
+        if result.ok and msr != MSR_KVM_ASYNC_PF_ACK:
             self._save()
-        if result.rescan:
-            # Raised before the reply, so that it is pending when the vCPU re-enters after the wrmsr exit, as KVM
-            # injects it on that very entry: the wake-all of an enable is then taken before any later #PF.
-            await self.deliver_ready()
-        await self.chan.send("msr_result", msr=msr, ok=result.ok, error=result.error)
+        await self._raise(result.vectors)  # the ACK's own kvm_check_async_pf_completion
+        await self._enter()
+        await self.chan.send(MsrResult(msr, result.ok, result.error))
 
     async def _pin(self, gfn: int) -> None:
         await self.vm.pager.fault_in(gfn, self.vm.nursery)
@@ -139,7 +192,8 @@ class VcpuConnection:
 
     async def _sync_pin(self) -> None:
         """Keep exactly one pin, on the page of the APF area in force (none while APF is off)."""
-        area_gfn = self.apf.area.gpa // PAGE_SIZE if self.apf.area is not None else None
+        area = self.apf.area
+        area_gfn = area.gpa // PAGE_SIZE if area is not None else None
         if area_gfn != self.pinned:
             if area_gfn is not None:
                 await self._pin(area_gfn)
@@ -147,39 +201,50 @@ class VcpuConnection:
                 self.vm.memory.unpin(self.pinned)
             self.pinned = area_gfn
 
+    # --- faults --------------------------------------------------------------------------------------------------
     async def _exit_mem(self, gpa: int, *, user: bool, irq: bool) -> None:
         gfn = gpa // PAGE_SIZE
         memory = self.vm.memory
         if not 0 <= gpa < memory.ram.layout.ram_size:
             await self.reject(WireError("bad_address", f"gpa {gpa:#x} is outside guest RAM"))
             return
-        if memory.present(gfn):
-            await self.chan.send("resume", gpa=gpa)  # raced with a page-in: just re-enter
+        if memory.present(gfn):  # raced with a page-in, or the guest's view was old: just re-enter
+            await self._enter()
+            await self.chan.send(Resume(gpa))
             return
-        decision = self.apf.on_fault(gfn, user=user, irq=irq)
-        if decision.apf is None:
-            await self.vm.pager.fault_in(gfn, self.vm.nursery)  # the vCPU is halted until the page is in
-            await self.chan.send("resume", gpa=gpa)
-            return
-        memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
-        event = self.vm.pager.start_page_in(gfn, self.vm.nursery)
-        self._nursery.start_soon(self._complete_when, decision.apf, event)
-        await self.notifier.inject_pf(decision.apf.token)
+        decision = self.apf.on_fault(gfn, gpa, user=user, irq=irq, hva=memory.ram.hva_base + gfn * PAGE_SIZE)
+        if decision.item is not None:
+            memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
+            event = self.vm.pager.start_page_in(gfn, self.vm.nursery)
+            self._nursery.start_soon(self._complete_when, decision.item, event)
+        if decision.kind is Fault.SYNC:
+            await self.vm.pager.fault_in(gfn, self.vm.nursery)  # on the vCPU thread, interrupts off
+            await self._enter()
+            await self.chan.send(Resume(gpa))
+        elif decision.kind is Fault.INJECT:
+            assert decision.item is not None
+            await self._enter()
+            await self.notifier.inject_exception(PF_VECTOR, decision.item.token)
+        else:
+            await self._halt(decision.reason)
+            await self.chan.send(Resume(gpa))
 
     async def _complete_when(self, item: AsyncPf, event: trio.Event) -> None:
+        """async_pf_execute once the page is in. A completion that comes while the vCPU is in an exit is applied
+        when the exit's reply has gone: in KVM the entry that ends the exit sees every request made before it, and
+        here the entry (the reply) cannot be made atomic with the check that precedes it; for the guest the two
+        orders are the same (a page-in may finish at any moment)."""
         await event.wait()  # the page may be evicted again before the guest retries: it then faults anew
-        if self.apf.complete(item):
-            await self.deliver_ready()
-
-    async def deliver_ready(self) -> None:
-        vector = self.apf.check_completion()
-        if vector is not None:
-            await self.notifier.interrupt(vector)
+        while not self._completions.is_set():
+            await self._completions.wait()
+        kick = self.apf.complete(item)
+        self._events.set()  # __kvm_vcpu_wake_up: a halted vCPU looks at its events
+        if kick and not self.in_exit:
+            await self._enter()  # the kick of a running vCPU: it exits and enters at once
 
     def reset(self, reason: str) -> None:
         """The vCPU is gone: drop its APF state, as KVM does on vCPU reset or destroy."""
-        self.apf.drop_all(reason)
-        self.apf.area = None
+        self.apf.reset(reason)
         self.notifier.close()
         if self.pinned is not None:
             self.vm.memory.unpin(self.pinned)
