@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 # Contexts in which an interrupt is taken at once (given IF=1).
-_OPEN = frozenset({"user", "halt"})
+_OPEN = frozenset({"user", "kernel_irq_on", "hotplug", "halt"})
 
 
 class Cpu:

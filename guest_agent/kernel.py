@@ -1,23 +1,27 @@
-# The guest kernel of one vCPU: boot, the vCPU loop, the #PF handler and the page-ready interrupt handler, after
-# arch/x86/kernel/kvm.c.
+# The guest kernel of one vCPU: boot, the vCPU loop, exception and interrupt dispatch, shutdown. Its APF code is
+# guest_agent/apf.py (Linux's arch/x86/kernel/kvm.c, sans I/O); this module gives it its MSR accesses (VM exits),
+# schedules the tasks it puts to sleep and wakes, and runs the workload.
 #
-# - Boot (`kvm_guest_cpu_init`): if CPUID has KVM_FEATURE_ASYNC_PF_INT, wrmsr MSR_KVM_ASYNC_PF_INT = vector first,
-#   then MSR_KVM_ASYNC_PF_EN = area | ENABLED | DELIVERY_AS_INT [| SEND_ALWAYS]. The area is this vCPU's 64-byte
-#   slot in guest page 0.
+# - Boot: the kernel's per-CPU data starts zeroed (the APF area too: stores through the EPT, as any memory),
+#   setup_local_APIC software-enables the LAPIC (the x2APIC SPIV register, bit 8), then `kvm_guest_cpu_init`.
 # - The vCPU loop: the scheduler (kernel, interrupts off) picks a task; the task's access runs in user mode with
-#   interrupts on, or inside an interrupts-off section; an access to a non-present page is a VM exit. Accesses go
-#   to the task's own pages or, `--shared-ratio` of them, to this vCPU's slot of the pages all vCPUs share.
-# - #PF (`__kvm_handle_async_pf`), entered with interrupts off (an interrupt gate): read and reset `flags`; 0 is a
-#   genuine fault; PAGE_NOT_PRESENT puts the task to sleep on the token (CR2) in the sleep table, or finds the dummy
-#   a faster page-ready left and retries at once.
-# - Page-ready interrupt (`sysvec_kvm_asyncpf_interrupt`): read `token`, wake its sleeper (or leave a dummy), wake
-#   everything on 0xffffffff, write 0 to `token`, wrmsr MSR_KVM_ASYNC_PF_ACK = 1.
-# - Re-init (optional, `--apf-reinit-every`): disable and re-enable APF under load, as CPU offline/online does; the
-#   host eats the outstanding completions and its wake-all makes every sleeping task retry.
+#   interrupts on, in kernel mode with interrupts on (`--kernel-ratio`), or inside an interrupts-off section; an
+#   access to a non-present page is a VM exit. Accesses go to the task's own pages or, `--shared-ratio` of them, to
+#   this vCPU's slot of the pages all vCPUs share. With nothing to run the vCPU idles with `safe_halt` (sti; hlt):
+#   an interrupt ends the halt.
+# - Exceptions are dispatched by vector (EXCEPTION_HANDLERS): #PF goes to `exc_page_fault`, which reads the APF
+#   flags and hands the fault to `__kvm_handle_async_pf`; where Linux panics, the kernel runs its panic path.
+# - Interrupts: HYPERVISOR_CALLBACK_VECTOR (or --vector) runs `sysvec_kvm_asyncpf_interrupt` if APF was set up
+#   (Linux installs the handler only then); any other vector is spurious.
+# - Re-init (optional, `--apf-reinit-every`): CPU offline and online, as cpuhp runs kvm_cpu_down_prepare and
+#   kvm_cpu_online: with interrupts saved off, `kvm_guest_cpu_offline(false)` (APF disabled, every local sleeper
+#   woken); interrupts back on (what is pending is taken, with APF off); then `kvm_guest_cpu_init` again.
 # - Stop (SIGTERM/SIGINT or --duration): run no new accesses, keep taking page-ready interrupts until no task
-#   sleeps (or the drain timeout), then disable APF as the reboot path does (`kvm_pv_disable_apf`) and leave.
+#   sleeps (or the drain timeout), then disable APF as the reboot path does (`kvm_pv_disable_apf`) and leave. A
+#   panic (SIGUSR1, or a condition on which Linux panics) runs the crash path, `kvm_crash_shutdown`
+#   (kvm_guest_cpu_offline(true): APF disabled, nobody woken), and exits 70; SIGUSR2 reboots (exit 71).
 #
-# The vCPU is single-threaded and blocking. Interrupts reach it through guest_agent/transport.py and are taken or
+# The vCPU is single-threaded and blocking. Interrupts reach it through guest_agent/transports/ and are taken or
 # deferred by guest_agent/cpu.py; all kernel data (run queue, sleep table) is touched only with interrupts off or
 # from the interrupt handler, as in Linux.
 from __future__ import annotations
@@ -27,31 +31,29 @@ import os
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
 from shared import log as slog
 from shared.abi import (
-    KVM_APF_WAKE_ALL_TOKEN,
+    APIC_SPIV_APIC_ENABLED,
     KVM_FEATURE_ASYNC_PF_INT,
-    KVM_PV_REASON_PAGE_NOT_PRESENT,
-    MSR_KVM_ASYNC_PF_ACK,
-    MSR_KVM_ASYNC_PF_EN,
-    MSR_KVM_ASYNC_PF_INT,
-    async_pf_en_value,
+    MSR_NAMES,
+    MSR_X2APIC_SPIV,
+    SPURIOUS_APIC_VECTOR,
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.config import EXIT_CRASH, EXIT_REBOOT, GuestOptions
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
 from shared.views import GuestViews
-from shared.wire import PROTOCOL_VERSION, Message
+from shared.wire import PF_VECTOR, PROTOCOL_VERSION, ErrorReply, Hello, InjectException, MsrResult, Resume, Welcome
 
+from .apf import GuestApf, Panic, Pf
 from .cpu import Cpu
 from .memory import Access, GuestMemoryAccess, SlotCheck, shared_pages
-from .sleep_table import DuplicateToken, SleepTable
-from .transport import GuestError, Transport, open_transport
-from .workload import GuestTask, RunQueue, count_quantum, task_pages
+from .transports import GuestError, Transport, open_transport
+from .workload import GuestTask, PageAccess, RunQueue, count_quantum, task_pages
 
 __all__ = ["GuestError", "GuestKernel"]
 
@@ -59,11 +61,11 @@ class GuestKernel:
     def __init__(self, config: GuestOptions) -> None:
         self.cfg = config
         self.log: Any = None
-        self.sleep: SleepTable[GuestTask] = SleepTable()
         self.runq = RunQueue()
-        self.apf_enabled = False
+        self.apf_set_up = False  # kvm_guest_cpu_init found the feature (Linux then installs the vector's handler)
         self.stopping = False
-        self.lifecycle: str | None = None  # "crash" or "reboot", requested by SIGUSR1 / SIGUSR2
+        self.lifecycle: str | None = None  # "crash" or "reboot" (SIGUSR1 / SIGUSR2), or "panic"
+        self.panic_reason = ""
         self.stop_at_boot = False
         self.exit_code = 0
         self.drain_deadline = math.inf
@@ -71,6 +73,10 @@ class GuestKernel:
                        "apf_waits": 0, "exits": 0, "interrupts": 0, "torn_pages": 0, "slots_mid_write": 0,
                        "count_work": 0, "count_ns": 0, "exit_ns": 0}
         self.shared_accept: dict[int, tuple[int, ...]] = {}  # shared gfn -> seqs this vCPU's slot may hold
+        # The exception handlers by vector: where a not-present delivered otherwise than by #PF plugs in.
+        self.exception_handlers: dict[int, Callable[[GuestTask, InjectException, PageAccess], None]] = {
+            PF_VECTOR: self._exc_page_fault,
+        }
 
     # --- plumbing ------------------------------------------------------------------------------------------------
     def run(self, stops_before_run: Sequence[int] = ()) -> None:
@@ -84,15 +90,15 @@ class GuestKernel:
         self.transport: Transport = open_transport(cfg.transport, cfg.socket, cfg.connect_timeout,
                                                    cfg.reconnect_timeout)
         try:
-            welcome, fds = self.transport.handshake(proto=PROTOCOL_VERSION, vm=cfg.vm, vcpu=cfg.vcpu, boot=cfg.boot,
-                                                    kind=cfg.kind, pid=os.getpid())
+            welcome, fds = self.transport.handshake(Hello(PROTOCOL_VERSION, cfg.vm, cfg.vcpu, cfg.boot, cfg.kind,
+                                                          os.getpid(), cfg.transport))
             try:
-                self.views = GuestViews(fds, welcome["pages"])
+                self.views = GuestViews(fds, welcome.pages)
             except (ValueError, OSError) as exc:
                 raise GuestError(f"cannot map what the host passed with welcome: {exc}") from None
-            self.vcpu: int = welcome["vcpu"]
-            self.boot: int = welcome["boot"]
-            self.cpuid: int = welcome["cpuid"]
+            self.vcpu: int = welcome.vcpu
+            self.boot: int = welcome.boot
+            self.cpuid: int = welcome.cpuid
             if cfg.log_dir is not None or cfg.log_stdout:
                 slog.configure(cfg.log_dir / f"guest-{self.vcpu}.jsonl" if cfg.log_dir else None,
                                stdout=cfg.log_stdout)
@@ -100,15 +106,16 @@ class GuestKernel:
             self.transport.on_reconnect = self._on_reconnect
             self.transport.on_welcome = self._on_welcome
             self.transport.give_up = lambda: self.stopping
-            ram = GuestRam.open(cfg.vm, RamLayout(welcome["pages"]))
+            ram = GuestRam.open(cfg.vm, RamLayout(welcome.pages))
             try:
-                self.mem = GuestMemoryAccess(ram, self.views, welcome["vcpus"])
-                self.apf = KvmVcpuPvApfData(ram.u32, self.vcpu * KVM_VCPU_PV_APF_DATA_SIZE)
+                self.mem = GuestMemoryAccess(ram, self.views, welcome.vcpus)
+                area = KvmVcpuPvApfData(ram.u32, self.vcpu * KVM_VCPU_PV_APF_DATA_SIZE)
+                self.apf: GuestApf[GuestTask] = GuestApf(area, self.log)
                 self.cpu = Cpu(self._interrupt, self.log)
                 self.transport.attach(self.cpu, self.views.ctl.u32)
-                shared = shared_pages(welcome["pages"])
+                shared = shared_pages(welcome.pages)
                 for tid in range(cfg.tasks):
-                    pages = task_pages(welcome["pages"], welcome["vcpus"], self.vcpu, cfg.tasks, tid, shared.stop)
+                    pages = task_pages(welcome.pages, welcome.vcpus, self.vcpu, cfg.tasks, tid, shared.stop)
                     if pages:
                         rng = random.Random(f"{cfg.seed}/{self.vcpu}/{self.boot}/{tid}")
                         self.runq.add(GuestTask(tid, pages, rng, cfg.kernel_ratio, cfg.irq_off_ratio,
@@ -117,7 +124,7 @@ class GuestKernel:
                     self.runq.add(GuestTask(tid, [], random.Random(tid), counting=True))
                 self._boot()
                 self._vcpu_loop()
-                if self.lifecycle == "crash":
+                if self.lifecycle in ("crash", "panic"):
                     self._crash()
                 elif self.lifecycle == "reboot":
                     self._reboot()
@@ -125,7 +132,7 @@ class GuestKernel:
                     self._shutdown()
             finally:
                 self.mem.leave()
-                self.apf.release()
+                area.release()
                 del self.mem
                 ram.close()
         finally:
@@ -143,10 +150,10 @@ class GuestKernel:
         if self.lifecycle is None:
             self.lifecycle = "crash" if signum == signal.SIGUSR1 else "reboot"
 
-    def _on_welcome(self, welcome: Message, fds: list[int]) -> None:
+    def _on_welcome(self, welcome: Welcome, fds: list[int]) -> None:
         """A reconnect's welcome (a restarted host): its EPT and control block replace the old ones."""
         try:
-            new = GuestViews(fds, welcome["pages"])
+            new = GuestViews(fds, welcome.pages)
         except (ValueError, OSError) as exc:
             raise GuestError(f"cannot map what the host passed with welcome: {exc}") from None
         old, self.views = self.views, new
@@ -162,42 +169,47 @@ class GuestKernel:
             self.stopping = True
             self.drain_deadline = time.monotonic() + self.cfg.drain_timeout
 
-    def wrmsr(self, msr: int, value: int) -> bool:
+    def wrmsr(self, msr: int, value: int) -> None:
+        """wrmsrq: a #GP is logged (Linux's "unchecked MSR access error") and the kernel goes on."""
         with self.cpu.context("exit"):
             reply = self.transport.wrmsr(msr, value)
-        ok = bool(reply["t"] == "msr_result" and reply["ok"])
-        if not ok:
-            self.log.error("guest_msr_gp", msr=hex(msr), value=value, error=reply.get("error") or reply.get("message"))
-        return ok
+        self._msr_error(reply, msr, value)
+
+    def rdmsr(self, msr: int) -> int | None:
+        with self.cpu.context("exit"):
+            reply = self.transport.rdmsr(msr)
+        if self._msr_error(reply, msr, None):
+            return None
+        assert isinstance(reply, MsrResult)
+        return reply.value
+
+    def _msr_error(self, reply: MsrResult | ErrorReply, msr: int, value: int | None) -> bool:
+        if isinstance(reply, MsrResult) and reply.ok:
+            return False
+        error = reply.error if isinstance(reply, MsrResult) else f"{reply.code}: {reply.message}"
+        self.log.error("guest_msr_gp", msr=MSR_NAMES.get(msr, hex(msr)), value=value, error=error)
+        return True
 
     # --- boot and shutdown ---------------------------------------------------------------------------------------
     def _boot(self) -> None:
-        apf = self.cfg.apf and (self.cfg.kind != "kdump" or self.cfg.kdump_apf)
-        self.log.info("guest_boot", kind=self.cfg.kind, tasks=len(self.runq), vector=self.cfg.vector,
-                      apf=apf, send_always=self.cfg.send_always, transport=self.cfg.transport,
-                      shared_ratio=self.cfg.shared_ratio)
+        cfg = self.cfg
+        apf = cfg.apf and (cfg.kind != "kdump" or cfg.kdump_apf)
+        self.log.info("guest_boot", kind=cfg.kind, tasks=len(self.runq), vector=cfg.vector, apf=apf,
+                      send_always=cfg.send_always, transport=cfg.transport, shared_ratio=cfg.shared_ratio)
         self.cpu.enter("kernel")
-        if not self.cfg.apf or (self.cfg.kind == "kdump" and not self.cfg.kdump_apf):
-            return
-        if not self.cpuid & KVM_FEATURE_ASYNC_PF_INT:  # kvm_guest_cpu_init checks the feature first
+        # The kernel's per-CPU data, the APF area among it, starts zeroed. Until APF is on, the area's page is
+        # ordinary guest memory that may be swapped out, so the stores go through the EPT like any other access.
+        self._kernel_store(self.apf.area.gpa, 0)
+        self._kernel_store(self.apf.area.gpa + 4, 0)
+        self.wrmsr(MSR_X2APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR)  # setup_local_APIC
+        if apf and not self.cpuid & KVM_FEATURE_ASYNC_PF_INT:
             self.log.warning("guest_no_apf", reason="host does not advertise KVM_FEATURE_ASYNC_PF_INT")
-            return
-        # Zero the area first. Until APF is on its page is ordinary guest memory that may be swapped out, so the
-        # stores go through the EPT like any other access.
-        self._kernel_store(self.apf.gpa, 0)
-        self._kernel_store(self.apf.gpa + 4, 0)
-        self._enable_apf()
+        self._cpu_init(kvmapf=apf)
 
-    def _enable_apf(self) -> None:
-        if self.wrmsr(MSR_KVM_ASYNC_PF_INT, self.cfg.vector):
-            value = async_pf_en_value(self.apf.gpa, send_always=self.cfg.send_always)
-            self.apf_enabled = self.wrmsr(MSR_KVM_ASYNC_PF_EN, value)
-
-    def _disable_apf(self) -> None:
-        """`kvm_pv_disable_apf`: does not wait for outstanding events."""
-        if self.apf_enabled:
-            self.apf_enabled = False
-            self.wrmsr(MSR_KVM_ASYNC_PF_EN, 0)
+    def _cpu_init(self, *, kvmapf: bool) -> None:
+        """`kvm_guest_cpu_init`."""
+        self.apf_set_up = self.apf.guest_cpu_init(self.wrmsr, cpuid=self.cpuid, vector=self.cfg.vector,
+                                                  kvmapf=kvmapf, send_always=self.cfg.send_always)
 
     def _kernel_store(self, gpa: int, value: int) -> None:
         while (status := self.mem.store_u32(gpa, value)) is not Access.DONE:
@@ -206,28 +218,40 @@ class GuestKernel:
                     self.transport.exit_mem(gpa, write=True, user=False, irq=False)
 
     def _crash(self) -> None:
-        """panic() with a working crash path (`kvm_crash_shutdown`): disable APF without waiting for the events in
-        flight, and go (to the kdump kernel the supervisor boots next). Sleeping tasks die with this kernel."""
+        """panic() with a working crash path (`kvm_crash_shutdown`: kvm_guest_cpu_offline(true)): APF disabled
+        without waiting for the events in flight, nobody woken; then the kdump kernel the supervisor boots next.
+        Sleeping tasks die with this kernel."""
         self.cpu.cli()
         self.cpu.enter("kernel")
-        self.log.error("guest_crash", reason="panic (SIGUSR1)", sleepers=self.sleep.sleepers)
-        self._disable_apf()
+        reason = self.panic_reason or "panic (SIGUSR1)"
+        self.log.error("guest_crash", reason=reason, sleepers=self.apf.sleepers.sleepers)
+        self.apf.guest_cpu_offline(self.wrmsr, shutdown=True)
         self.exit_code = EXIT_CRASH
 
     def _reboot(self) -> None:
-        """The reboot path (`kvm_pv_guest_cpu_reboot`): disable APF, no wait; the next boot is a normal kernel."""
+        """The reboot path (`kvm_pv_guest_cpu_reboot`: kvm_guest_cpu_offline(true)); the next boot is a normal
+        kernel."""
         self.cpu.cli()
         self.cpu.enter("kernel")
-        self.log.info("guest_reboot", sleepers=self.sleep.sleepers)
-        self._disable_apf()
+        self.log.info("guest_reboot", sleepers=self.apf.sleepers.sleepers)
+        self.apf.guest_cpu_offline(self.wrmsr, shutdown=True)
         self.exit_code = EXIT_REBOOT
 
     def _shutdown(self) -> None:
         self.cpu.cli()
         self.cpu.enter("kernel")
-        self._disable_apf()
-        self.log.info("guest_shutdown", sleepers=self.sleep.sleepers, dummies=self.sleep.dummies,
-                      coalesced=self.cpu.coalesced, deferred=dict(self.cpu.deferred), **self.counts)
+        self.apf.pv_disable_apf(self.wrmsr)
+        table = self.apf.sleepers
+        self.log.info("guest_shutdown", sleepers=table.sleepers, dummies=table.dummies,
+                      dummy_tokens=table.dummy_tokens(), coalesced=self.cpu.coalesced,
+                      deferred=dict(self.cpu.deferred), **self.counts)
+
+    def _panic(self, reason: str, **fields: Any) -> None:
+        """panic(): the vCPU stops running tasks; the crash path runs next (run)."""
+        self.log.error("guest_panic", reason=reason, **fields)
+        if self.lifecycle is None or self.lifecycle == "reboot":
+            self.lifecycle = "panic"
+            self.panic_reason = reason
 
     # --- the vCPU ------------------------------------------------------------------------------------------------
     def _vcpu_loop(self) -> None:
@@ -246,23 +270,24 @@ class GuestKernel:
             if now >= stop_at:
                 self._request_stop()
             if self.stopping:
-                if self.sleep.sleepers == 0:
+                if self.apf.sleepers.sleepers == 0:
                     return
                 if now >= self.drain_deadline:
-                    self.log.error("guest_drain_timeout", sleepers=self.sleep.sleepers)
+                    self.log.error("guest_drain_timeout", sleepers=self.apf.sleepers.sleepers)
                     return
                 head = runq.peek()
                 task = runq.pick() if head is not None and head.in_irq_off_section else None
             else:
-                if now >= next_reinit and self.apf_enabled:
+                if now >= next_reinit and self.apf.enabled:
                     next_reinit = now + (reinit_every or math.inf)
-                    self._reinit_apf()
+                    self._cpu_offline_online()
+                    continue
                 task = runq.pick()
-            if task is None:
+            if task is None:  # the idle loop: safe_halt (sti; hlt), an interrupt ends the halt
                 cpu.enter("halt")
                 cpu.sti()
                 # (taking pending interrupts may have made a task runnable; while draining, none is picked)
-                if (self.sleep.sleepers if self.stopping else not len(runq)):
+                if (self.apf.sleepers.sleepers if self.stopping else not len(runq)):
                     transport.halt(min(self.drain_deadline, stop_at, next_reinit) - time.monotonic())
                 continue
             self._run_task(task)
@@ -283,7 +308,7 @@ class GuestKernel:
             return
         acc = task.next_access()
         if acc.irq:
-            cpu.enter("user")
+            cpu.enter("user" if acc.user else "kernel_irq_on")
             cpu.sti()
             self.transport.poll()
         else:
@@ -309,12 +334,17 @@ class GuestKernel:
             self.counts["exit_ns"] += time.monotonic_ns() - t0  # the vCPU was out of the guest (halted if sync)
             cpu.cli()
             cpu.enter("kernel")
-            if reply["t"] == "inject_pf":
-                self._page_fault(task, reply["cr2"], acc.user, acc.irq)
-            elif reply["t"] == "resume":
-                self.runq.put_back(task)
+            if isinstance(reply, InjectException):
+                handler = self.exception_handlers.get(reply.vector)
+                if handler is None:
+                    self._panic("unexpected exception", vector=reply.vector, cr2=reply.cr2, task=task.tid)
+                    self.runq.put_back(task)
+                else:
+                    handler(task, reply, acc)
+            elif isinstance(reply, Resume):
+                self.runq.put_back(task)  # the access is retried
             else:
-                self.log.error("guest_host_error", code=reply.get("code"), message=reply.get("message"))
+                self.log.error("guest_host_error", code=reply.code, message=reply.message)
                 task.finish_access()
                 self.runq.put_back(task)
             return
@@ -347,68 +377,66 @@ class GuestKernel:
                 accept[acc.gfn] = (*prev, seq)  # our write may or may not have made it into the copy
         self.runq.put_back(task)
 
-    def _reinit_apf(self) -> None:
-        self.log.info("guest_apf_reinit", sleepers=self.sleep.sleepers)
-        self._disable_apf()
-        self._enable_apf()
+    def _cpu_offline_online(self) -> None:
+        """CPU offline and online (cpuhp): kvm_cpu_down_prepare runs kvm_guest_cpu_offline(false) with interrupts
+        saved off; the CPU takes what is pending once they are back on (APF is off then: the page-ready handler
+        does nothing); kvm_cpu_online runs kvm_guest_cpu_init with interrupts saved off."""
+        cpu = self.cpu
+        self.log.info("guest_apf_reinit", sleepers=self.apf.sleepers.sleepers)
+        cpu.enter("hotplug")  # the cpuhp thread: kernel code with interrupts on
+        cpu.sti()
+        cpu.cli()
+        for woken in self.apf.guest_cpu_offline(self.wrmsr, shutdown=False):
+            self._resume(woken.task)
+        cpu.sti()  # local_irq_restore
+        cpu.cli()
+        if self.cfg.online_clears_token:  # not Linux: the stale-slot race's way out (docs/PROTOCOL.md)
+            self._kernel_store(self.apf.area.gpa + 4, 0)
+            self.log.info("guest_apf_slot_cleared")
+        self._cpu_init(kvmapf=True)
+        cpu.sti()
+        cpu.cli()
+        cpu.enter("kernel")
 
-    # --- #PF (entered with interrupts off) -----------------------------------------------------------------------
-    def _page_fault(self, task: GuestTask, cr2: int, user: bool, irq: bool) -> None:
-        self.cpu.enter("pf_entry")
+    # --- exceptions (entered with interrupts off: interrupt gates) -----------------------------------------------
+    def _exc_page_fault(self, task: GuestTask, exc: InjectException, acc: PageAccess) -> None:
+        """`exc_page_fault` -> kvm_handle_async_pf: the APF flags are read at the entry, then
+        `__kvm_handle_async_pf` decides. A genuine #PF (flags 0) has nothing to fix in apf-emu's guest: logged, and
+        the access is dropped."""
+        cpu, cr2 = self.cpu, exc.cr2
+        cpu.enter("pf_entry")
         flags = self.apf.read_and_reset_flags()
-        self.cpu.enter("pf")
-        if flags == 0:
+        cpu.enter("pf")
+        try:
+            result = self.apf.handle_async_pf(flags, cr2, task, user=acc.user, irq=acc.irq)
+        except Panic as panic:
+            self._panic(str(panic), flags=flags, token=cr2, user=acc.user, irq=acc.irq, task=task.tid)
+            self.runq.put_back(task)
+            return
+        if result is Pf.SLEEP:
+            task.token = cr2
+            self.counts["apf_waits"] += 1
+            self.log.info("guest_apf_wait", token=cr2, task=task.tid)
+            if not len(self.runq):
+                self.log.info("guest_apf_halt", token=cr2)
+            return
+        if result is Pf.GENUINE:
             self.log.error("guest_genuine_pf", cr2=cr2, task=task.tid)
             task.finish_access()
-            self.runq.put_back(task)
-            return
-        if flags != KVM_PV_REASON_PAGE_NOT_PRESENT or not irq or (not user and not self.cfg.send_always):
-            # Linux panics here ("Host injected async #PF in interrupt disabled region" / "in kernel mode").
-            self.log.error("guest_panic", reason="bad async #PF", flags=flags, token=cr2, user=user, irq=irq)
-            self.runq.put_back(task)
-            return
-        try:
-            slept = self.sleep.queue_task(cr2, task)
-        except DuplicateToken as exc:
-            self.log.error("guest_panic", reason=str(exc), token=cr2)
-            self.runq.put_back(task)
-            return
-        if not slept:
-            self.log.info("guest_apf_dummy", token=cr2, action="consumed", task=task.tid)
-            self.runq.put_back(task)
-            return
-        task.token = cr2
-        self.counts["apf_waits"] += 1
-        self.log.info("guest_apf_wait", token=cr2, task=task.tid)
-        if not len(self.runq):
-            self.log.info("guest_apf_halt", token=cr2)
+        self.runq.put_back(task)  # NO_SLEEP, WARN: back to the task, which retries the access
 
-    # --- page-ready interrupt (runs with interrupts off) ---------------------------------------------------------
+    # --- interrupts (the handler runs with interrupts off) -------------------------------------------------------
     def _interrupt(self, vector: int) -> None:
         self.counts["interrupts"] += 1
-        if vector != self.cfg.vector or not self.apf_enabled:
-            self.log.warning("guest_spurious_interrupt", vector=vector, apf_enabled=self.apf_enabled)
+        if vector != self.cfg.vector or not self.apf_set_up:
+            self.log.warning("guest_spurious_interrupt", vector=vector)
             return
-        token = self.apf.token
-        if token == KVM_APF_WAKE_ALL_TOKEN:
-            woken = self.sleep.wake_all()
-            self.log.info("guest_apf_wake_all", count=len(woken))
-            for task_token, task in woken:
-                self.log.info("guest_apf_wake", token=task_token, task=task.tid, all=True)
-                self._resume(task)
-        elif token == 0:
-            self.log.warning("guest_spurious_interrupt", vector=vector, reason="token slot empty")
+        woken = self.apf.asyncpf_interrupt(self.wrmsr)
+        if woken is None:
+            self.log.info("guest_apf_irq_ignored", token=self.apf.area.token, message="APF is off on this vCPU")
             return
-        else:
-            sleeper, dummy_created = self.sleep.wake(token)
-            if sleeper is not None:
-                self.log.info("guest_apf_wake", token=token, task=sleeper.tid, all=False)
-                self._resume(sleeper)
-            else:
-                self.log.info("guest_apf_dummy", token=token, action="created" if dummy_created else "removed")
-        self.log.info("guest_apf_ack", token=token)
-        self.apf.token = 0
-        self.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
+        for w in woken:
+            self._resume(w.task)
 
     def _resume(self, task: GuestTask) -> None:
         task.token = None

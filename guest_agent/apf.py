@@ -1,0 +1,171 @@
+# The guest kernel's APF code of one vCPU, as Linux 5.8+ has it in arch/x86/kernel/kvm.c: the per-CPU state
+# (`async_pf_enabled`, `apf_reason`), the sleep table, the #PF path (`kvm_read_and_reset_apf_flags`,
+# `__kvm_handle_async_pf`, `kvm_async_pf_task_wait_schedule`), the page-ready interrupt
+# (`sysvec_kvm_asyncpf_interrupt`) and the boot, offline and shutdown paths (`kvm_guest_cpu_init`,
+# `kvm_pv_disable_apf`, `kvm_guest_cpu_offline`). Each method is named after the function it follows.
+#
+# Sans I/O: it reads and writes the APF area in guest RAM (as Linux's per-CPU variable) and logs, but a wrmsr is
+# the caller's (guest_agent/kernel.py does it as a VM exit): methods that write MSRs take the `wrmsr` to use and call
+# it exactly where Linux does, so that the order (token read, wake, slot cleared, ACK) is Linux's. Scheduling is the
+# caller's too: the #PF path says whether the task sleeps, the interrupt and wake-all paths return the tasks they
+# woke. Nothing here is a choice of apf-emu's; where Linux panics, `Panic` says so and the caller runs its panic path.
+#
+# A not-present delivery other than the #PF (an ABI variant) plugs in here, beside `handle_async_pf`: the kernel
+# dispatches exceptions by vector (guest_agent/kernel.py) to this module.
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, Protocol, TypeVar
+
+from shared.abi import (
+    KVM_APF_WAKE_ALL_TOKEN,
+    KVM_FEATURE_ASYNC_PF_INT,
+    KVM_FEATURE_ASYNC_PF_VMEXIT,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    async_pf_en_value,
+)
+from shared.apf_data import KvmVcpuPvApfData
+
+from .sleep_table import Queued, SleepTable
+
+
+class Task(Protocol):
+    @property
+    def tid(self) -> int: ...
+
+
+T = TypeVar("T", bound=Task)
+WrMsr = Callable[[int, int], None]  # wrmsrq: a #GP is the caller's to log; Linux goes on either way
+
+
+class Pf(Enum):
+    """What `__kvm_handle_async_pf` made of a #PF."""
+
+    GENUINE = "genuine"  # flags were 0: not an async #PF; the kernel's own #PF handling (exc_page_fault) goes on
+    SLEEP = "sleep"  # the task sleeps on the token until a page-ready (or a wake-all) unhashes its node
+    NO_SLEEP = "no_sleep"  # kvm_async_pf_queue_task found a node: the task returns and retries the access
+    WARN = "warn"  # flags other than PAGE_NOT_PRESENT: WARN_ONCE, and return
+
+
+class Panic(Exception):
+    """Linux panics here: the caller runs its panic path (the crash kernel, if one is loaded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Woken(Generic[T]):
+    token: int
+    task: T
+
+
+class GuestApf(Generic[T]):
+    def __init__(self, area: KvmVcpuPvApfData, log: Any) -> None:
+        self.area = area  # this CPU's `apf_reason`
+        self.log = log
+        self.enabled = False  # this CPU's `async_pf_enabled`
+        self.sleepers: SleepTable[T] = SleepTable()
+        self._warned = False
+
+    # --- boot, offline, shutdown ---------------------------------------------------------------------------------
+    def guest_cpu_init(self, wrmsr: WrMsr, *, cpuid: int, vector: int, kvmapf: bool = True,
+                       send_always: bool = False) -> bool:
+        """`kvm_guest_cpu_init`: with KVM_FEATURE_ASYNC_PF_INT (and no `no-kvmapf`), MSR_KVM_ASYNC_PF_INT first,
+        then MSR_KVM_ASYNC_PF_EN; `async_pf_enabled` is set whatever the host answered (wrmsrq's #GP is only
+        logged). The area is not zeroed, not even on re-online. `send_always` sets KVM_ASYNC_PF_SEND_ALWAYS as
+        guests before 5.8 did; Linux 5.8+ never sets it. Returns whether APF was set up."""
+        if not (cpuid & KVM_FEATURE_ASYNC_PF_INT and kvmapf):
+            return False
+        value = async_pf_en_value(self.area.gpa, send_always=send_always)
+        if cpuid & KVM_FEATURE_ASYNC_PF_VMEXIT:
+            value |= 1 << 2  # KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT
+        wrmsr(MSR_KVM_ASYNC_PF_INT, vector)
+        wrmsr(MSR_KVM_ASYNC_PF_EN, value)
+        self.enabled = True
+        return True
+
+    def pv_disable_apf(self, wrmsr: WrMsr) -> None:
+        """`kvm_pv_disable_apf`: MSR_KVM_ASYNC_PF_EN = 0 if enabled; outstanding events are not waited for."""
+        if not self.enabled:
+            return
+        wrmsr(MSR_KVM_ASYNC_PF_EN, 0)
+        self.enabled = False
+
+    def guest_cpu_offline(self, wrmsr: WrMsr, *, shutdown: bool) -> list[Woken[T]]:
+        """`kvm_guest_cpu_offline`: disable APF; unless shutting down (reboot, crash), wake every sleeper of this CPU
+        at once (`apf_task_wake_all`), without waiting for the host. Returns the tasks woken."""
+        self.pv_disable_apf(wrmsr)
+        if shutdown:
+            return []
+        return self._wake_all(reason="offline")
+
+    # --- #PF ----------------------------------------------------------------------------------------------------
+    def read_and_reset_flags(self) -> int:
+        """`kvm_read_and_reset_apf_flags`: 0 while APF is off on this CPU."""
+        if not self.enabled:
+            return 0
+        return self.area.read_and_reset_flags()
+
+    def handle_async_pf(self, flags: int, token: int, task: T, *, user: bool, irq: bool) -> Pf:
+        """`__kvm_handle_async_pf` with the flags read at the #PF's entry and CR2 as the token. Raises Panic where
+        Linux panics: interrupts off ("in interrupt disabled region"), kernel mode ("in kernel mode", whatever
+        SEND_ALWAYS says)."""
+        if not flags:
+            return Pf.GENUINE
+        if not irq:
+            raise Panic("Host injected async #PF in interrupt disabled region")
+        if flags & KVM_PV_REASON_PAGE_NOT_PRESENT:
+            if not user:
+                raise Panic("Host injected async #PF in kernel mode")
+            return self._task_wait_schedule(token, task)
+        if not self._warned:
+            self._warned = True
+            self.log.warning("guest_apf_warn", flags=flags, token=token,
+                             message=f"Unexpected async PF flags: {flags:x}")
+        return Pf.WARN
+
+    def _task_wait_schedule(self, token: int, task: T) -> Pf:
+        """`kvm_async_pf_task_wait_schedule`: queue the task, or do not sleep at all."""
+        queued = self.sleepers.queue_task(token, task)
+        if queued is Queued.SLEEP:
+            return Pf.SLEEP
+        if queued is Queued.DUMMY:
+            self.log.info("guest_apf_dummy", token=token, action="consumed")
+        else:
+            self.log.warning("guest_apf_token_busy", token=token, message="another task sleeps on this token")
+        return Pf.NO_SLEEP
+
+    # --- page-ready ---------------------------------------------------------------------------------------------
+    def asyncpf_interrupt(self, wrmsr: WrMsr) -> list[Woken[T]] | None:
+        """`sysvec_kvm_asyncpf_interrupt`: if APF is on, wake the token in the slot (whatever it holds, 0 too), write
+        0 to the slot, ACK. With APF off it does nothing at all (None): the slot keeps what the host wrote."""
+        if not self.enabled:
+            return None
+        token = self.area.token
+        woken = self._task_wake(token)
+        self.area.token = 0
+        self.log.info("guest_apf_ack", token=token)
+        wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
+        return woken
+
+    def _task_wake(self, token: int) -> list[Woken[T]]:
+        """`kvm_async_pf_task_wake`."""
+        if token == KVM_APF_WAKE_ALL_TOKEN:
+            return self._wake_all(reason="wake_all")
+        task, dummy_created = self.sleepers.wake(token)
+        if task is not None:
+            self.log.info("guest_apf_wake", token=token, task=task.tid, all=False)
+            return [Woken(token, task)]
+        self.log.info("guest_apf_dummy", token=token, action="created" if dummy_created else "removed")
+        return []
+
+    def _wake_all(self, *, reason: str) -> list[Woken[T]]:
+        """`apf_task_wake_all`: every node of this CPU, sleepers and dummies."""
+        woken, dummies = self.sleepers.wake_all()
+        self.log.info("guest_apf_wake_all", count=len(woken), dummies=dummies, reason=reason)
+        for token, task in woken:
+            self.log.info("guest_apf_wake", token=token, task=task.tid, all=True)
+        return [Woken(token, task) for token, task in woken]
