@@ -26,18 +26,22 @@ INVARIANTS: Final = {
     "or 0xffffffff",
     "token_unique": "no token is handed out twice on one vCPU",
     "ready_after_not_present": "every page-ready (except wake-all) follows the not-present of its token on its vCPU",
+    "ready_for_injected_only": "a page-ready interrupt is injected only for a not-present that was injected, or a "
+    "wake-all (kvm_arch_async_page_present; a halted fault's ready is traced but not injected: bugzilla 208081)",
     "ready_once": "a token gets at most one page-ready",
     "one_unacked_ready": "a vCPU gets no page-ready while the guest has not released the previous one (its "
     "guest_apf_ack; for a guest that does not log, the host's own view: the `released` token of the next page-ready)",
-    "delivered_while_disabled": "no not-present or page-ready reaches a vCPU whose APF is not enabled (with "
-    "DELIVERY_AS_INT) in the current boot",
-    "outstanding_limit": f"at most {ASYNC_PF_PER_VCPU} not-present events are outstanding per vCPU",
-    "wake_matches_ready": "every guest wake (and wake-all) reads a token the host delivered as page-ready",
+    "delivered_while_disabled": "no not-present or page-ready is injected into a vCPU whose APF is not enabled "
+    "(with DELIVERY_AS_INT) in the current boot",
+    "outstanding_limit": f"at most {ASYNC_PF_PER_VCPU} async page faults (injected or halted) are outstanding per "
+    "vCPU",
+    "wake_matches_ready": "every guest wake (and wake-all) reads a token the host delivered as page-ready; an "
+    "interrupt that finds the slot empty makes Linux insert a dummy for token 0",
     "wait_woken": "every task that sleeps on a token is woken before its boot shuts down cleanly or the log ends",
     "dummy_leak": "no dummy sleep-table entry is left when a boot shuts down cleanly (bugzilla 208081)",
     "data_check": "every verification of guest page contents passes",
-    "guest_panic": "the guest never hits a condition on which Linux panics (async #PF with interrupts off, in "
-    "kernel mode without SEND_ALWAYS, a reused live token)",
+    "guest_panic": "the guest never hits a condition on which Linux panics (async #PF with interrupts off, or in "
+    "kernel mode)",
     "ready_latency": "a completed page-in is delivered as page-ready within the configured limit (default 1 s; "
     "`apf-emu check --ready-latency-limit MS`)",
     "stale_token": "no not-present or page-ready of an earlier boot reaches a later boot of the vCPU",
@@ -62,7 +66,7 @@ class Violation:
 @dataclass
 class _HostVcpu:
     enabled: bool = False
-    outstanding: dict[int, int] = field(default_factory=dict)  # token -> gfn
+    outstanding: dict[int, bool] = field(default_factory=dict)  # token -> its not-present was injected
     completed: dict[int, int] = field(default_factory=dict)  # token -> mono_ns of its completion
     seen: set[int] = field(default_factory=set)
     readied: set[int] = field(default_factory=set)
@@ -153,20 +157,24 @@ class Checker:
         if not isinstance(token, int) or not isinstance(vcpu, int) or not token_is_well_formed(token, vcpu):
             self._violate("token_format", f"not-present token {token!r} is not (id << 12) | {vcpu}", ev)
             return
-        if not st.enabled:
+        injected = ev.get("injected", True) is not False
+        if injected and not st.enabled:
             self._violate("delivered_while_disabled", f"not-present {token:#x} while APF is disabled", ev)
         if token in st.seen:
             self._violate("token_unique", f"token {token:#x} handed out again", ev)
         st.seen.add(token)
         st.issued_boot[token] = ev.get("boot")
         self._check_boot(ev, key, "not-present")
-        st.outstanding[token] = ev.get("gfn", -1)
+        st.outstanding[token] = injected
         if len(st.outstanding) > ASYNC_PF_PER_VCPU:
-            self._violate("outstanding_limit", f"{len(st.outstanding)} not-present events outstanding", ev)
+            self._violate("outstanding_limit", f"{len(st.outstanding)} async page faults outstanding", ev)
 
     def _ready(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._h(key)
         token = ev.get("token")
+        if ev.get("injected", True) is False:
+            self._ready_not_injected(ev, st, token)
+            return
         if not st.enabled:
             self._violate("delivered_while_disabled", f"page-ready {token!r} while APF is disabled", ev)
         if st.unacked is not None and key not in self._current_boot and ev.get("released") == st.unacked:
@@ -186,8 +194,23 @@ class Checker:
             self._violate("ready_once", f"second page-ready for {token:#x}", ev)
         elif token not in st.outstanding:
             self._violate("ready_after_not_present", f"page-ready {token:#x} without a not-present", ev)
-        if not isinstance(token, int):
-            return
+        elif not st.outstanding[token]:
+            self._violate("ready_for_injected_only", f"page-ready {token:#x} injected for a not-present that was not",
+                          ev)
+        if isinstance(token, int):
+            self._retire(ev, st, token)
+
+    def _ready_not_injected(self, ev: Event, st: _HostVcpu, token: Any) -> None:
+        """kvm_async_pf_ready of an item whose not-present was not injected (the halt path, or APF off): the item
+        is done, nothing reached the guest."""
+        if not isinstance(token, int) or token not in st.outstanding:
+            self._violate("ready_after_not_present", f"ready {token!r} without a not-present", ev)
+        elif token in st.readied:
+            self._violate("ready_once", f"second ready for {token:#x}", ev)
+        if isinstance(token, int):
+            self._retire(ev, st, token)
+
+    def _retire(self, ev: Event, st: _HostVcpu, token: int) -> None:
         st.outstanding.pop(token, None)
         st.readied.add(token)
         done = st.completed.pop(token, None)
@@ -268,13 +291,18 @@ class Checker:
             self._violate("wake_matches_ready", f"task {task} slept on {waited[0]:#x} but woke for {token!r}", ev)
 
     def _wake_all(self, ev: Event, key: tuple[Any, Any]) -> None:
-        self._check_slot(ev, key, KVM_APF_WAKE_ALL_TOKEN)
+        if ev.get("reason", "wake_all") == "wake_all":  # not the guest's own (CPU offline: apf_task_wake_all)
+            self._check_slot(ev, key, KVM_APF_WAKE_ALL_TOKEN)
         self._g(ev, key).dummies.clear()
 
     def _check_slot(self, ev: Event, key: tuple[Any, Any], token: Any) -> None:
         host = self._host.get(key)
         if host is None or host.unacked != token:
             slot = None if host is None else host.unacked
+            if token == 0:
+                self._violate("wake_matches_ready", f"the page-ready interrupt found the slot empty (the host's last "
+                              f"page-ready is {slot!r}): Linux inserts a dummy for token 0", ev)
+                return
             self._violate("wake_matches_ready", f"guest woke for {token!r}; the host's last page-ready is {slot!r}", ev)
 
     def _dummy(self, ev: Event, key: tuple[Any, Any]) -> None:
@@ -292,6 +320,12 @@ class Checker:
     def _ack(self, ev: Event, key: tuple[Any, Any]) -> None:
         host = self._host.get(key)
         if host is not None and host.unacked == ev.get("token"):
+            host.unacked = None
+
+    def _slot_cleared(self, ev: Event, key: tuple[Any, Any]) -> None:
+        """--online-clears-token: the guest wrote 0 to its slot while APF was off, releasing whatever it held."""
+        host = self._host.get(key)
+        if host is not None:
             host.unacked = None
 
     def _restore(self, ev: Event, key: tuple[Any, Any]) -> None:
@@ -327,6 +361,7 @@ _GUEST = {
     "guest_apf_wake_all": Checker._wake_all,
     "guest_apf_dummy": Checker._dummy,
     "guest_apf_ack": Checker._ack,
+    "guest_apf_slot_cleared": Checker._slot_cleared,
     "guest_data_check": Checker._data_check,
     "guest_panic": Checker._panic,
 }

@@ -27,7 +27,7 @@ from .trace import build_trace
 # The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
 RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "log_stdout")
 RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
-             "apf_reinit_every")
+             "apf_reinit_every", "online_clears_token")
 CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
                "kdump_apf")
 DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=True), 10.0, "seconds to run")
@@ -229,7 +229,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"{'event':32} {'total':>10}" + "".join(f" {v:>12}" for v in vcpus))
         for name, n in sorted(stats.events.items()):
             print(f"{name:32} {n:10}" + "".join(f" {stats.per_vcpu[v][name]:12}" for v in vcpus))
-        print(f"\nAPFs {stats.apfs}, synchronous faults {stats.sync_faults} "
+        print(f"\nAPFs {stats.apfs}, artificial halts {stats.halts} "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(stats.halt_reasons.items())) or 'none'}), "
+              f"synchronous faults {stats.sync_faults} "
               f"({', '.join(f'{k} {v}' for k, v in sorted(stats.sync_reasons.items())) or 'none'})")
         print("outstanding APFs, high-water mark per vCPU: "
               + (", ".join(f"{k} {v}" for k, v in sorted(stats.outstanding_max.items())) or "none"))
@@ -248,6 +250,8 @@ def stats_json(stats: Stats) -> dict[str, Any]:
         "apfs": stats.apfs,
         "sync_faults": stats.sync_faults,
         "sync_reasons": dict(stats.sync_reasons),
+        "halts": stats.halts,
+        "halt_reasons": dict(stats.halt_reasons),
         "dropped": dict(stats.dropped_reasons),
         "data_checks": stats.data_checks,
         "data_check_failures": stats.data_check_failures,
@@ -372,6 +376,8 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation], 
     print(f"  APFs delivered (not-present #PF)  {stats.apfs:9}   {stats.apfs / secs:8.0f}/s")
     print(f"  page-ready interrupts             {readies:9}   (wake-all {stats.events['guest_apf_wake_all']})")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.sync_reasons.items()))
+    print(f"  artificial halts (KVM_REQ_APF_HALT) {stats.halts:7}   "
+          + ", ".join(f"{k} {v}" for k, v in sorted(stats.halt_reasons.items())))
     print(f"  synchronous faults                {stats.sync_faults:9}   {reasons}")
     dropped = sum(stats.dropped_reasons.values())
     print(f"  completions eaten (APF disabled)  {dropped:9}")

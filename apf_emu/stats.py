@@ -46,6 +46,8 @@ class Stats:
     per_vcpu: dict[str, Counter[str]] = field(default_factory=dict)
     latency: dict[str, HdrHistogram] = field(default_factory=lambda: {k: _histogram() for k in LATENCIES})
     sync_reasons: Counter[str] = field(default_factory=Counter)
+    halt_reasons: Counter[str] = field(default_factory=Counter)  # the artificial halt: kernel_mode, repeated_fault..
+    not_injected: int = 0  # not-presents of the halt path (traced by KVM, never injected)
     dropped_reasons: Counter[str] = field(default_factory=Counter)
     data_checks: int = 0
     data_check_failures: int = 0
@@ -89,6 +91,10 @@ class Stats:
             self._unacked.pop(key, None)
         if name == "apf_sync_fault":
             self.sync_reasons[str(ev.get("reason"))] += 1
+        elif name == "apf_halt":
+            self.halt_reasons[str(ev.get("reason"))] += 1
+        elif name == "kvm_async_pf_not_present" and ev.get("injected") is False:
+            self.not_injected += 1
         elif name == "apf_ready_dropped":
             self.dropped_reasons[str(ev.get("reason"))] += 1
         if name == "guest_shutdown":
@@ -121,7 +127,13 @@ class Stats:
 
     @property
     def apfs(self) -> int:
-        return self.events["kvm_async_pf_not_present"]
+        """Async page faults whose not-present #PF was injected."""
+        return self.events["kvm_async_pf_not_present"] - self.not_injected
+
+    @property
+    def halts(self) -> int:
+        """Artificial halts (KVM_REQ_APF_HALT): a fault the guest could not be told about, or a repeated one."""
+        return self.events["apf_halt"]
 
     @property
     def sync_faults(self) -> int:

@@ -29,14 +29,33 @@ from typing import Any
 import orjson
 from hdrh.histogram import HdrHistogram
 
-from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
+from shared.abi import (
+    APIC_SPIV_APIC_ENABLED,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    MSR_X2APIC_SPIV,
+    SPURIOUS_APIC_VECTOR,
+    async_pf_en_value,
+)
 from shared.apf_data import KvmVcpuPvApfData
 from shared.blocking_channel import BlockingChannel
 from shared.config import HostOptions, PageInLatency
 from shared.guest_ram import GuestRam, RamLayout
 from shared.signals import SIG_PF, vector_signal
 from shared.views import CTL_CR2, CTL_PF_SEQ, GuestViews
-from shared.wire import PROTOCOL_VERSION, Message
+from shared.wire import (
+    PROTOCOL_VERSION,
+    ExitMem,
+    Hello,
+    InjectException,
+    Interrupt,
+    Message,
+    MsrResult,
+    MsrWrite,
+    Resume,
+    Welcome,
+)
 
 from .floor import histogram
 
@@ -74,9 +93,8 @@ class Guest:
         self.area = KvmVcpuPvApfData(ram.u32, 0)
         if transport == "signal":
             signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_PF, vector_signal(VECTOR)})
-        hello = self.request("hello", proto=PROTOCOL_VERSION, vm=vm, vcpu=0, boot=1, kind="normal",
-                             pid=os.getpid(), transport=transport)
-        assert hello["t"] == "welcome", hello
+        welcome = self.request(Hello(PROTOCOL_VERSION, vm, 0, 1, "normal", os.getpid(), transport))
+        assert isinstance(welcome, Welcome), welcome
         self.views = GuestViews(self.chan.take_fds(), PAGES)
         self.u32 = self.views.ctl.u32
         self.seen_pf = self.u32[CTL_PF_SEQ]
@@ -88,52 +106,60 @@ class Guest:
         if self.transport == "signal":
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIG_PF, vector_signal(VECTOR)})
 
-    def send(self, t: str, **kw: Any) -> None:
-        self.chan.send(t, **kw)
+    def send(self, msg: Message) -> None:
+        self.chan.send(msg)
 
     def frame(self) -> Message:
-        msg = self.chan.receive()
+        msg: Message | None = self.chan.receive()
         assert msg is not None
         return msg
 
-    def request(self, t: str, **kw: Any) -> Message:
-        self.send(t, **kw)
+    def request(self, msg: Message) -> Message:
+        self.send(msg)
         return self.frame()
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        result = self.request(MsrWrite(msr, value))
+        assert isinstance(result, MsrResult) and result.ok, result
 
     def interrupt(self) -> None:
         if self.transport == "socket":
             msg = self.frame()
-            assert msg["t"] == "interrupt" and msg["vector"] == VECTOR, msg
+            assert isinstance(msg, Interrupt) and msg.vector == VECTOR, msg
         elif signal.sigtimedwait({vector_signal(VECTOR)}, 10) is None:
             raise RuntimeError("no page-ready signal within 10 s")
 
     def exit_mem(self, gfn: int) -> int | None:
         """The exit; the token of the #PF it got, or None if the host resumed the vCPU (no APF)."""
-        self.send("exit_mem", gpa=gfn * 4096, write=True, user=True, irq=True)
+        self.send(ExitMem(gfn * 4096, True, True, True))
         if self.transport == "socket":
             msg = self.frame()
-            return int(msg["cr2"]) if msg["t"] == "inject_pf" else None
+            return msg.cr2 if isinstance(msg, InjectException) else None
         while True:
             if self.u32[CTL_PF_SEQ] != self.seen_pf:
                 self.seen_pf = self.u32[CTL_PF_SEQ]
                 return int(self.u32[CTL_CR2])
             if self.frames or _readable(self.sock):
                 msg = self.frame()
-                assert msg["t"] == "resume", msg
+                assert isinstance(msg, Resume), msg
                 return None
             signal.sigtimedwait({SIG_PF}, 0.001)
 
     def enable(self) -> None:
-        assert self.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=VECTOR)["ok"]
-        self.send("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(0))
+        """As Linux boots: the LAPIC software-enabled, then MSR_KVM_ASYNC_PF_INT and _EN; the wake-all that
+        enabling queues is raised at the end of that exit, before its result."""
+        self.wrmsr(MSR_X2APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR)
+        self.wrmsr(MSR_KVM_ASYNC_PF_INT, VECTOR)
+        self.send(MsrWrite(MSR_KVM_ASYNC_PF_EN, async_pf_en_value(0)))
         if self.transport == "socket":
-            got = {self.frame()["t"], self.frame()["t"]}  # the wake-all and the result, in either order
-            assert got == {"interrupt", "msr_result"}, got
-        else:
-            assert self.frame()["ok"]
             self.interrupt()
+            result = self.frame()
+        else:
+            result = self.frame()
+            self.interrupt()
+        assert isinstance(result, MsrResult) and result.ok, result
         self.area.token = 0
-        assert self.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=1)["ok"]
+        self.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
 
 
 def _readable(sock: socket.socket) -> bool:
@@ -184,7 +210,7 @@ def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
                     assert guest.area.token == token
                     guest.area.token = 0
                     t3 = time.monotonic_ns()
-                    assert guest.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=1)["ok"]
+                    guest.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
                     hist["ack"].record_value(time.monotonic_ns() - t3)
             finally:
                 guest.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 from hdrh.histogram import HdrHistogram
 
 from shared.signals import SIG_PF
-from shared.wire import HOST_TO_GUEST, FrameReader, decode, encode
+from shared.wire import HOST_TO_GUEST, FrameReader, MsrResult, MsrWrite, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,10 +48,10 @@ async def _serve(path: str, mode: str) -> None:
     pidfd = None
     while (msg := await chan.receive()) is not None:
         if mode == "socket":
-            await chan.send("msr_result", msr=msg["msr"], ok=True, error=None)
+            await chan.send(MsrResult(msg.msr, True, None))
         else:
             if pidfd is None:
-                pidfd = os.pidfd_open(msg["value"])
+                pidfd = os.pidfd_open(msg.value)
             signal.pidfd_send_signal(pidfd, SIG_PF)
 
 
@@ -91,7 +91,7 @@ def measure(mode: str, round_trips: int = 5000, warmup: int = 500) -> HdrHistogr
 
 def _socket_round_trips(sock: socket.socket, hist: HdrHistogram, n: int, warmup: int) -> None:
     reader = FrameReader()
-    frame = encode("msr_write", msr=0x4B564D07, value=1)
+    frame = encode(MsrWrite(0x4B564D07, 1))
     for i in range(n + warmup):
         t0 = time.monotonic_ns()
         sock.sendall(frame)
@@ -109,7 +109,7 @@ def _signal_round_trips(sock: socket.socket, hist: HdrHistogram, n: int, warmup:
     wake_w.setblocking(False)
     old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     old_handler = signal.signal(SIG_PF, lambda *_: None)
-    frame = encode("msr_write", msr=0x4B564D07, value=os.getpid())
+    frame = encode(MsrWrite(0x4B564D07, os.getpid()))
     try:
         for i in range(n + warmup):
             t0 = time.monotonic_ns()

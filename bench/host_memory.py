@@ -1,9 +1,10 @@
 """Does the host keep state for dead boots? Its RSS after 1,000 guest kill/restart cycles against after 100.
 
-Each cycle is what a killed-and-restarted guest does to the host: connect as the next boot of vCPU 0, program
-MSR_KVM_ASYNC_PF_INT and _EN, take the wake-all, take a few async page faults, and vanish without a word (the socket
-is reset with page-ins in flight, exactly what the host sees when a guest process is SIGKILLed). A raw wire client
-does it in-process because starting 1,000 Python guest processes would measure process start-up, not the host.
+Each cycle is what a killed-and-restarted guest does to the host: connect as the next boot of vCPU 0, enable
+the LAPIC, program MSR_KVM_ASYNC_PF_INT and _EN, take the wake-all, take a few async page faults, and vanish
+without a word (the socket is reset with page-ins in flight, exactly what the host sees when a guest process is
+SIGKILLed). A raw wire client does it in-process because starting 1,000 Python guest processes would measure
+process start-up, not the host.
 Usage:  .venv/bin/python bench/host_memory.py [--cycles 1000] [--json]
 """
 from __future__ import annotations
@@ -19,14 +20,21 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from shared.abi import MSR_KVM_ASYNC_PF_ACK, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT, async_pf_en_value
+from shared.abi import (
+    APIC_SPIV_APIC_ENABLED,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    MSR_X2APIC_SPIV,
+    SPURIOUS_APIC_VECTOR,
+    async_pf_en_value,
+)
 from shared.apf_data import KvmVcpuPvApfData
 from shared.blocking_channel import BlockingChannel
 from shared.config import HostOptions, PageInLatency
 from shared.guest_ram import GuestRam, RamLayout
-from shared.wire import PROTOCOL_VERSION, Message
+from shared.wire import PROTOCOL_VERSION, ExitMem, Hello, InjectException, Interrupt, Message, MsrWrite
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES, RESIDENT = 512, 128
@@ -46,14 +54,14 @@ class Client(BlockingChannel):
         sock.connect(str(path))
         super().__init__(sock)
 
-    def request(self, msg_type: str, **fields: Any) -> Message:
+    def request(self, msg: Message) -> Message:
         """The reply, skipping the page-ready interrupts that come first."""
-        self.send(msg_type, **fields)
+        self.send(msg)
         while True:
-            msg = self.receive()
-            assert msg is not None
-            if msg["t"] != "interrupt":
-                return msg
+            reply: Message | None = self.receive()
+            assert reply is not None
+            if not isinstance(reply, Interrupt):
+                return reply
 
     def kill(self) -> None:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, like a dead process
@@ -62,15 +70,15 @@ class Client(BlockingChannel):
 
 def cycle(path: Path, vm: str, boot: int, area: KvmVcpuPvApfData, rng: random.Random) -> None:
     c = Client(path)
-    c.request("hello", proto=PROTOCOL_VERSION, vm=vm, vcpu=0, boot=boot, kind="normal", pid=os.getpid(),
-              transport="socket")
-    c.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=0xF3)
-    c.request("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(0))
+    c.request(Hello(PROTOCOL_VERSION, vm, 0, boot, "normal", os.getpid(), "socket"))
+    c.request(MsrWrite(MSR_X2APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR))
+    c.request(MsrWrite(MSR_KVM_ASYNC_PF_INT, 0xF3))
+    c.request(MsrWrite(MSR_KVM_ASYNC_PF_EN, async_pf_en_value(0)))
     area.token = 0  # take the wake-all
-    c.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=1)
+    c.request(MsrWrite(MSR_KVM_ASYNC_PF_ACK, 1))
     for _ in range(5):
-        reply = c.request("exit_mem", gpa=rng.randrange(1, PAGES) * 4096, write=True, user=True, irq=True)
-        if reply["t"] == "inject_pf":
+        reply = c.request(ExitMem(rng.randrange(1, PAGES) * 4096, True, True, True))
+        if isinstance(reply, InjectException):
             area.flags = 0
     c.kill()
 
