@@ -371,7 +371,7 @@ def run_json(result: RunResult, stats: Stats, violations: list[Violation]) -> di
 
 def print_summary(result: RunResult, stats: Stats, violations: list[Violation], checker: Checker) -> None:
     secs = stats.seconds or 1.0
-    readies = stats.events["kvm_async_pf_ready"]
+    readies = stats.page_readies
     print(f"apf-emu run: VM {result.vm}, stopped by {result.stopped_by}, logs in {result.log_dir}")
     print(f"  APFs delivered (not-present #PF)  {stats.apfs:9}   {stats.apfs / secs:8.0f}/s")
     print(f"  page-ready interrupts             {readies:9}   (wake-all {stats.events['guest_apf_wake_all']})")

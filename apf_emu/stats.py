@@ -48,6 +48,7 @@ class Stats:
     sync_reasons: Counter[str] = field(default_factory=Counter)
     halt_reasons: Counter[str] = field(default_factory=Counter)  # the artificial halt: kernel_mode, repeated_fault..
     not_injected: int = 0  # not-presents of the halt path (traced by KVM, never injected)
+    readies_not_injected: int = 0  # their kvm_async_pf_ready (and those of events whose APF was turned off)
     dropped_reasons: Counter[str] = field(default_factory=Counter)
     data_checks: int = 0
     data_check_failures: int = 0
@@ -95,6 +96,8 @@ class Stats:
             self.halt_reasons[str(ev.get("reason"))] += 1
         elif name == "kvm_async_pf_not_present" and ev.get("injected") is False:
             self.not_injected += 1
+        elif name == "kvm_async_pf_ready" and ev.get("injected") is False:
+            self.readies_not_injected += 1
         elif name == "apf_ready_dropped":
             self.dropped_reasons[str(ev.get("reason"))] += 1
         if name == "guest_shutdown":
@@ -129,6 +132,11 @@ class Stats:
     def apfs(self) -> int:
         """Async page faults whose not-present #PF was injected."""
         return self.events["kvm_async_pf_not_present"] - self.not_injected
+
+    @property
+    def page_readies(self) -> int:
+        """Page-ready interrupts injected (wake-alls included)."""
+        return self.events["kvm_async_pf_ready"] - self.readies_not_injected
 
     @property
     def halts(self) -> int:
