@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from shared.transports import TRANSPORTS
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
@@ -106,3 +109,17 @@ def test_no_import_cycles(package):
     for node in graph:
         if not state.get(node):
             visit(node, [])
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_every_transport_has_a_backend_on_both_sides(name):
+    """shared/transports.py is the one registry: each name has host_daemon/transports/<name>.py with a `Notifier`
+    and guest_agent/transports/<name>.py with a `Transport` (the two other files a new transport touches)."""
+    from guest_agent.transports.base import Transport as TransportBase
+
+    host = importlib.import_module(f"host_daemon.transports.{name}")
+    guest = importlib.import_module(f"guest_agent.transports.{name}")
+    assert all(callable(getattr(host.Notifier, m, None)) for m in ("inject_exception", "interrupt", "close"))
+    assert issubclass(guest.Transport, TransportBase)
+    backends = {p.stem for p in (ROOT / "host_daemon" / "transports").glob("*.py")} - {"__init__"}
+    assert backends == set(TRANSPORTS)

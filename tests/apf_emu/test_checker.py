@@ -146,6 +146,14 @@ def stale_boot_ready(evs: Events) -> Events:
     return evs
 
 
+def ready_for_halted_fault(evs: Events) -> Events:
+    """The not-present was not injected (the vCPU halted on it), yet its page-ready is injected: KVM's
+    kvm_arch_async_page_present injects only when work->wakeup_all or work->notpresent_injected."""
+    i, _ = a_token(evs)
+    evs[i] = at(evs, i, injected=False)
+    return evs
+
+
 MUTATIONS: dict[str, Callable[[Events], Events]] = {
     "token_format": malformed_token,
     "token_unique": duplicate_token,
@@ -161,6 +169,7 @@ MUTATIONS: dict[str, Callable[[Events], Events]] = {
     "guest_panic": guest_panic,
     "ready_latency": late_ready,
     "stale_token": stale_boot_ready,
+    "ready_for_injected_only": ready_for_halted_fault,
 }
 
 

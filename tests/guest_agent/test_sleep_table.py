@@ -1,12 +1,11 @@
 # The guest sleep table under arbitrary interleavings of #PF (queue_task), page-ready (wake) and wake-all.
 from __future__ import annotations
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from guest_agent.sleep_table import DuplicateToken, SleepTable
+from guest_agent.sleep_table import Queued, SleepTable
 
 
 @given(st.permutations([("wait", t) for t in range(8)] + [("wake", t) for t in range(8)]))
@@ -16,7 +15,7 @@ def test_each_token_waited_and_woken_once_leaves_nothing_in_any_order(ops):
     asleep = set()
     for op, token in ops:
         if op == "wait":
-            if table.queue_task(token, f"task{token}"):
+            if table.queue_task(token, f"task{token}") is Queued.SLEEP:
                 asleep.add(token)
         else:
             task, _dummy = table.wake(token)
@@ -37,15 +36,26 @@ def test_wake_all_clears_sleepers_and_dummies():
     table.queue_task(1, "a")
     table.queue_task(2, "b")
     table.wake(3)
-    assert sorted(table.wake_all()) == [(1, "a"), (2, "b")]
+    woken, dummies = table.wake_all()
+    assert sorted(woken) == [(1, "a"), (2, "b")] and dummies == 1
     assert len(table) == 0
 
 
-def test_two_sleepers_on_one_token_is_an_error():
+def test_kvm_async_pf_queue_task_leaves_another_tasks_node_alone():
+    """kvm_async_pf_queue_task: "a token from another task which should not be touched": no sleep, no change."""
     table: SleepTable[str] = SleepTable()
-    table.queue_task(1, "a")
-    with pytest.raises(DuplicateToken):
-        table.queue_task(1, "b")
+    assert table.queue_task(1, "a") is Queued.SLEEP
+    assert table.queue_task(1, "b") is Queued.BUSY
+    assert table.wake(1) == ("a", False) and len(table) == 0
+
+
+def test_kvm_async_pf_task_wake_of_token_0_leaves_a_dummy():
+    """kvm_async_pf_task_wake has no special case for 0: an empty slot's interrupt inserts a dummy for token 0,
+    which no not-present consumes (alloc_apf_token never makes 0); only a wake-all removes it."""
+    table: SleepTable[str] = SleepTable()
+    assert table.wake(0) == (None, True)
+    assert table.dummy_tokens() == [0]
+    assert table.wake_all() == ([], 1)
 
 
 class SleepTableMachine(RuleBasedStateMachine):
@@ -71,7 +81,7 @@ class SleepTableMachine(RuleBasedStateMachine):
     def page_fault(self, data) -> None:
         token = data.draw(st.sampled_from(sorted(self.pending_pf)))
         self.pending_pf.discard(token)
-        slept = self.table.queue_task(token, token)
+        slept = self.table.queue_task(token, token) is Queued.SLEEP
         assert slept == (token not in self.dummies)
         if slept:
             self.sleeping.add(token)
@@ -93,7 +103,7 @@ class SleepTableMachine(RuleBasedStateMachine):
 
     @rule()
     def wake_all(self) -> None:
-        woken = {t for t, _task in self.table.wake_all()}
+        woken = {t for t, _task in self.table.wake_all()[0]}
         assert woken == self.sleeping
         self.sleeping.clear()
         self.dummies.clear()
@@ -118,7 +128,7 @@ class SleepTableMachine(RuleBasedStateMachine):
 
     def page_fault_now(self, token: int) -> None:
         self.pending_pf.discard(token)
-        if self.table.queue_task(token, token):
+        if self.table.queue_task(token, token) is Queued.SLEEP:
             self.sleeping.add(token)
         else:
             self.dummies.discard(token)
@@ -130,7 +140,7 @@ def test_wake_all_between_a_ready_and_its_not_present_strands_the_task():
     table: SleepTable[str] = SleepTable()
     table.wake(0x1000)  # page-ready first: dummy
     table.wake_all()  # drops the dummy
-    assert table.queue_task(0x1000, "t") is True  # the #PF now sleeps, and no wake will come
+    assert table.queue_task(0x1000, "t") is Queued.SLEEP  # the #PF now sleeps, and no wake will come
     assert table.sleepers == 1
 
 

@@ -1,12 +1,15 @@
-# The host's per-vCPU APF state machine, sans I/O: MSR validation and the ready queue under arbitrary interleavings.
+# The host's per-vCPU APF state machine (host_daemon/vcpu.py), sans I/O: one test per KVM rule, named after the KVM
+# function it follows, and a hypothesis machine that runs faults, page-ins, entries, the guest's handler, ACKs,
+# LAPIC and APF toggles in any order.
 from __future__ import annotations
 
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from host_daemon.vcpu import VcpuApf
+from host_daemon.vcpu import APF_HALT, APF_READY, AsyncPf, Fault, VcpuApf
 from shared.abi import (
+    APIC_SPIV_RESET,
     ASYNC_PF_PER_VCPU,
     KVM_APF_WAKE_ALL_TOKEN,
     KVM_ASYNC_PF_DELIVERY_AS_INT,
@@ -16,6 +19,8 @@ from shared.abi import (
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
+    MSR_X2APIC_SPIV,
+    make_token,
     token_is_well_formed,
 )
 from tests.conftest import EventLog
@@ -23,6 +28,8 @@ from tests.conftest import EventLog
 PAGES = 16
 AREA = 64 * 3
 ON = AREA | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+VECTOR = 0xF3
+SPIV_ON = 0x1FF  # Linux's boot value: software enable | spurious vector 0xff
 
 
 def make_vcpu(vcpu_id: int = 3) -> tuple[VcpuApf, EventLog]:
@@ -31,15 +38,30 @@ def make_vcpu(vcpu_id: int = 3) -> tuple[VcpuApf, EventLog]:
     return VcpuApf(vcpu_id, ram, PAGES, log), log
 
 
-def enable(vcpu: VcpuApf, value: int = ON) -> None:
-    """Enable APF as a guest does and consume the wake-all that enabling sends (release the slot, ACK)."""
-    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, value).ok
-    assert vcpu.check_completion() is not None
-    assert vcpu.area is not None and vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN
+def boot(vcpu: VcpuApf, en: int = ON, *, lapic: bool = True) -> None:
+    """What Linux does at boot (setup_local_APIC, then kvm_guest_cpu_init: INT before EN), and the guest's handling
+    of the wake-all that enabling queues: the entry delivers it, the handler clears the slot and ACKs."""
+    if lapic:
+        assert vcpu.write_msr(MSR_X2APIC_SPIV, SPIV_ON).ok
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_INT, VECTOR).ok
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, en).ok
+    if lapic and vcpu.pv_enabled:
+        assert vcpu.entry() == [VECTOR]
+        release_and_ack(vcpu)
+
+
+def release_and_ack(vcpu: VcpuApf) -> list[int]:
+    """sysvec_kvm_asyncpf_interrupt's end: write 0 to the slot, then wrmsr MSR_KVM_ASYNC_PF_ACK = 1."""
+    assert vcpu.area is not None
     vcpu.area.token = 0
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1)
+    return list(vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1).vectors)
 
 
+def events(log: EventLog, name: str) -> list[dict[str, object]]:
+    return [kw for e, kw in log.events if e == name]
+
+
+# --- MSRs -----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "msr,value,ok",
     [
@@ -54,204 +76,288 @@ def enable(vcpu: VcpuApf, value: int = ON) -> None:
         (MSR_KVM_ASYNC_PF_EN, AREA | KVM_ASYNC_PF_ENABLED, True),  # accepted, but APF stays off
         (MSR_KVM_ASYNC_PF_EN, 0, True),
         (MSR_KVM_ASYNC_PF_ACK, 1, True),
-        (MSR_KVM_ASYNC_PF_ACK, 7, True),  # ignored
+        (MSR_KVM_ASYNC_PF_ACK, 7, True),
+        (MSR_X2APIC_SPIV, SPIV_ON, True),
+        (MSR_X2APIC_SPIV, 1 << 32, False),
         (0x4B564D09, 0, False),  # unknown MSR
         (MSR_KVM_ASYNC_PF_INT, 1 << 64, False),
         (MSR_KVM_ASYNC_PF_INT, -1, False),
     ],
 )
-def test_msr_writes_are_validated_like_kvm(msr, value, ok):
+def test_kvm_set_msr_common_validates_like_kvm(msr, value, ok):
     vcpu, _ = make_vcpu()
     assert vcpu.write_msr(msr, value).ok is ok
 
 
-def test_enabled_without_int_delivery_never_delivers():
+@pytest.mark.parametrize("bad", [ON | 0x10, ON | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT,
+                                 (PAGES * 4096) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT])
+def test_kvm_pv_enable_async_pf_gp_stores_nothing(bad):
+    """kvm_pv_enable_async_pf returns 1 (#GP) before `msr_en_val = data`: a refused write leaves the old value, and
+    APF stays as it was (the area check is kvm_gfn_to_hva_cache_init, also before the store)."""
     vcpu, log = make_vcpu()
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, AREA | KVM_ASYNC_PF_ENABLED)
-    assert not vcpu.apf_enabled
-    assert vcpu.on_fault(5, user=True, irq=True).reason == "apf_disabled"
-    assert vcpu.check_completion() is None
-    assert "kvm_async_pf_not_present" not in log.names()
+    boot(vcpu)
+    assert not vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, bad).ok
+    assert vcpu.msr_en == ON and vcpu.pv_enabled
+    assert events(log, "msr_write")[-1]["ok"] is False
 
 
-def test_enable_queues_a_wake_all():
-    vcpu, _log = make_vcpu()
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_INT, 0xF3)
-    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON).rescan
-    assert vcpu.check_completion() == 0xF3
-    assert vcpu.area is not None and vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN
-
-
-@pytest.mark.parametrize(
-    "user,irq,send_always,reason",
-    [(True, False, False, "irq_disabled"), (False, True, False, "kernel_mode"), (False, True, True, None),
-     (True, True, False, None)],
-)
-def test_when_an_apf_may_be_delivered(user, irq, send_always, reason):
+def test_kvm_get_msr_common_reads_back_en_and_int_and_ack_reads_0():
     vcpu, _ = make_vcpu()
-    enable(vcpu, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
-    decision = vcpu.on_fault(5, user=user, irq=irq)
-    assert decision.reason == reason
-    assert (decision.apf is not None) == (reason is None)
+    boot(vcpu, ON | KVM_ASYNC_PF_SEND_ALWAYS)
+    assert vcpu.read_msr(MSR_KVM_ASYNC_PF_EN).value == ON | KVM_ASYNC_PF_SEND_ALWAYS
+    assert vcpu.read_msr(MSR_KVM_ASYNC_PF_INT).value == VECTOR
+    assert vcpu.read_msr(MSR_KVM_ASYNC_PF_ACK).value == 0
+    assert vcpu.read_msr(MSR_X2APIC_SPIV).value == SPIV_ON
+    assert not vcpu.read_msr(0x4B564D09).ok
+    refused = make_vcpu()[0]
+    refused.write_msr(MSR_KVM_ASYNC_PF_EN, AREA | KVM_ASYNC_PF_ENABLED)  # stored even though APF stays off
+    assert refused.read_msr(MSR_KVM_ASYNC_PF_EN).value == AREA | KVM_ASYNC_PF_ENABLED
+
+
+def test_msr_kvm_async_pf_ack_acts_on_bit_0():
+    """kvm_set_msr_common, MSR_KVM_ASYNC_PF_ACK: `if (data & 0x1)`: 2 does nothing, 3 is an ACK."""
+    vcpu, log = make_vcpu()
+    boot(vcpu)
+    item = vcpu.on_fault(5, 5 * 4096, user=True, irq=True).item
+    assert item is not None and vcpu.complete(item)
+    assert vcpu.entry() == [VECTOR]
+    second = vcpu.on_fault(6, 6 * 4096, user=True, irq=True).item
+    assert second is not None and not vcpu.complete(second)  # a page-ready is pending: no kick
+    assert vcpu.area is not None
+    vcpu.area.token = 0
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 2).vectors == ()
+    assert vcpu.pageready_pending
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 3).vectors == (VECTOR,)
+    assert vcpu.area.token == second.token
+    assert [kw["value"] for kw in events(log, "apf_ack")] == [1, 3]
+
+
+def test_apic_set_spiv_enabling_requests_apf_ready():
+    """apic_set_spiv: a write with APIC_SPIV_APIC_ENABLED raises KVM_REQ_APF_READY; kvm_lapic_reset leaves 0xff."""
+    vcpu, _ = make_vcpu()
+    assert vcpu.spiv == APIC_SPIV_RESET and not vcpu.lapic_enabled
+    vcpu.write_msr(MSR_X2APIC_SPIV, 0xFF)
+    assert APF_READY not in vcpu.requests
+    vcpu.write_msr(MSR_X2APIC_SPIV, SPIV_ON)
+    assert vcpu.lapic_enabled and APF_READY in vcpu.requests
+
+
+# --- faults ---------------------------------------------------------------------------------------------------------
+def test_kvm_can_do_async_pf_interrupts_off_is_synchronous():
+    """kvm_can_do_async_pf: "If interrupts are off we cannot even use an artificial halt state": no token, no
+    trace, no hash entry."""
+    vcpu, log = make_vcpu()
+    boot(vcpu)
+    decision = vcpu.on_fault(5, 5 * 4096, user=True, irq=False)
+    assert decision.kind is Fault.SYNC and decision.item is None and decision.reason == "irq_disabled"
+    assert "kvm_try_async_get_page" not in log.names() and not vcpu.gfn_hash
+
+
+def test_kvm_can_do_async_pf_does_not_need_apf_enabled():
+    """With APF off (a guest that never enabled it), a fault with interrupts on still becomes async work: traced,
+    hashed, counted in `queued`, and the vCPU halts (kvm_arch_async_page_not_present's else branch)."""
+    vcpu, log = make_vcpu()
+    decision = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
+    assert decision.kind is Fault.HALT and decision.item is not None and decision.reason == "apf_disabled"
+    assert vcpu.queued == 1 and vcpu.gfn_hash == {5} and APF_HALT in vcpu.requests
+    assert events(log, "kvm_try_async_get_page") == [{"gva": 5 * 4096, "gfn": 5}]
+    assert events(log, "kvm_async_pf_not_present") == [
+        {"token": decision.item.token, "gva": 5 * 4096, "gfn": 5, "injected": False}]
+
+
+@pytest.mark.parametrize("user,send_always,kind", [(True, False, Fault.INJECT), (False, False, Fault.HALT),
+                                                   (False, True, Fault.INJECT), (True, True, Fault.INJECT)])
+def test_kvm_can_deliver_async_pf(user, send_always, kind):
+    """kvm_can_deliver_async_pf: APF on, and CPL 3 unless SEND_ALWAYS; otherwise kvm_arch_async_page_not_present
+    requests KVM_REQ_APF_HALT and reports the not-present as not injected."""
+    vcpu, log = make_vcpu()
+    boot(vcpu, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
+    decision = vcpu.on_fault(5, 5 * 4096, user=user, irq=True)
+    assert decision.kind is kind and decision.item is not None
+    assert decision.item.notpresent_injected is (kind is Fault.INJECT)
+    assert events(log, "kvm_async_pf_not_present")[-1]["injected"] is (kind is Fault.INJECT)
+    assert (APF_HALT in vcpu.requests) is (kind is Fault.HALT)
+    assert vcpu.area is not None and vcpu.area.flags == (1 if kind is Fault.INJECT else 0)
+
+
+def test_kvm_find_async_pf_gfn_makes_a_repeated_fault_halt():
+    """__kvm_mmu_faultin_pfn: a gfn already in the hash is traced as kvm_async_pf_repeated_fault and halts, with no
+    new work and no token."""
+    vcpu, log = make_vcpu()
+    boot(vcpu)
+    first = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
+    apf_id = vcpu.apf_id
+    again = vcpu.on_fault(5, 5 * 4096 + 8, user=True, irq=True)
+    assert again.kind is Fault.HALT and again.item is None and again.reason == "repeated_fault"
+    assert vcpu.apf_id == apf_id and vcpu.queued == 1 and first.item is not None
+    assert events(log, "kvm_async_pf_repeated_fault") == [{"gva": 5 * 4096 + 8, "gfn": 5}]
 
 
 def test_apf_put_user_notpresent_writes_flags_without_reading_them():
-    """KVM stores KVM_PV_REASON_PAGE_NOT_PRESENT and injects; a `flags` the guest has not reset refuses nothing
-    (x86.c apf_put_user_notpresent, kvm_arch_async_page_not_present)."""
-    vcpu, log = make_vcpu()
-    enable(vcpu)
-    first = vcpu.on_fault(5, user=True, irq=True).apf
-    assert first is not None and vcpu.area is not None and vcpu.area.flags == 1
+    """kvm_arch_async_page_not_present stores KVM_PV_REASON_PAGE_NOT_PRESENT and injects; a `flags` the guest has
+    not reset refuses nothing."""
+    vcpu, _ = make_vcpu()
+    boot(vcpu)
+    assert vcpu.on_fault(5, 5 * 4096, user=True, irq=True).kind is Fault.INJECT
+    assert vcpu.area is not None and vcpu.area.flags == 1
     vcpu.area.flags = 0xDEAD  # left over, or garbage: not read
-    second = vcpu.on_fault(6, user=True, irq=True).apf
-    assert second is not None and vcpu.area.flags == 1
-    assert vcpu.on_fault(5, user=True, irq=True).reason == "repeated_fault"
-    assert "kvm_async_pf_repeated_fault" in log.names()
+    assert vcpu.on_fault(6, 6 * 4096, user=True, irq=True).kind is Fault.INJECT
+    assert vcpu.area.flags == 1
 
 
-def test_no_token_is_handed_out_before_the_guest_acked_the_wake_all():
+def test_kvm_setup_async_pf_refuses_past_64_after_alloc_apf_token():
+    """kvm_setup_async_pf: `queued >= ASYNC_PF_PER_VCPU` makes the fault synchronous; kvm_arch_setup_async_pf had
+    already called alloc_apf_token, so the refused fault used up an id."""
     vcpu, _ = make_vcpu()
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON)
-    assert vcpu.on_fault(5, user=True, irq=True).reason == "wake_all_pending"  # queued
-    vcpu.check_completion()
-    assert vcpu.on_fault(5, user=True, irq=True).reason == "wake_all_pending"  # delivered, not yet taken
-    assert vcpu.area is not None
-    vcpu.area.token = 0
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1)
-    assert vcpu.on_fault(5, user=True, irq=True).apf is not None
-
-
-def test_queue_is_capped_at_64():
-    vcpu, _ = make_vcpu()
-    enable(vcpu)
-    assert vcpu.area is not None
+    boot(vcpu)
     for gfn in range(ASYNC_PF_PER_VCPU):
-        assert vcpu.on_fault(1000 + gfn, user=True, irq=True).apf is not None
-        vcpu.area.flags = 0
-    assert vcpu.on_fault(2000, user=True, irq=True).reason == "queue_full"
+        assert vcpu.on_fault(1000 + gfn, 0, user=True, irq=True).kind is Fault.INJECT
+    apf_id = vcpu.apf_id
+    decision = vcpu.on_fault(2000, 0, user=True, irq=True)
+    assert decision.kind is Fault.SYNC and decision.reason == "queue_full"
+    assert vcpu.apf_id == apf_id + 1
 
 
-def test_disable_eats_completions_and_synchronous_faults_get_no_ready():
+def test_alloc_apf_token_sequence_on_the_vcpu():
+    """Tokens are alloc_apf_token's: (id << 12) | vcpu_id, id starting at 1 (0 is skipped)."""
+    vcpu, _ = make_vcpu(3)
+    tokens = [vcpu.on_fault(gfn, 0, user=True, irq=True).item.token for gfn in (5, 6, 7)]  # type: ignore[union-attr]
+    assert tokens == [make_token(1, 3), make_token(2, 3), make_token(3, 3)]
+
+
+# --- completion and delivery ----------------------------------------------------------------------------------------
+def test_kvm_arch_async_page_present_queued_kicks_only_without_pageready_pending():
+    """The first completion on an empty done list raises KVM_REQ_APF_READY and kicks unless a page-ready is
+    pending; later ones only join the list (async_pf_execute)."""
+    vcpu, _ = make_vcpu()
+    boot(vcpu)
+    a, b, c = (vcpu.on_fault(g, 0, user=True, irq=True).item for g in (5, 6, 7))
+    assert a is not None and b is not None and c is not None
+    assert vcpu.complete(a) and APF_READY in vcpu.requests
+    assert not vcpu.complete(b)  # the list was not empty
+    assert vcpu.entry() == [VECTOR]  # a is delivered; b waits for the slot
+    assert vcpu.pageready_pending and len(vcpu.done) == 1
+    assert release_and_ack(vcpu) == [VECTOR]  # b, by the ACK's own kvm_check_async_pf_completion
+    assert vcpu.area is not None and vcpu.area.token == b.token
+    vcpu.area.token = 0  # released, not yet ACKed
+    assert not vcpu.complete(c)  # the list was empty, but a page-ready is pending: no kick
+    assert APF_READY in vcpu.requests  # delivered at the next entry, or by the ACK
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1).vectors == (VECTOR,)
+    assert vcpu.area.token == c.token
+
+
+def test_vcpu_enter_guest_handles_apf_halt_before_apf_ready():
+    vcpu, _ = make_vcpu()
+    boot(vcpu)
+    injected = vcpu.on_fault(5, 0, user=True, irq=True).item
+    assert injected is not None and vcpu.complete(injected)
+    vcpu.on_fault(6, 0, user=False, irq=True)  # kernel mode: halt
+    assert {APF_HALT, APF_READY} <= vcpu.requests
+    assert vcpu.entry() == [] and vcpu.halted  # the halt wins; the ready waits
+    assert vcpu.has_events()  # kvm_vcpu_has_events: the done list is not empty, vcpu_block returns
+    vcpu.unhalt()
+    assert vcpu.entry() == [VECTOR]
+
+
+def test_kvm_arch_async_page_present_traces_a_halted_fault_without_injecting():
+    """A not-present that was not injected gets no page-ready: kvm_async_pf_ready is traced, the gfn leaves the
+    hash, the halt ends, the slot is untouched."""
     vcpu, log = make_vcpu()
-    enable(vcpu)
-    item = vcpu.on_fault(5, user=True, irq=True).apf
+    boot(vcpu)
+    item = vcpu.on_fault(5, 5 * 4096, user=False, irq=True).item
+    assert item is not None and vcpu.entry() == [] and vcpu.halted
+    assert vcpu.complete(item)
+    vcpu.unhalt()
+    assert vcpu.entry() == []
+    ready = events(log, "kvm_async_pf_ready")[-1]
+    assert ready["token"] == item.token and ready["injected"] is False and ready["vector"] is None
+    assert vcpu.area is not None and vcpu.area.token == 0 and not vcpu.gfn_hash and not vcpu.halted
+    assert not vcpu.pageready_pending and vcpu.queued == 0
+
+
+def test_kvm_arch_can_dequeue_async_page_present_needs_the_lapic_enabled():
+    """With APF on, page-ready waits for a free slot and a software-enabled LAPIC (kvm_lapic_enabled); enabling it
+    raises KVM_REQ_APF_READY (apic_set_spiv) and the next entry delivers."""
+    vcpu, _ = make_vcpu()
+    boot(vcpu, lapic=False)
+    assert vcpu.entry() == []  # the wake-all waits
+    item = vcpu.on_fault(5, 0, user=True, irq=True).item
     assert item is not None
-    vcpu.on_fault(6, user=True, irq=False)  # synchronous
+    vcpu.complete(item)
+    assert vcpu.entry() == [] and len(vcpu.done) == 2
+    vcpu.write_msr(MSR_X2APIC_SPIV, SPIV_ON)
+    assert vcpu.entry() == [VECTOR]
+    assert vcpu.area is not None and vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN
+    assert release_and_ack(vcpu) == [VECTOR] and vcpu.area.token == item.token
+
+
+def test_kvm_arch_can_dequeue_async_page_present_consumes_everything_with_apf_off():
+    """APF off: `if (!kvm_pv_async_pf_enabled(vcpu)) return true`: items are dequeued, traced, never injected."""
+    vcpu, log = make_vcpu()
+    a = vcpu.on_fault(5, 0, user=True, irq=True).item
+    b = vcpu.on_fault(6, 0, user=True, irq=True).item
+    assert a is not None and b is not None
+    vcpu.complete(a)
+    vcpu.complete(b)
+    assert vcpu.check_completion() == [] and vcpu.queued == 0
+    assert [kw["injected"] for kw in events(log, "kvm_async_pf_ready")] == [False, False]
+
+
+def test_kvm_async_pf_wakeup_all_only_if_done_is_empty():
+    """An enabling write queues a wake-all only when the done list is empty (apf-emu logs the skip)."""
+    vcpu, log = make_vcpu()
+    boot(vcpu)
+    a, b = (vcpu.on_fault(g, 0, user=True, irq=True).item for g in (5, 6))
+    assert a is not None and b is not None
+    vcpu.complete(a)
+    assert vcpu.entry() == [VECTOR]  # a is in the slot, not yet released
+    vcpu.complete(b)  # b waits in the done list
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON).ok  # enabled again, without a disable in between
+    assert events(log, "apf_wakeup_all_skipped") == [{"done": 1}]
+    assert release_and_ack(vcpu) == [VECTOR]
+    assert vcpu.area is not None and vcpu.area.token == b.token and vcpu.queued == 0
+    vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON)  # the done list is empty now
+    vcpu.area.token = 0
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1).vectors == (VECTOR,)
+    assert vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN
+
+
+def test_kvm_clear_async_pf_completion_queue_on_disable():
+    """Disabling eats every outstanding item without telling the guest, and resets the gfn hash."""
+    vcpu, log = make_vcpu()
+    boot(vcpu)
+    item = vcpu.on_fault(5, 0, user=True, irq=True).item
+    assert item is not None
     vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
-    assert not vcpu.complete(item)
-    assert vcpu.check_completion() is None
-    dropped = [kw for e, kw in log.events if e == "apf_ready_dropped"]
-    assert dropped == [{"token": item.token, "gfn": 5, "reason": "apf_disabled"}]
+    assert not vcpu.complete(item) and vcpu.check_completion() == []
+    assert not vcpu.gfn_hash and vcpu.queued == 0
+    assert events(log, "apf_ready_dropped") == [{"token": item.token, "gfn": 5, "reason": "apf_disabled"}]
 
 
-class ReadyQueueMachine(RuleBasedStateMachine):
-    """The host side with a well-behaved guest: faults, page-in completions, guest slot handling and ACKs, disable
-    and re-enable, in any order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.vcpu, self.log = make_vcpu(5)
-        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_INT, 0xEC)
-        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON)
-        self.in_flight: list = []  # items whose page-in has not completed
-        self.slot_holder: int | None = None  # token delivered and not yet released by the guest
-        self.injected: set[int] = set()
-        self.delivered: list[int] = []
-        self.enabled = True
-        self.rescan()
-
-    def rescan(self) -> None:
-        before = len([e for e in self.log.names() if e == "kvm_async_pf_ready"])
-        vector = self.vcpu.check_completion()
-        after = [kw for e, kw in self.log.events if e == "kvm_async_pf_ready"]
-        if vector is None:
-            assert len(after) == before
-            return
-        assert vector == 0xEC and self.enabled
-        assert self.slot_holder is None, "page-ready while the slot is taken"
-        token = after[-1]["token"]
-        assert self.vcpu.area is not None and self.vcpu.area.token == token
-        if token != KVM_APF_WAKE_ALL_TOKEN:
-            assert token in self.injected and token not in self.delivered
-        self.delivered.append(token)
-        self.slot_holder = token
-
-    @rule(gfn=st.integers(1, 40), user=st.booleans(), irq=st.booleans())
-    def fault(self, gfn, user, irq) -> None:
-        decision = self.vcpu.on_fault(gfn, user=user, irq=irq)
-        if decision.apf is not None:
-            assert self.enabled and user and irq
-            token = decision.apf.token
-            assert token_is_well_formed(token, 5) and token not in self.injected
-            self.injected.add(token)
-            self.in_flight.append(decision.apf)
-            assert self.vcpu.area is not None
-            self.vcpu.area.flags = 0  # the guest's #PF handler consumes it
-
-    @precondition(lambda self: self.in_flight)
-    @rule(data=st.data())
-    def complete(self, data) -> None:
-        item = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
-        if self.vcpu.complete(item):
-            self.rescan()
-
-    @precondition(lambda self: self.slot_holder is not None)
-    @rule(ack_first=st.booleans())
-    def guest_interrupt(self, ack_first) -> None:
-        assert self.vcpu.area is not None
-        self.vcpu.area.token = 0
-        self.slot_holder = None
-        if ack_first:
-            self.vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1)
-            self.rescan()
-
-    @rule()
-    def ack(self) -> None:
-        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, 1)
-        self.rescan()
-
-    @rule()
-    def disable(self) -> None:
-        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
-        self.enabled = False
-        self.slot_holder = None
-        assert self.vcpu.queued == 0
-
-    @precondition(lambda self: not self.enabled)
-    @rule()
-    def enable(self) -> None:
-        self.vcpu.area = None
-        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON)
-        assert self.vcpu.area is not None
-        self.vcpu.area.token = 0
-        self.vcpu.area.flags = 0
-        self.enabled = True
-        self.rescan()
-
-    def teardown(self) -> None:
-        # Liveness: once every page-in completes and the guest keeps releasing and ACKing, every injected token that
-        # was not eaten by a disable gets exactly one page-ready.
-        while self.in_flight:
-            self.complete_now(self.in_flight.pop())
-        if self.slot_holder is None:
-            self.ack()  # a guest that released the slot ACKs too (KVM re-scans only on ACK or a new completion)
-        while self.slot_holder is not None:
-            self.guest_interrupt(ack_first=True)
-        dropped = {kw["token"] for e, kw in self.log.events if e == "apf_ready_dropped"}
-        delivered = [t for t in self.delivered if t != KVM_APF_WAKE_ALL_TOKEN]
-        assert sorted(delivered) == sorted(self.injected - dropped)
-
-    def complete_now(self, item) -> None:
-        if self.vcpu.complete(item):
-            self.rescan()
-
-    @invariant()
-    def bounded(self) -> None:
-        assert self.vcpu.queued <= ASYNC_PF_PER_VCPU + 1  # 64 faults, plus a wake-all
-        assert len(self.vcpu.gfn_hash) <= ASYNC_PF_PER_VCPU
+def test_kvm_vcpu_reset():
+    """kvm_vcpu_reset: MSRs 0, queue eaten, hash reset, halt ended; kvm_lapic_reset: SPIV 0xff (disabled)."""
+    vcpu, _ = make_vcpu()
+    boot(vcpu)
+    vcpu.on_fault(5, 0, user=False, irq=True)
+    vcpu.entry()
+    assert vcpu.halted
+    vcpu.reset("vcpu_reset")
+    assert (vcpu.msr_en, vcpu.msr_int, vcpu.queued, vcpu.halted, vcpu.gfn_hash) == (0, 0, 0, False, set())
+    assert not vcpu.lapic_enabled and not vcpu.requests
 
 
-TestReadyQueueMachine = ReadyQueueMachine.TestCase
+def test_restore_reraises_a_published_page_ready_and_queues_a_wake_all():
+    """A VMM restoring the registers (KVM_SET_MSRS) goes through kvm_pv_enable_async_pf: a wake-all, and the
+    interrupt of a page-ready still in the slot is raised again (the restored IRR)."""
+    vcpu, log = make_vcpu()
+    area_token = make_token(7, 3)
+    vcpu.ram_u32[AREA // 4 + 1] = area_token  # the slot as the old host left it (token at offset 4)
+    vcpu.restore(ON, VECTOR, 8, SPIV_ON)
+    assert vcpu.reraise and vcpu.slot_token == area_token and vcpu.apf_id == 8
+    assert vcpu.entry() == []  # the wake-all waits for the guest to release the slot
+    assert release_and_ack(vcpu) == [VECTOR]
+    assert vcpu.area is not None and vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN
+    assert events(log, "kvm_async_pf_ready")[-1]["released"] == area_token
 
 
 @pytest.mark.parametrize(
@@ -266,3 +372,144 @@ def test_area_gfn_enabled_by_agrees_with_write_msr(msr, value, gfn):
     assert vcpu.area_gfn_enabled_by(msr, value) == gfn
     vcpu.write_msr(msr, value)
     assert (vcpu.area.gpa // 4096 if vcpu.area is not None else None) == gfn
+
+
+# --- any interleaving -----------------------------------------------------------------------------------------------
+class KvmApfMachine(RuleBasedStateMachine):
+    """KVM's side against a Linux-like guest: faults in any mode, page-ins completing in any order, entries (the end
+    of any exit, or a kick), the halt and its wake-up, the guest's page-ready handler split at the slot release and
+    the ACK, LAPIC and APF toggles.
+
+    Safety: the slot is never written while it holds a token; only injected not-presents (and wake-alls) get a
+    page-ready, each once; a halt never outlives its events. Liveness (teardown): once every page-in is done, the
+    LAPIC and APF are on and the guest handles what it gets, every injected token that no disable ate has had
+    exactly one page-ready."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vcpu, self.log = make_vcpu(5)
+        boot(self.vcpu)
+        self.in_flight: list[AsyncPf] = []
+        self.slot_holder: int | None = None  # delivered, not yet released
+        self.injected: set[int] = set()
+        self.delivered: list[int] = []
+
+    # the host side
+    def _got(self, vectors: list[int] | tuple[int, ...]) -> None:
+        assert len(vectors) <= 1
+        if not vectors:
+            return
+        assert vectors == [VECTOR] or vectors == (VECTOR,)
+        assert self.slot_holder is None, "page-ready written over a token the guest has not released"
+        area = self.vcpu.area
+        assert area is not None and self.vcpu.pageready_pending
+        token = area.token
+        if token != KVM_APF_WAKE_ALL_TOKEN:
+            assert token in self.injected and token not in self.delivered
+            self.delivered.append(token)
+        self.slot_holder = token
+
+    def _enter(self) -> None:
+        self._got(self.vcpu.entry())
+
+    @precondition(lambda self: not self.vcpu.halted)
+    @rule(gfn=st.integers(1, 12), user=st.booleans(), irq=st.booleans())
+    def fault(self, gfn: int, user: bool, irq: bool) -> None:
+        decision = self.vcpu.on_fault(gfn, gfn * 4096, user=user, irq=irq)
+        item = decision.item
+        if item is not None:
+            assert token_is_well_formed(item.token, 5) and item.token not in self.injected
+            self.in_flight.append(item)
+            if decision.kind is Fault.INJECT:
+                assert user or _send_always(self.vcpu)
+                self.injected.add(item.token)
+                assert self.vcpu.area is not None
+                self.vcpu.area.flags = 0  # the guest's #PF handler: read and reset
+        self._enter()  # the exit ends
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def page_in_done(self, data: st.DataObject) -> None:
+        item = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
+        if self.vcpu.complete(item) and not self.vcpu.halted:
+            self._enter()  # the kick
+
+    @precondition(lambda self: self.vcpu.halted and self.vcpu.has_events())
+    @rule()
+    def halt_wakes(self) -> None:
+        self.vcpu.unhalt()
+        self._enter()
+
+    @precondition(lambda self: not self.vcpu.halted)
+    @rule()
+    def other_exit(self) -> None:
+        self._enter()
+
+    # the guest's page-ready handler
+    @precondition(lambda self: self.slot_holder is not None and not self.vcpu.halted)
+    @rule()
+    def release_slot(self) -> None:
+        assert self.vcpu.area is not None
+        self.vcpu.area.token = 0
+        self.slot_holder = None
+
+    @precondition(lambda self: not self.vcpu.halted)
+    @rule(value=st.sampled_from([1, 3]))
+    def ack(self, value: int) -> None:
+        result = self.vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, value)
+        self._got(result.vectors)
+        self._enter()
+
+    @precondition(lambda self: not self.vcpu.halted)
+    @rule(enabled=st.booleans())
+    def lapic(self, enabled: bool) -> None:
+        self.vcpu.write_msr(MSR_X2APIC_SPIV, SPIV_ON if enabled else 0xFF)
+        self._enter()
+
+    @precondition(lambda self: not self.vcpu.halted)
+    @rule(send_always=st.booleans())
+    def reinit(self, send_always: bool) -> None:
+        """kvm_guest_cpu_offline + kvm_guest_cpu_init: disable, then enable; the slot is left as it is."""
+        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
+        assert self.vcpu.queued == 0 and not self.vcpu.gfn_hash
+        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
+        self._enter()
+
+    @invariant()
+    def bounded(self) -> None:
+        assert self.vcpu.queued <= ASYNC_PF_PER_VCPU + 1  # 64 faults, plus a wake-all
+        assert len(self.vcpu.gfn_hash) <= ASYNC_PF_PER_VCPU
+        assert not (self.vcpu.halted and APF_HALT in self.vcpu.requests)
+
+    def teardown(self) -> None:
+        vcpu = self.vcpu
+        if vcpu.halted:
+            while self.in_flight:
+                self.page_in_done_now(self.in_flight.pop())
+            self.halt_wakes()
+        vcpu.write_msr(MSR_X2APIC_SPIV, SPIV_ON)
+        if not vcpu.pv_enabled:
+            return
+        while self.in_flight:
+            self.page_in_done_now(self.in_flight.pop())
+        self._enter()
+        for _ in range(2 * ASYNC_PF_PER_VCPU + 2):
+            if self.slot_holder is not None:
+                self.release_slot()
+            self.ack(1)
+        assert not vcpu.done and self.slot_holder is None
+        dropped = {kw["token"] for e, kw in self.log.events if e == "apf_ready_dropped"}
+        assert sorted(self.delivered) == sorted(self.injected - dropped)
+        halted = [kw for kw in events(self.log, "kvm_async_pf_ready") if kw["injected"] is False]
+        assert all(kw["token"] not in self.injected for kw in halted)
+
+    def page_in_done_now(self, item: AsyncPf) -> None:
+        if self.vcpu.complete(item) and not self.vcpu.halted:
+            self._enter()
+
+
+def _send_always(vcpu: VcpuApf) -> bool:
+    return bool(vcpu.msr_en & KVM_ASYNC_PF_SEND_ALWAYS)
+
+
+TestKvmApfMachine = KvmApfMachine.TestCase

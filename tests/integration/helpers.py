@@ -13,10 +13,22 @@ from typing import Any
 import orjson
 
 from shared import config
+from shared.abi import (
+    APIC_SPIV_APIC_ENABLED,
+    HYPERVISOR_CALLBACK_VECTOR,
+    KVM_APF_WAKE_ALL_TOKEN,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    MSR_X2APIC_SPIV,
+    SPURIOUS_APIC_VECTOR,
+    async_pf_en_value,
+)
+from shared.apf_data import KvmVcpuPvApfData
 from shared.blocking_channel import BlockingChannel, ChannelClosed
-from shared.guest_ram import shm_name
+from shared.guest_ram import PAGE_SIZE, shm_name
 from shared.views import GuestViews
-from shared.wire import PROTOCOL_VERSION
+from shared.wire import PROTOCOL_VERSION, ExitMem, Hello, Interrupt, MsrRead, MsrResult, MsrWrite, Welcome
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,8 +88,8 @@ class HostProcess:
 
 
 class WireClient:
-    """A guest's side of the socket, blocking, for scripted scenarios. After a successful `hello`, `views` holds
-    the EPT and control block that came with `welcome` (shared/views.py)."""
+    """A guest's side of the socket, blocking, for scripted scenarios, speaking the typed messages of shared/wire.py.
+    After a successful `hello`, `views` holds the EPT and control block that came with `welcome`."""
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -91,45 +103,73 @@ class WireClient:
     def sock(self) -> socket.socket:
         return self.chan.sock
 
-    def send(self, msg_type: str, **fields: Any) -> None:
-        self.chan.send(msg_type, **fields)
+    def send(self, msg: Any) -> None:
+        self.chan.send(msg)
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def receive(self) -> dict[str, Any] | None:
+    def receive(self) -> Any:
         """The next message, or None once the host closed the connection."""
         try:
             return self.chan.receive()
         except ChannelClosed:
             return None
 
-    def request(self, msg_type: str, **fields: Any) -> dict[str, Any]:
-        self.send(msg_type, **fields)
+    def request(self, msg: Any) -> Any:
+        self.send(msg)
         reply = self.receive()
         assert reply is not None, "host closed the connection"
         return reply
 
-    def reply(self, msg_type: str, **fields: Any) -> dict[str, Any]:
+    def reply(self, msg: Any) -> Any:
         """Send a request; return its reply, counting (and dropping) the interrupts that come first."""
-        self.send(msg_type, **fields)
+        self.send(msg)
         while True:
-            msg = self.receive()
-            assert msg is not None, "host closed the connection"
-            if msg["t"] != "interrupt":
-                return msg
+            got = self.receive()
+            assert got is not None, "host closed the connection"
+            if not isinstance(got, Interrupt):
+                return got
             self.interrupts += 1
 
-    def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1, **fields: Any) -> dict[str, Any]:
+    def wrmsr(self, msr: int, value: int) -> MsrResult:
+        result = self.reply(MsrWrite(msr, value))
+        assert isinstance(result, MsrResult), result
+        return result
+
+    def rdmsr(self, msr: int) -> MsrResult:
+        result = self.reply(MsrRead(msr))
+        assert isinstance(result, MsrResult), result
+        return result
+
+    def exit_mem(self, gfn: int, *, user: bool = True, irq: bool = True) -> Any:
+        """The EPT-violation exit on `gfn`: InjectException, Resume or ErrorReply (interrupts before it skipped)."""
+        return self.reply(ExitMem(gfn * PAGE_SIZE, True, user, irq))
+
+    def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1, **fields: Any) -> Any:
         hello = dict(proto=PROTOCOL_VERSION, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid(),
                      transport="socket")
-        reply = self.request("hello", **{**hello, **fields})
+        reply = self.request(Hello(**{**hello, **fields}))
         fds = self.chan.take_fds()
-        if reply["t"] == "welcome":
-            self.views = GuestViews(fds, reply["pages"])
+        if isinstance(reply, Welcome):
+            self.views = GuestViews(fds, reply.pages)
         else:
             assert fds == [], "descriptors with a refusal"
         return reply
+
+    def enable_apf(self, area: KvmVcpuPvApfData | None, *, gpa: int = 0, lapic: bool = True) -> None:
+        """As Linux boots: the LAPIC software-enabled (unless lapic=False), MSR_KVM_ASYNC_PF_INT, then _EN; the
+        wake-all that the enabling exit raises before its result is taken (slot cleared, ACK) if `area` is given."""
+        if lapic:
+            assert self.wrmsr(MSR_X2APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR).ok
+        assert self.wrmsr(MSR_KVM_ASYNC_PF_INT, HYPERVISOR_CALLBACK_VECTOR).ok
+        before = self.interrupts
+        assert self.wrmsr(MSR_KVM_ASYNC_PF_EN, async_pf_en_value(gpa)).ok
+        if area is not None and lapic:
+            assert self.interrupts == before + 1, "no wake-all before the enabling write's result"
+            assert area.token == KVM_APF_WAKE_ALL_TOKEN
+            area.token = 0
+            assert self.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1).ok
 
     def close(self) -> None:
         if self.views is not None:

@@ -2,21 +2,36 @@
 # fatal framing errors drop the connection, and the other vCPUs keep being served.
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import msgpack
 import pytest
 
 from shared.abi import (
+    HYPERVISOR_CALLBACK_VECTOR,
     KVM_ASYNC_PF_DELIVERY_AS_INT,
     KVM_ASYNC_PF_ENABLED,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
-    async_pf_en_value,
 )
 from shared.apf_data import KvmVcpuPvApfData
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
-from shared.wire import HEADER, MAX_FRAME
+from shared.wire import (
+    HEADER,
+    MAX_FRAME,
+    PF_VECTOR,
+    PROTOCOL_VERSION,
+    ErrorReply,
+    ExitMem,
+    Hello,
+    InjectException,
+    Interrupt,
+    Welcome,
+)
 
 from .helpers import HostProcess, WireClient, wait_until
 
@@ -37,35 +52,34 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(len(payload)) + payload
 
 
-def enable_apf(client: WireClient, vm_id: str, vcpu: int) -> None:
-    assert client.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=0xF3)["ok"]
-    client.send("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(vcpu * 64))
-    replies = [client.receive(), client.receive()]  # the wake-all interrupt, then the result
-    assert {r["t"] for r in replies} == {"interrupt", "msr_result"}
-    ram = GuestRam.open(vm_id, RamLayout(PAGES))  # take the wake-all: release the slot and ACK
+@contextlib.contextmanager
+def apf_area(vm_id: str, vcpu: int) -> Iterator[KvmVcpuPvApfData]:
+    """vCPU `vcpu`'s struct kvm_vcpu_pv_apf_data, at guest physical address vcpu * 64 of the VM's RAM."""
+    ram = GuestRam.open(vm_id, RamLayout(PAGES))
     area = KvmVcpuPvApfData(ram.u32, vcpu * 64)
-    area.token = 0
-    area.release()
-    ram.close()
-    assert client.request("msr_write", msr=0x4B564D07, value=1)["ok"]
+    try:
+        yield area
+    finally:
+        area.release()
+        ram.close()
+
+
+def enable_apf(client: WireClient, vm_id: str, vcpu: int) -> None:
+    with apf_area(vm_id, vcpu) as area:
+        client.enable_apf(area, gpa=vcpu * 64)
 
 
 def healthy(client: WireClient, vm_id: str, vcpu: int, gfn: int) -> None:
     """A vCPU that keeps working: a full APF cycle on a swapped-out page."""
-    ram = GuestRam.open(vm_id, RamLayout(PAGES))
-    area = KvmVcpuPvApfData(ram.u32, vcpu * 64)
-    try:
+    with apf_area(vm_id, vcpu) as area:
         area.token = 0
-        pf = client.request("exit_mem", gpa=gfn * PAGE_SIZE, write=True, user=True, irq=True)
-        assert pf["t"] == "inject_pf"
-        assert area.read_and_reset_flags() == 1
-        assert client.receive() == {"t": "interrupt", "vector": 0xF3}
-        assert area.token == pf["cr2"]
+        pf = client.exit_mem(gfn)
+        assert isinstance(pf, InjectException) and pf.vector == PF_VECTOR
+        assert area.read_and_reset_flags() == KVM_PV_REASON_PAGE_NOT_PRESENT
+        assert client.receive() == Interrupt(HYPERVISOR_CALLBACK_VECTOR)
+        assert area.token == pf.cr2
         area.token = 0
-        assert client.request("msr_write", msr=0x4B564D07, value=1)["ok"]
-    finally:
-        area.release()
-        ram.close()
+        assert client.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1).ok
 
 
 @pytest.mark.parametrize(
@@ -81,15 +95,15 @@ def healthy(client: WireClient, vm_id: str, vcpu: int, gfn: int) -> None:
 def test_bad_messages_are_answered_and_the_connection_lives_on(host, vm_id, payload, code):
     bad = WireClient(host.socket)
     good = WireClient(host.socket)
-    assert bad.hello(vm_id, vcpu=0)["t"] == "welcome"
-    assert good.hello(vm_id, vcpu=1)["t"] == "welcome"
+    assert isinstance(bad.hello(vm_id, vcpu=0), Welcome)
+    assert isinstance(good.hello(vm_id, vcpu=1), Welcome)
     enable_apf(good, vm_id, 1)
     bad.send_raw(frame(payload))
     reply = bad.receive()
-    assert reply is not None and reply["t"] == "error"
-    assert reply["code"] == code and reply["fatal"] is False
+    assert isinstance(reply, ErrorReply)
+    assert reply.code == code and reply.fatal is False
     # the same connection still works
-    assert bad.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=0xF3)["ok"]
+    assert bad.wrmsr(MSR_KVM_ASYNC_PF_INT, HYPERVISOR_CALLBACK_VECTOR).ok
     healthy(good, vm_id, 1, gfn=20)
     wait_until(lambda: any(e["code"] == code for e in host.events() if e["event"] == "wire_error"), 5,
                "the error in the host log")
@@ -109,11 +123,12 @@ def test_bad_messages_are_answered_and_the_connection_lives_on(host, vm_id, payl
 def test_bad_msr_values_get_gp(host, vm_id, value, why):
     c = WireClient(host.socket)
     c.hello(vm_id, vcpu=2)
-    reply = c.request("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=value)
-    assert reply["t"] == "msr_result" and reply["ok"] is False and why in reply["error"]
-    assert c.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=1 << 8)["ok"] is False
-    assert c.request("msr_write", msr=0x4B564DFF, value=0)["ok"] is False
-    assert c.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=-1)["ok"] is False
+    reply = c.wrmsr(MSR_KVM_ASYNC_PF_EN, value)
+    assert reply.ok is False and reply.error is not None and why in reply.error
+    assert c.wrmsr(MSR_KVM_ASYNC_PF_INT, 1 << 8).ok is False
+    assert c.wrmsr(0x4B564DFF, 0).ok is False
+    assert c.rdmsr(0x4B564DFF).ok is False
+    assert c.wrmsr(MSR_KVM_ASYNC_PF_INT, -1).ok is False
     c.close()
 
 
@@ -121,8 +136,8 @@ def test_out_of_range_exit_is_an_error_not_a_crash(host, vm_id):
     c = WireClient(host.socket)
     c.hello(vm_id, vcpu=0)
     for gpa in (PAGES * PAGE_SIZE, -1, (1 << 64) - 1):
-        reply = c.request("exit_mem", gpa=gpa, write=True, user=True, irq=True)
-        assert reply["t"] == "error" and reply["code"] in ("bad_address", "malformed") and not reply["fatal"]
+        reply = c.request(ExitMem(gpa, True, True, True))
+        assert isinstance(reply, ErrorReply) and reply.code in ("bad_address", "malformed") and not reply.fatal
     c.close()
 
 
@@ -135,7 +150,7 @@ def test_fatal_frames_drop_only_their_connection(host, vm_id):
     oversized.hello(vm_id, vcpu=0)
     oversized.send_raw(HEADER.pack(MAX_FRAME + 1) + b"x" * 100)
     reply = oversized.receive()
-    assert reply["t"] == "error" and reply["code"] == "frame_too_large" and reply["fatal"]
+    assert isinstance(reply, ErrorReply) and reply.code == "frame_too_large" and reply.fatal
     assert oversized.receive() is None  # closed
 
     truncated = WireClient(host.socket)
@@ -143,7 +158,7 @@ def test_fatal_frames_drop_only_their_connection(host, vm_id):
     truncated.send_raw(HEADER.pack(100) + b"abc")
     truncated.sock.shutdown(1)
     reply = truncated.receive()
-    assert reply["t"] == "error" and reply["code"] == "truncated"
+    assert isinstance(reply, ErrorReply) and reply.code == "truncated"
 
     healthy(good, vm_id, 1, gfn=21)
     wait_until(lambda: sum(1 for e in host.events() if e["event"] == "vcpu_disconnect") >= 2, 5, "disconnects")
@@ -153,18 +168,22 @@ def test_fatal_frames_drop_only_their_connection(host, vm_id):
 
 def test_handshake_refusals(host, vm_id):
     first = WireClient(host.socket)
-    assert first.hello(vm_id, vcpu=3)["t"] == "welcome"
+    assert isinstance(first.hello(vm_id, vcpu=3), Welcome)
     for vm, vcpu, code in [("other-vm", 0, "wrong_vm"), (vm_id, 3, "vcpu_busy"), (vm_id, 9, "bad_vcpu")]:
         c = WireClient(host.socket)
         reply = c.hello(vm, vcpu=vcpu)
-        assert reply["t"] == "error" and reply["code"] == code and reply["fatal"]
+        assert isinstance(reply, ErrorReply) and reply.code == code and reply.fatal
         assert c.receive() is None
         c.close()
+    old = WireClient(host.socket)  # a client of the previous protocol version is told so
+    reply = old.hello(vm_id, vcpu=0, proto=PROTOCOL_VERSION - 1)
+    assert isinstance(reply, ErrorReply) and reply.code == "bad_version" and reply.fatal
+    old.close()
     assigned = WireClient(host.socket)
-    assert assigned.hello(vm_id, vcpu=None)["vcpu"] == 0  # the host hands out the lowest free vCPU
+    assert assigned.hello(vm_id, vcpu=None).vcpu == 0  # the host hands out the lowest free vCPU
     garbage_first = WireClient(host.socket)
     garbage_first.send_raw(frame(b"\xc1"))
-    assert garbage_first.receive()["fatal"] is True
+    assert garbage_first.receive().fatal is True
     for c in (first, assigned, garbage_first):
         c.close()
 
@@ -177,31 +196,28 @@ def test_garbage_in_the_guests_own_apf_area_is_survived(host, vm_id):
     good.hello(vm_id, vcpu=1)
     enable_apf(bad, vm_id, 0)
     enable_apf(good, vm_id, 1)
-    ram = GuestRam.open(vm_id, RamLayout(PAGES))
-    area = KvmVcpuPvApfData(ram.u32, 0)
-    area.token = 0x12345678  # garbage
-    area.flags = 0xFFFFFFFF
-    pf = bad.request("exit_mem", gpa=23 * PAGE_SIZE, write=True, user=True, irq=True)
-    assert pf["t"] == "inject_pf"  # flags is written, never read (apf_put_user_notpresent)
-    assert area.flags == 1
-    wait_until(lambda: any(e["event"] == "apf_slot_busy" for e in host.events()), 5, "apf_slot_busy in the log")
-    healthy(good, vm_id, 1, gfn=24)
-    area.release()
-    ram.close()
+    with apf_area(vm_id, 0) as area:
+        area.token = 0x12345678  # garbage
+        area.flags = 0xFFFFFFFF
+        pf = bad.exit_mem(23)
+        assert isinstance(pf, InjectException)  # flags is written, never read (apf_put_user_notpresent)
+        assert area.flags == KVM_PV_REASON_PAGE_NOT_PRESENT
+        wait_until(lambda: any(e["event"] == "apf_slot_busy" for e in host.events()), 5, "apf_slot_busy in the log")
+        healthy(good, vm_id, 1, gfn=24)
     bad.close()
     good.close()
 
 
 def test_a_second_hello_is_fatal_and_frees_the_vcpu(host, vm_id):
     c = WireClient(host.socket)
-    assert c.hello(vm_id, vcpu=2)["t"] == "welcome"
-    c.send("hello", proto=2, vm=vm_id, vcpu=2, boot=1, kind="normal", pid=os.getpid(), transport="socket")
+    assert isinstance(c.hello(vm_id, vcpu=2), Welcome)
+    c.send(Hello(PROTOCOL_VERSION, vm_id, 2, 1, "normal", os.getpid(), "socket"))
     reply = c.receive()
-    assert reply is not None and reply["t"] == "error" and reply["code"] == "unexpected" and reply["fatal"]
+    assert isinstance(reply, ErrorReply) and reply.code == "unexpected" and reply.fatal
     assert c.receive() is None  # closed
     c.close()
     wait_until(lambda: any(e["event"] == "vcpu_disconnect" and e["vcpu"] == 2 for e in host.events()), 5,
                "the host to reset vCPU 2")
     again = WireClient(host.socket)
-    assert again.hello(vm_id, vcpu=2, boot=1)["t"] == "welcome"  # the same boot again: only a free vCPU takes it
+    assert isinstance(again.hello(vm_id, vcpu=2, boot=1), Welcome)  # the same boot again: only a free vCPU takes it
     again.close()

@@ -12,6 +12,7 @@ import pytest
 
 from apf_emu.checker import check_events
 from apf_emu.logs import read_merged
+from shared.wire import ErrorReply, Welcome
 
 from .helpers import ROOT, GuestProcess, HostProcess, WireClient, read_events, wait_until
 
@@ -32,31 +33,31 @@ def disconnected(host: HostProcess, vcpu: int, boot: int) -> bool:
 def test_host_assigns_vcpu_and_boot(host, vm_id):
     a, b = WireClient(host.socket), WireClient(host.socket)
     wa, wb = a.hello(vm_id, vcpu=None, boot=0), b.hello(vm_id, vcpu=None, boot=0)
-    assert (wa["vcpu"], wa["boot"]) == (0, 1)
-    assert (wb["vcpu"], wb["boot"]) == (1, 1)
+    assert (wa.vcpu, wa.boot) == (0, 1)
+    assert (wb.vcpu, wb.boot) == (1, 1)
     c = WireClient(host.socket)
     refused = c.hello(vm_id, vcpu=None, boot=0)
-    assert refused["t"] == "error" and refused["code"] == "no_vcpu"
+    assert isinstance(refused, ErrorReply) and refused.code == "no_vcpu"
     c.close()
     # vCPU 0's guest dies; the next guest that asks gets vCPU 0 as boot 2.
     a.close()
     wait_until(lambda: disconnected(host, 0, 1), 5, "the host to see vCPU 0's guest go")
     a2 = WireClient(host.socket)
     w = a2.hello(vm_id, vcpu=None, boot=0)
-    assert (w["vcpu"], w["boot"]) == (0, 2)
+    assert (w.vcpu, w.boot) == (0, 2)
     # Naming the vCPU but not the boot asks for a newer boot, but the guest connected there is alive: refused.
     b2 = WireClient(host.socket)
     w = b2.hello(vm_id, vcpu=1, boot=0)
-    assert w["t"] == "error" and w["code"] == "vcpu_busy" and "live guest" in w["message"]
+    assert isinstance(w, ErrorReply) and w.code == "vcpu_busy" and "live guest" in w.message
     # An explicit boot is taken as given.
     a2.close()
     wait_until(lambda: disconnected(host, 0, 2), 5, "the host to see vCPU 0's second guest go")
     a3 = WireClient(host.socket)
     w = a3.hello(vm_id, vcpu=0, boot=7)
-    assert (w["vcpu"], w["boot"]) == (0, 7)
+    assert (w.vcpu, w.boot) == (0, 7)
     bad = WireClient(host.socket)
     refused = bad.hello(vm_id, vcpu=None, boot=-1)
-    assert refused["t"] == "error" and refused["code"] == "bad_field"
+    assert isinstance(refused, ErrorReply) and refused.code == "bad_field"
     for c in (a3, b, b2, bad):
         c.close()
 
@@ -96,13 +97,12 @@ def test_killed_guest_comes_back_as_the_next_boot(host, vm_id, tmp_path):
 GHOST = """
 import os, socket, sys
 from shared.blocking_channel import BlockingChannel
-from shared.wire import PROTOCOL_VERSION
+from shared.wire import PROTOCOL_VERSION, HOST_TO_GUEST, Hello, Welcome
 path, vm, back = sys.argv[1], sys.argv[2], int(sys.argv[3])
-chan = BlockingChannel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+chan = BlockingChannel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), HOST_TO_GUEST)
 chan.sock.connect(path)
-reply = chan.request("hello", proto=PROTOCOL_VERSION, vm=vm, vcpu=1, boot=1, kind="normal", pid=os.getpid(),
-                     transport="socket")
-assert reply["t"] == "welcome", reply
+reply = chan.request(Hello(PROTOCOL_VERSION, vm, 1, 1, "normal", os.getpid(), "socket"))
+assert isinstance(reply, Welcome), reply
 socket.send_fds(socket.socket(fileno=back), [b"x"], [chan.sock.fileno()])  # the connection outlives us
 """
 
@@ -119,7 +119,7 @@ def test_a_newer_boot_replaces_a_dead_guest_whose_connection_the_host_has_not_se
     try:
         newer = WireClient(host.socket)
         w = newer.hello(vm_id, vcpu=1, boot=0)
-        assert (w["t"], w["vcpu"], w["boot"]) == ("welcome", 1, 2)
+        assert isinstance(w, Welcome) and (w.vcpu, w.boot) == (1, 2)
         assert any(e["event"] == "vcpu_replaced" and e["vcpu"] == 1 for e in host.events())
         newer.close()
     finally:

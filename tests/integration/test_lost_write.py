@@ -14,6 +14,7 @@ import pytest
 from guest_agent.memory import Access, GuestMemoryAccess, SlotCheck
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
 from shared.views import CTL_IN_ACCESS
+from shared.wire import ExitMem, Resume, Welcome
 
 from .helpers import HostProcess, WireClient, read_events
 
@@ -26,14 +27,14 @@ class Vcpu:
     def __init__(self, host: HostProcess, vm_id: str, vcpu: int) -> None:
         self.id = vcpu
         self.c = WireClient(host.socket, timeout=5.0)  # "within the bounded wait": an exit that waits longer fails
-        assert self.c.hello(vm_id, vcpu=vcpu)["t"] == "welcome"
+        assert isinstance(self.c.hello(vm_id, vcpu=vcpu), Welcome)
         assert self.c.views is not None
         self.ram = GuestRam.open(vm_id, RamLayout(PAGES))
         self.mem = GuestMemoryAccess(self.ram, self.c.views, vcpus=3)
 
     def exit(self, gfn: int) -> None:
         """A synchronous fault (interrupts off: no APF), answered once the page is in."""
-        assert self.c.request("exit_mem", gpa=gfn * PAGE_SIZE, write=True, user=False, irq=False)["t"] == "resume"
+        assert self.c.exit_mem(gfn, user=False, irq=False) == Resume(gfn * PAGE_SIZE)
 
     def write_slot(self, gfn: int, accept: tuple[int, ...] | None) -> int:
         while True:
@@ -96,12 +97,13 @@ def test_a_vcpu_inside_an_access_never_loses_the_page_its_newest_contents(tmp_pa
         # serves each of B's faults, C watches X and faults on it the moment it looks unmapped; and once more after.
         unmapped = 0
         for _ in range(2 * RESIDENT):
-            b.c.send("exit_mem", gpa=absent(c) * PAGE_SIZE, write=True, user=False, irq=False)
+            gfn = absent(c)
+            b.c.send(ExitMem(gfn * PAGE_SIZE, True, False, False))
             while not readable(b.c.sock):
                 if not c.mem.present(X):
                     unmapped += 1
                     c.exit(X)
-            assert b.c.receive()["t"] == "resume"
+            assert b.c.receive() == Resume(gfn * PAGE_SIZE)
             c.exit(X)
         assert unmapped == 0, "X was unmapped while a vCPU was inside it"
         assert slot_seq(ram, X, 0) == (s3, s3)

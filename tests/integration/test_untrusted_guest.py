@@ -25,14 +25,11 @@ from guest_agent.memory import SLOT_PATTERNS, Access, GuestMemoryAccess, SlotChe
 from shared.abi import (
     KVM_APF_WAKE_ALL_TOKEN,
     MSR_KVM_ASYNC_PF_ACK,
-    MSR_KVM_ASYNC_PF_EN,
-    MSR_KVM_ASYNC_PF_INT,
-    async_pf_en_value,
 )
 from shared.apf_data import KvmVcpuPvApfData
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, vm_shm_names
 from shared.views import CTL_CR2, CTL_IN_ACCESS, CTL_IRR, CTL_PF_SEQ, GuestViews, ept_size
-from shared.wire import HEADER, PROTOCOL_VERSION
+from shared.wire import HEADER, PROTOCOL_VERSION, ErrorReply, Hello, Resume, Welcome
 
 from .helpers import ROOT, GuestProcess, HostProcess, WireClient, read_events, wait_for_events, wait_until
 
@@ -46,21 +43,16 @@ class Client:
 
     def __init__(self, host: HostProcess, vm_id: str) -> None:
         self.c = WireClient(host.socket)
-        reply = self.c.request("hello", proto=PROTOCOL_VERSION, vm=vm_id, vcpu=2, boot=1, kind="normal",
-                               pid=os.getpid(), transport="socket")
-        assert reply["t"] == "welcome"
+        reply = self.c.request(Hello(PROTOCOL_VERSION, vm_id, 2, 1, "normal", os.getpid(), "socket"))
+        assert isinstance(reply, Welcome)
         fds = self.c.chan.take_fds()
         self.ept_fd = os.dup(fds[0])  # what a guest keeps of welcome's EPT descriptor
         self.views = self.c.views = GuestViews(fds, PAGES)
         self.ram = GuestRam.open(vm_id, RamLayout(PAGES))
         self.rng = random.Random(7)
 
-    def request(self, msg_type: str, **fields: object) -> dict:
-        return self.c.reply(msg_type, **fields)
-
-    def fault(self, gfn: int, **kind: bool) -> dict:
-        return self.request("exit_mem", gpa=gfn * PAGE_SIZE, write=True, user=kind.get("user", True),
-                            irq=kind.get("irq", True))
+    def fault(self, gfn: int, *, user: bool = True, irq: bool = True) -> object:
+        return self.c.exit_mem(gfn, user=user, irq=irq)
 
     def close(self) -> None:
         os.close(self.ept_fd)
@@ -117,14 +109,13 @@ def garbage_in_its_control_block(client: Client, stop: threading.Event) -> None:
 def garbage_in_its_apf_area(client: Client, stop: threading.Event) -> None:
     """APF enabled, then its area scribbled over while it takes async page faults and ACKs at random."""
     area = KvmVcpuPvApfData(client.ram.u32, 2 * 64)
-    assert client.request("msr_write", msr=MSR_KVM_ASYNC_PF_INT, value=0xF3)["ok"]
-    assert client.request("msr_write", msr=MSR_KVM_ASYNC_PF_EN, value=async_pf_en_value(2 * 64))["ok"]
+    client.c.enable_apf(None, gpa=2 * 64)
     try:
         while not stop.is_set():
             area.flags = client.rng.getrandbits(32)
             area.token = client.rng.choice([0, KVM_APF_WAKE_ALL_TOKEN, client.rng.getrandbits(32)])
             client.fault(client.rng.randrange(PAGES))
-            client.request("msr_write", msr=MSR_KVM_ASYNC_PF_ACK, value=client.rng.getrandbits(64))
+            client.c.wrmsr(MSR_KVM_ASYNC_PF_ACK, client.rng.getrandbits(64))
             time.sleep(PACE_S)
     finally:
         area.release()
@@ -137,7 +128,7 @@ def stopped_inside_a_shared_page(client: Client, stop: threading.Event) -> None:
     mem = GuestMemoryAccess(client.ram, client.views, vcpus=3)
     while (status := mem.update_shared(gfn, 2, None, 1 << 16 | 2 << 8, SlotCheck())[0]) is not Access.DONE:
         if status is Access.EXIT:
-            assert client.fault(gfn, irq=False)["t"] == "resume"
+            assert client.fault(gfn, irq=False) == Resume(gfn * PAGE_SIZE)
     client.views.ctl.u32[CTL_IN_ACCESS] = gfn + 1  # enters again, and stays
     base = (gfn * PAGE_SIZE + 2 * 64) >> 2
     seq = int(client.ram.u32[base]) + 1
@@ -238,7 +229,7 @@ def hello_host(tmp_path, vm_id):
     assert not [e for e in host.events() if e["event"] == "vcpu_crash"]
 
 
-def send_hello(host: HostProcess, **fields: object) -> dict | None:
+def send_hello(host: HostProcess, **fields: object) -> Welcome | ErrorReply:
     """One hello with whatever values, on a connection of its own; the reply. A refused connection is closed by the
     host; a welcomed one is closed here, and the host has let its vCPU go when this returns."""
     hello = dict(proto=PROTOCOL_VERSION, vm=host.vm, vcpu=0, boot=0, kind="normal", pid=os.getpid(),
@@ -249,17 +240,17 @@ def send_hello(host: HostProcess, **fields: object) -> dict | None:
         payload = msgpack.packb({"t": "hello", **hello})
         c.send_raw(HEADER.pack(len(payload)) + payload)
         reply = c.receive()
-        assert reply is not None and reply["t"] in ("welcome", "error"), reply
-        if reply["t"] == "error":
-            assert reply["fatal"] and reply["code"] in (
+        assert isinstance(reply, Welcome | ErrorReply), reply
+        if isinstance(reply, ErrorReply):
+            assert reply.fatal and reply.code in (
                 "bad_version", "wrong_vm", "bad_field", "bad_pid", "bad_vcpu", "vcpu_busy", "no_vcpu", "malformed")
             assert c.receive() is None  # and closed
     finally:
         for fd in c.chan.take_fds():
             os.close(fd)
         c.close()
-    if reply["t"] == "welcome":
-        wait_until(lambda: not _holds(host, reply["vcpu"], reply["boot"]), 5, "the host to let the vCPU go")
+    if isinstance(reply, Welcome):
+        wait_until(lambda: not _holds(host, reply.vcpu, reply.boot), 5, "the host to let the vCPU go")
     return reply
 
 
@@ -283,8 +274,8 @@ def test_any_hello_then_a_claim(hello_host, field, value, vcpu):
     claim = WireClient(host.socket)
     try:
         welcome = claim.hello(host.vm, vcpu=target, boot=0)
-        assert welcome["t"] == "welcome" and welcome["vcpu"] == target, welcome
-        assert 1 <= welcome["boot"] <= (1 << 32) - 1
+        assert isinstance(welcome, Welcome) and welcome.vcpu == target, welcome
+        assert 1 <= welcome.boot <= (1 << 32) - 1
     finally:
         claim.close()
 

@@ -26,16 +26,24 @@ def test_token_format_round_trips(apf_id, vcpu):
     assert abi.token_id(token) == apf_id
 
 
-@given(st.integers(0, abi.TOKEN_ID_LIMIT - 1), st.integers(0, 63))
-def test_next_apf_id_never_yields_a_reserved_token(apf_id, vcpu):
-    nxt = abi.next_apf_id(apf_id, vcpu)
-    token = abi.make_token(nxt, vcpu)
+@given(st.integers(0, abi.U32_MAX), st.integers(0, abi.MAX_VCPUS - 1))
+def test_alloc_apf_token_never_yields_a_reserved_token(apf_id, vcpu):
+    """alloc_apf_token (mmu.c): `if ((id << 12) == 0) id = 1` keeps 0 ("slot free") out of every token."""
+    new_id, token = abi.alloc_apf_token(apf_id, vcpu)
     assert abi.token_is_well_formed(token, vcpu)
-    assert nxt != apf_id
+    assert new_id == ((apf_id if (apf_id << 12) & abi.U32_MAX else 1) + 1) & abi.U32_MAX
 
 
-def test_first_token_of_vcpu0_is_not_zero():
-    assert abi.make_token(abi.next_apf_id(0, 0), 0) == 1 << 12
+def test_alloc_apf_token_follows_kvm_sequence():
+    """KVM starts apf.id at 0: the first token of vCPU 0 is 1 << 12, then 2 << 12, ...; after 2^20 ids the u32
+    shift is 0 again and the id restarts at 1."""
+    apf_id, tokens = 0, []
+    for _ in range(3):
+        apf_id, token = abi.alloc_apf_token(apf_id, 0)
+        tokens.append(token)
+    assert tokens == [1 << 12, 2 << 12, 3 << 12]
+    assert abi.alloc_apf_token(abi.TOKEN_ID_LIMIT, 0) == (2, 1 << 12)
+    assert abi.alloc_apf_token(abi.TOKEN_ID_LIMIT - 1, 5) == (abi.TOKEN_ID_LIMIT, 0xFFFFF005)
 
 
 def test_token_is_well_formed_rejects_other_vcpus_and_reserved_values():

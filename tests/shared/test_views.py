@@ -14,7 +14,7 @@ from host_daemon.guest_views import ControlBlock, PublishedEpt
 from shared.blocking_channel import BlockingChannel
 from shared.channel import MessageChannel
 from shared.views import CTL_IN_ACCESS, GuestViews, ept_entry, ept_size
-from shared.wire import GUEST_TO_HOST
+from shared.wire import GUEST_TO_HOST, Interrupt, Resume
 
 PAGES = 64
 
@@ -82,17 +82,17 @@ async def test_descriptors_travel_with_their_frame(ept, vm_id):
     chan = MessageChannel(trio.SocketStream(trio.socket.from_stdlib_socket(host_sock)), GUEST_TO_HOST)
     guest = BlockingChannel(guest_sock)
     try:
-        await chan.send("interrupt", vector=0xF3)
-        await chan.send_with_fds([ept.fd, ctl.fd], "resume", gpa=4096)
-        assert guest.receive() == {"t": "interrupt", "vector": 0xF3}
-        assert guest.receive() == {"t": "resume", "gpa": 4096}
+        await chan.send(Interrupt(0xF3))
+        await chan.send_with_fds([ept.fd, ctl.fd], Resume(4096))
+        assert guest.receive() == Interrupt(0xF3)
+        assert guest.receive() == Resume(4096)
         fds = guest.take_fds()  # there once the frame they came with has been read (perhaps earlier)
         assert len(fds) == 2
         views = GuestViews(fds, PAGES)
         views.ctl.u32[CTL_IN_ACCESS] = 77
         assert ctl.u32[CTL_IN_ACCESS] == 77
         views.close()
-        await chan.send_with_fds([ctl.fd], "resume", gpa=0)
+        await chan.send_with_fds([ctl.fd], Resume(0))
     finally:
         guest.close()  # closes the fds nobody took
         await chan.aclose()

@@ -8,15 +8,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shared import wire
-from shared.wire import GUEST_TO_HOST, HOST_TO_GUEST, MAX_FRAME, FrameReader, WireError, decode, encode
+from shared.wire import (
+    GUEST_TO_HOST,
+    HOST_TO_GUEST,
+    MAX_FRAME,
+    ErrorReply,
+    FrameReader,
+    InjectException,
+    MsrResult,
+    WireError,
+    decode,
+    encode,
+    make,
+)
 
 SAMPLES = {
     "hello": dict(proto=1, vm="vm0", vcpu=None, boot=1, kind="normal", pid=42, transport="socket"),
     "msr_write": dict(msr=0x4B564D02, value=(1 << 64) - 1),
+    "msr_read": dict(msr=0x4B564D02),
     "exit_mem": dict(gpa=4096, write=True, user=False, irq=True),
     "welcome": dict(proto=1, vm="vm0", vcpu=0, boot=1, vcpus=2, pages=8, page_size=4096, shm="/x", cpuid=16400),
-    "msr_result": dict(msr=1, ok=False, error="#GP"),
-    "inject_pf": dict(cr2=4096),
+    "msr_result": dict(msr=1, ok=False, error="#GP", value=None),
+    "exception": dict(vector=14, cr2=4096),
     "resume": dict(gpa=0),
     "interrupt": dict(vector=0xF3),
     "error": dict(code="malformed", message="m", fatal=False),
@@ -30,14 +43,26 @@ def test_every_message_type_has_a_sample():
 @pytest.mark.parametrize("msg_type", sorted(SAMPLES))
 def test_round_trip(msg_type):
     schema = GUEST_TO_HOST if msg_type in GUEST_TO_HOST else HOST_TO_GUEST
-    frame = encode(msg_type, **SAMPLES[msg_type])
-    (payload,) = FrameReader().feed(frame)
-    assert decode(payload, schema) == {"t": msg_type, **SAMPLES[msg_type]}
+    msg = make(schema, msg_type, **SAMPLES[msg_type])
+    (payload,) = FrameReader().feed(encode(msg))
+    decoded = decode(payload, schema)
+    assert decoded == msg and type(decoded) is schema[msg_type]
+    assert msgpack.unpackb(payload) == {"t": msg_type, **SAMPLES[msg_type]}  # the documented map, field by field
+
+
+def test_msr_result_carries_a_read_value():
+    (payload,) = FrameReader().feed(encode(MsrResult(0x4B564D06, True, None, 0xF3)))
+    assert decode(payload, HOST_TO_GUEST) == MsrResult(0x4B564D06, True, None, 0xF3)
+    with pytest.raises(WireError, match="value"):
+        decode(msgpack.packb({"t": "msr_result", "msr": 1, "ok": True, "error": None, "value": "x"}), HOST_TO_GUEST)
+    with pytest.raises(WireError, match="cr2"):
+        decode(msgpack.packb({"t": "exception", "vector": 14}), HOST_TO_GUEST)
+    assert decode(msgpack.packb({"t": "exception", "vector": 14, "cr2": 1}), HOST_TO_GUEST) == InjectException(14, 1)
 
 
 @given(st.lists(st.sampled_from(sorted(GUEST_TO_HOST)), min_size=1, max_size=20), st.data())
 def test_frames_survive_any_split(types, data):
-    stream = b"".join(encode(t, **SAMPLES[t]) for t in types)
+    stream = b"".join(encode(make(GUEST_TO_HOST, t, **SAMPLES[t])) for t in types)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     reader = FrameReader()
     out = []
@@ -45,7 +70,7 @@ def test_frames_survive_any_split(types, data):
     for cut in [*cuts, len(stream)]:
         out += reader.feed(stream[prev:cut])
         prev = cut
-    assert [decode(p, GUEST_TO_HOST)["t"] for p in out] == types
+    assert [decode(p, GUEST_TO_HOST).TYPE for p in out] == types
     assert reader.pending == 0
 
 
@@ -80,7 +105,7 @@ def test_oversized_frame_is_fatal_before_it_is_buffered():
 
 def test_encode_refuses_oversized_messages():
     with pytest.raises(WireError):
-        encode("error", code="x", message="m" * MAX_FRAME, fatal=False)
+        encode(ErrorReply("x", "m" * MAX_FRAME, False))
 
 
 @given(st.binary(max_size=300))

@@ -1,0 +1,300 @@
+# The guest kernel's APF code (guest_agent/apf.py), sans I/O: one test per Linux rule, named after the function of
+# arch/x86/kernel/kvm.c it follows, and a hypothesis machine that throws not-presents, page-readies, wake-alls, empty
+# slots and CPU offline/online at it in any order a host could.
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from guest_agent.apf import GuestApf, Panic, Pf
+from shared.abi import (
+    APF_EMU_CPUID_FEATURES,
+    KVM_APF_WAKE_ALL_TOKEN,
+    KVM_ASYNC_PF_DELIVERY_AS_INT,
+    KVM_ASYNC_PF_ENABLED,
+    KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_FEATURE_ASYNC_PF_INT,
+    KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_KVM_ASYNC_PF_ACK,
+    MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
+    make_token,
+)
+from shared.apf_data import KvmVcpuPvApfData
+from tests.conftest import EventLog
+
+AREA = 64 * 2
+VECTOR = 0xF3
+
+
+@dataclass(frozen=True)
+class Task:
+    tid: int
+
+
+class Msrs:
+    """A recording wrmsr."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int]] = []
+
+    def __call__(self, msr: int, value: int) -> None:
+        self.writes.append((msr, value))
+
+
+def make_guest(*, enable: bool = True) -> tuple[GuestApf[Task], KvmVcpuPvApfData, Msrs, EventLog]:
+    log = EventLog()
+    area = KvmVcpuPvApfData(memoryview(bytearray(4096)).cast("I"), AREA)
+    apf: GuestApf[Task] = GuestApf(area, log)
+    msrs = Msrs()
+    if enable:
+        assert apf.guest_cpu_init(msrs, cpuid=APF_EMU_CPUID_FEATURES, vector=VECTOR)
+    return apf, area, msrs, log
+
+
+def not_present(apf: GuestApf[Task], area: KvmVcpuPvApfData, token: int, task: Task, *, user: bool = True,
+                irq: bool = True) -> Pf:
+    """What KVM does (flags, then #PF with CR2 = token) and the guest's #PF entry."""
+    area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT
+    return apf.handle_async_pf(apf.read_and_reset_flags(), token, task, user=user, irq=irq)
+
+
+def page_ready(apf: GuestApf[Task], area: KvmVcpuPvApfData, token: int, msrs: Msrs) -> list[int] | None:
+    area.token = token
+    woken = apf.asyncpf_interrupt(msrs)
+    return None if woken is None else [w.task.tid for w in woken]
+
+
+# --- boot and offline -----------------------------------------------------------------------------------------------
+def test_kvm_guest_cpu_init_writes_int_then_en_and_sets_enabled_whatever_the_host_said():
+    apf, area, msrs, _ = make_guest(enable=False)
+    area.token = 0x5005  # not zeroed, not even on re-online
+    assert apf.guest_cpu_init(msrs, cpuid=APF_EMU_CPUID_FEATURES, vector=VECTOR, send_always=True)
+    assert msrs.writes == [(MSR_KVM_ASYNC_PF_INT, VECTOR),
+                           (MSR_KVM_ASYNC_PF_EN, AREA | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+                            | KVM_ASYNC_PF_SEND_ALWAYS)]
+    assert apf.enabled and area.token == 0x5005
+
+
+@pytest.mark.parametrize("cpuid,kvmapf", [(APF_EMU_CPUID_FEATURES & ~KVM_FEATURE_ASYNC_PF_INT, True),
+                                          (APF_EMU_CPUID_FEATURES, False)])
+def test_kvm_guest_cpu_init_needs_async_pf_int_and_kvmapf(cpuid, kvmapf):
+    apf, _, msrs, _ = make_guest(enable=False)
+    assert not apf.guest_cpu_init(msrs, cpuid=cpuid, vector=VECTOR, kvmapf=kvmapf)
+    assert msrs.writes == [] and not apf.enabled
+
+
+def test_kvm_guest_cpu_offline_wakes_every_sleeper_locally():
+    """kvm_guest_cpu_offline(false) (CPU offline, suspend): disable APF, then apf_task_wake_all, sleepers and
+    dummies, without any word from the host."""
+    apf, area, msrs, log = make_guest()
+    assert not_present(apf, area, make_token(1, 2), Task(1)) is Pf.SLEEP
+    assert not_present(apf, area, make_token(2, 2), Task(2)) is Pf.SLEEP
+    page_ready(apf, area, make_token(3, 2), msrs)  # a dummy
+    woken = apf.guest_cpu_offline(msrs, shutdown=False)
+    assert sorted(w.task.tid for w in woken) == [1, 2] and len(apf.sleepers) == 0
+    assert msrs.writes[-1] == (MSR_KVM_ASYNC_PF_EN, 0) and not apf.enabled
+    assert [kw for e, kw in log.events if e == "guest_apf_wake_all"][-1] == {"count": 2, "dummies": 1,
+                                                                             "reason": "offline"}
+
+
+def test_kvm_guest_cpu_offline_on_shutdown_only_disables():
+    """kvm_pv_guest_cpu_reboot and kvm_crash_shutdown: kvm_guest_cpu_offline(true) wakes nobody."""
+    apf, area, msrs, _ = make_guest()
+    not_present(apf, area, make_token(1, 2), Task(1))
+    assert apf.guest_cpu_offline(msrs, shutdown=True) == []
+    assert apf.sleepers.sleepers == 1 and not apf.enabled
+
+
+def test_kvm_pv_disable_apf_only_when_enabled():
+    apf, _, msrs, _ = make_guest(enable=False)
+    apf.pv_disable_apf(msrs)
+    assert msrs.writes == []
+
+
+# --- #PF ------------------------------------------------------------------------------------------------------------
+def test_kvm_read_and_reset_apf_flags_reads_0_while_disabled():
+    apf, area, _, _ = make_guest(enable=False)
+    area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT
+    assert apf.read_and_reset_flags() == 0 and area.flags == KVM_PV_REASON_PAGE_NOT_PRESENT
+    apf.enabled = True
+    assert apf.read_and_reset_flags() == KVM_PV_REASON_PAGE_NOT_PRESENT and area.flags == 0
+
+
+def test___kvm_handle_async_pf_flags_0_is_a_genuine_fault():
+    apf, _, _, _ = make_guest()
+    assert apf.handle_async_pf(0, 0x1234, Task(1), user=False, irq=False) is Pf.GENUINE
+
+
+@pytest.mark.parametrize("user,irq,message", [
+    (True, False, "Host injected async #PF in interrupt disabled region"),
+    (False, False, "Host injected async #PF in interrupt disabled region"),
+    (False, True, "Host injected async #PF in kernel mode"),
+])
+def test___kvm_handle_async_pf_panics(user, irq, message):
+    """Interrupts off: panic, whatever the flags; PAGE_NOT_PRESENT in kernel mode: panic, SEND_ALWAYS or not."""
+    apf, area, msrs, _ = make_guest(enable=False)
+    apf.guest_cpu_init(msrs, cpuid=APF_EMU_CPUID_FEATURES, vector=VECTOR, send_always=True)
+    with pytest.raises(Panic, match=message):
+        not_present(apf, area, make_token(1, 2), Task(1), user=user, irq=irq)
+
+
+def test___kvm_handle_async_pf_warns_once_on_other_flags():
+    apf, _, _, log = make_guest()
+    assert apf.handle_async_pf(2, 0x1000, Task(1), user=True, irq=True) is Pf.WARN
+    assert apf.handle_async_pf(4, 0x1000, Task(1), user=False, irq=True) is Pf.WARN
+    assert [kw["flags"] for e, kw in log.events if e == "guest_apf_warn"] == [2]
+    assert apf.handle_async_pf(3, 0x2000, Task(1), user=True, irq=True) is Pf.SLEEP  # a bit test, as Linux's
+
+
+def test_kvm_async_pf_queue_task_consumes_a_dummy_and_leaves_another_tasks_node():
+    apf, area, msrs, log = make_guest()
+    token = make_token(1, 2)
+    assert page_ready(apf, area, token, msrs) == []  # the wake came first: a dummy
+    assert not_present(apf, area, token, Task(1)) is Pf.NO_SLEEP and len(apf.sleepers) == 0
+    other = make_token(2, 2)
+    assert not_present(apf, area, other, Task(1)) is Pf.SLEEP
+    assert not_present(apf, area, other, Task(2)) is Pf.NO_SLEEP
+    assert apf.sleepers.sleepers == 1
+    assert "guest_apf_token_busy" in log.names()
+
+
+# --- page-ready -----------------------------------------------------------------------------------------------------
+def test_sysvec_kvm_asyncpf_interrupt_wakes_clears_the_slot_and_acks():
+    apf, area, msrs, log = make_guest()
+    token = make_token(1, 2)
+    not_present(apf, area, token, Task(7))
+    msrs.writes.clear()
+    assert page_ready(apf, area, token, msrs) == [7]
+    assert area.token == 0 and msrs.writes == [(MSR_KVM_ASYNC_PF_ACK, 1)]
+    assert log.names()[-2:] == ["guest_apf_wake", "guest_apf_ack"]
+
+
+def test_sysvec_kvm_asyncpf_interrupt_wakes_token_0_as_a_dummy():
+    """An interrupt with an empty slot (a re-raised IRR after the slot was released) still runs
+    kvm_async_pf_task_wake(0): a dummy for token 0 stays until a wake-all."""
+    apf, area, msrs, log = make_guest()
+    assert page_ready(apf, area, 0, msrs) == []
+    assert apf.sleepers.dummy_tokens() == [0]
+    assert ("guest_apf_dummy", {"token": 0, "action": "created"}) in log.events
+    assert msrs.writes[-1] == (MSR_KVM_ASYNC_PF_ACK, 1)
+    assert page_ready(apf, area, KVM_APF_WAKE_ALL_TOKEN, msrs) == [] and len(apf.sleepers) == 0
+
+
+def test_sysvec_kvm_asyncpf_interrupt_does_nothing_while_disabled():
+    """With async_pf_enabled false the handler only EOIs: the slot keeps its token and nothing is ACKed."""
+    apf, area, msrs, _ = make_guest()
+    token = make_token(1, 2)
+    not_present(apf, area, token, Task(1))
+    apf.pv_disable_apf(msrs)
+    msrs.writes.clear()
+    assert page_ready(apf, area, token, msrs) is None
+    assert area.token == token and msrs.writes == [] and apf.sleepers.sleepers == 1
+
+
+def test_kvm_async_pf_task_wake_all_token_wakes_sleepers_and_drops_dummies():
+    apf, area, msrs, _ = make_guest()
+    not_present(apf, area, make_token(1, 2), Task(1))
+    page_ready(apf, area, make_token(5, 2), msrs)
+    assert page_ready(apf, area, KVM_APF_WAKE_ALL_TOKEN, msrs) == [1]
+    assert len(apf.sleepers) == 0 and area.token == 0
+
+
+# --- any order a host could choose ----------------------------------------------------------------------------------
+class GuestApfMachine(RuleBasedStateMachine):
+    """A host that follows KVM's rules only as far as the guest can tell (a token is not-present once and ready at
+    most once; the slot is written only when free), in any order, against the guest core.
+
+    Safety: a task sleeps on exactly one token, one the host made not-present and has not readied; every interrupt
+    handled with APF on leaves the slot 0 and ACKs; with APF off it touches nothing. Liveness: a page-ready for
+    every token, or a wake-all, leaves nobody asleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.apf, self.area, self.msrs, self.log = make_guest()
+        self.next_id = 1
+        self.running = {Task(t) for t in range(4)}
+        self.sleeping: dict[int, Task] = {}  # token -> task
+        self.not_readied: set[int] = set()
+
+    def _woken(self, tids: list[int] | None) -> None:
+        for tid in tids or []:
+            task = Task(tid)
+            assert task in self.sleeping.values()
+            self.sleeping = {t: k for t, k in self.sleeping.items() if k != task}
+            self.running.add(task)
+
+    @precondition(lambda self: self.running and self.apf.enabled)
+    @rule(data=st.data())
+    def not_present(self, data: st.DataObject) -> None:
+        task = data.draw(st.sampled_from(sorted(self.running, key=lambda t: t.tid)))
+        token = make_token(self.next_id, 2)
+        self.next_id += 1
+        result = not_present(self.apf, self.area, token, task)
+        assert self.area.flags == 0
+        self.not_readied.add(token)
+        if result is Pf.SLEEP:
+            self.running.discard(task)
+            self.sleeping[token] = task
+        else:
+            assert result is Pf.NO_SLEEP
+
+    @precondition(lambda self: self.not_readied)
+    @rule(data=st.data())
+    def ready(self, data: st.DataObject) -> None:
+        token = data.draw(st.sampled_from(sorted(self.not_readied)))
+        self._interrupt(token)
+
+    @rule(token=st.sampled_from([0, KVM_APF_WAKE_ALL_TOKEN]))
+    def special(self, token: int) -> None:
+        self._interrupt(token)
+
+    def _interrupt(self, token: int) -> None:
+        before = len(self.msrs.writes)
+        sleeper = self.sleeping.get(token)
+        tids = page_ready(self.apf, self.area, token, self.msrs)
+        if tids is None:
+            assert not self.apf.enabled and self.area.token == token and len(self.msrs.writes) == before
+            self.area.token = 0  # (the machine's host moves on; a real one would wait: see test_cores)
+            return
+        self.not_readied.discard(token)
+        assert self.area.token == 0 and self.msrs.writes[before:] == [(MSR_KVM_ASYNC_PF_ACK, 1)]
+        if token == KVM_APF_WAKE_ALL_TOKEN:
+            assert sorted(tids) == sorted(t.tid for t in self.sleeping.values())
+        else:
+            assert tids == ([sleeper.tid] if sleeper is not None else [])
+        self._woken(tids)
+
+    @precondition(lambda self: self.apf.enabled)
+    @rule(shutdown=st.booleans())
+    def offline(self, shutdown: bool) -> None:
+        woken = self.apf.guest_cpu_offline(self.msrs, shutdown=shutdown)
+        if not shutdown:
+            assert sorted(w.task.tid for w in woken) == sorted(t.tid for t in self.sleeping.values())
+            self._woken([w.task.tid for w in woken])
+            self.not_readied.clear()  # KVM ate them with the disable
+
+    @precondition(lambda self: not self.apf.enabled)
+    @rule()
+    def online(self) -> None:
+        assert self.apf.guest_cpu_init(self.msrs, cpuid=APF_EMU_CPUID_FEATURES, vector=VECTOR)
+
+    @invariant()
+    def sleepers_match(self) -> None:
+        table = self.apf.sleepers
+        assert table.sleepers == len(self.sleeping)
+        assert set(self.sleeping) <= set(table.tokens())
+        assert len(set(self.sleeping.values())) == len(self.sleeping)
+
+    def teardown(self) -> None:
+        if not self.apf.enabled:
+            self.online()
+        for token in sorted(self.not_readied):
+            self._interrupt(token)
+        assert not self.sleeping and self.apf.sleepers.sleepers == 0
+
+
+TestGuestApfMachine = GuestApfMachine.TestCase
