@@ -34,6 +34,7 @@ class TopologyResult:
     apfs: int = 0  # not-present deliveries
     wakes: int = 0  # tasks woken by page-ready (not by a wake-all)
     sync_faults: int = 0
+    halts: int = 0  # KVM's artificial halt: every fault with interrupts on when APF is off
     accesses: int = 0  # page accesses that retired
     count_work: int = 0  # counting tasks' increments
     count_ns: int = 0  # time the counting tasks ran
@@ -100,6 +101,7 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
             result.wakes += 1
     result.apfs = stats.apfs
     result.sync_faults = stats.sync_faults
+    result.halts = stats.halts
     if keep_logs is None:
         tmp.cleanup()
     return result
