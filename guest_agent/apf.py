@@ -1,8 +1,9 @@
 # The guest kernel's APF code of one vCPU, as Linux 5.8+ has it in arch/x86/kernel/kvm.c: the per-CPU state
-# (`async_pf_enabled`, `apf_reason`), the sleep table, the #PF path (`kvm_read_and_reset_apf_flags`,
-# `__kvm_handle_async_pf`, `kvm_async_pf_task_wait_schedule`), the page-ready interrupt
-# (`sysvec_kvm_asyncpf_interrupt`) and the boot, offline and shutdown paths (`kvm_guest_cpu_init`,
-# `kvm_pv_disable_apf`, `kvm_guest_cpu_offline`). Each method is named after the function it follows.
+# (`apf_reason`, and whether APF is on: `async_pf_enabled` since 6.7, `apf_reason.enabled` before), the sleep
+# table, the #PF path (`kvm_read_and_reset_apf_flags`, `__kvm_handle_async_pf`, `kvm_async_pf_task_wait_schedule`),
+# the page-ready interrupt (`sysvec_kvm_asyncpf_interrupt`) and the boot, offline and shutdown paths
+# (`kvm_guest_cpu_init`, `kvm_pv_disable_apf`, `kvm_guest_cpu_offline`). Each method is named after the function it
+# follows.
 #
 # Sans I/O: it reads and writes the APF area in guest RAM (as Linux's per-CPU variable) and logs, but a wrmsr is
 # the caller's (guest_agent/kernel.py does it as a VM exit): methods that write MSRs take the `wrmsr` to use and call
@@ -135,7 +136,10 @@ class GuestApf(Generic[T]):
         if queued is Queued.DUMMY:
             self.log.info("guest_apf_dummy", token=token, action="consumed")
         else:
-            self.log.warning("guest_apf_token_busy", token=token, message="another task sleeps on this token")
+            lost = self.sleepers.lost[-1]
+            self.log.error("guest_apf_node_freed", token=token, task=lost.tid,
+                           message=f"task {lost.tid} slept on this token: Linux frees its on-stack node, and it "
+                           "sleeps for good")
         return Pf.NO_SLEEP
 
     # --- page-ready ---------------------------------------------------------------------------------------------
@@ -146,8 +150,8 @@ class GuestApf(Generic[T]):
             return None
         token = self.area.token
         woken = self._task_wake(token)
+        self.log.info("guest_apf_ack", token=token)  # before the store that releases the slot (docs/LOGGING.md)
         self.area.token = 0
-        self.log.info("guest_apf_ack", token=token)
         wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
         return woken
 

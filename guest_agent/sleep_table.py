@@ -2,16 +2,23 @@
 # kvm_async_pf_task_wake, apf_task_wake_one, apf_task_wake_all).
 #
 # One node per token: a sleeping task, or a *dummy* when the page-ready arrived before the task's not-present was
-# handled. Linux hashes tokens into 256 buckets under spinlocks; one vCPU process needs only a dict, and every node
-# is this vCPU's (a token names its vCPU, and the page-ready of a token goes to that vCPU). The rules, as Linux has
-# them:
-# - queue_task(token): a dummy for this token means the wake came first: delete it, do not sleep; a node of
-#   another task is "not to be touched": do not sleep either (the task retries its access); otherwise add a node
-#   and sleep until it is unhashed.
-# - wake(token): with a node, unhash it (apf_task_wake_one: wakes a sleeper; a dummy just goes); with none, insert a
-#   dummy. Token 0 is no exception: a wake of 0 inserts a dummy that no not-present will ever consume.
-# - wake_all(): unhash every node of this CPU, sleepers and dummies alike (token 0xffffffff, and CPU offline).
-# A dummy whose not-present never comes is a leak (bugzilla 208081): `dummies` must be empty at shutdown.
+# handled. Linux keeps one table of 256 hash buckets for all CPUs, each node recording its cpu; one vCPU process
+# needs only a dict, and every node is this vCPU's (a token names its vCPU, and the page-ready of a token goes to
+# that vCPU). The rules, as Linux has them:
+# - queue_task(token): any node found for the token is taken for a dummy ("wake up was delivered ahead of PF"):
+#   it is unhashed and freed and the task does not sleep. If that node was another task's (a host that handed the
+#   token out twice), Linux kfree()s that task's on-stack node and the task sleeps for good: `hlist_del` poisons
+#   its link, so it never sees itself unhashed, and a later wake of the token only inserts a dummy. (A patch that
+#   leaves such a node alone, Yasuoka 2025, is not merged.) Otherwise the task adds a node and sleeps until it is
+#   unhashed.
+# - wake(token): with a node, unhash it (apf_task_wake_one: wakes a sleeper; a dummy just goes, and is never
+#   freed); with none, insert a dummy. Token 0 is no exception: a wake of 0 inserts a dummy that no not-present
+#   will ever consume.
+# - wake_all(): unhash every node of this CPU, sleepers and dummies alike (token 0xffffffff, and CPU offline);
+#   the dummies are not freed either.
+# A dummy whose not-present never comes is a leak (bugzilla 208081): `dummies` must be empty at shutdown. A dummy
+# unhashed by a second wake or a wake-all leaks its memory in Linux (apf_task_wake_one does not kfree it):
+# `leaked` counts those.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,20 +33,23 @@ class Queued(Enum):
 
     SLEEP = "sleep"  # a node was added: the task sleeps
     DUMMY = "dummy"  # the page-ready came first: its dummy was deleted, the task goes on
-    BUSY = "busy"  # another task sleeps on this token: not touched, the task goes on (and retries)
+    FREED_SLEEPER = "freed_sleeper"  # another task's node was taken for a dummy: freed; that task sleeps for good
 
 
 @dataclass
 class SleepTable(Generic[T]):
     _nodes: dict[int, T | None] = field(default_factory=dict)  # token -> sleeping task, or None for a dummy
+    lost: list[T] = field(default_factory=list)  # tasks whose node another task's #PF freed: asleep for good
+    leaked: int = 0  # dummies unhashed but never freed (by a second wake or a wake-all)
 
     def queue_task(self, token: int, task: T) -> Queued:
-        """`kvm_async_pf_queue_task`."""
+        """`kvm_async_pf_queue_task`: whatever node `_find_apf_task` finds is deleted as a dummy."""
         if token in self._nodes:
-            if self._nodes[token] is None:
-                del self._nodes[token]
+            found = self._nodes.pop(token)
+            if found is None:
                 return Queued.DUMMY
-            return Queued.BUSY
+            self.lost.append(found)
+            return Queued.FREED_SLEEPER
         self._nodes[token] = task
         return Queued.SLEEP
 
@@ -49,13 +59,17 @@ class SleepTable(Generic[T]):
         if token not in self._nodes:
             self._nodes[token] = None
             return None, True
-        return self._nodes.pop(token), False
+        task = self._nodes.pop(token)
+        if task is None:
+            self.leaked += 1
+        return task, False
 
     def wake_all(self) -> tuple[list[tuple[int, T]], int]:
         """`apf_task_wake_all`: unhash every node. Returns the (token, task) pairs that slept and the number of
         dummies that went."""
         woken = [(token, task) for token, task in self._nodes.items() if task is not None]
         dummies = len(self._nodes) - len(woken)
+        self.leaked += dummies
         self._nodes.clear()
         return woken, dummies
 

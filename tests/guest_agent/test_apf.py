@@ -150,16 +150,19 @@ def test___kvm_handle_async_pf_warns_once_on_other_flags():
     assert apf.handle_async_pf(3, 0x2000, Task(1), user=True, irq=True) is Pf.SLEEP  # a bit test, as Linux's
 
 
-def test_kvm_async_pf_queue_task_consumes_a_dummy_and_leaves_another_tasks_node():
+def test_kvm_async_pf_queue_task_consumes_a_dummy_or_frees_another_tasks_node():
     apf, area, msrs, log = make_guest()
     token = make_token(1, 2)
     assert page_ready(apf, area, token, msrs) == []  # the wake came first: a dummy
     assert not_present(apf, area, token, Task(1)) is Pf.NO_SLEEP and len(apf.sleepers) == 0
     other = make_token(2, 2)
     assert not_present(apf, area, other, Task(1)) is Pf.SLEEP
+    # The same token again (a host that hands a token out twice): Linux takes task 1's node for a dummy.
     assert not_present(apf, area, other, Task(2)) is Pf.NO_SLEEP
-    assert apf.sleepers.sleepers == 1
-    assert "guest_apf_token_busy" in log.names()
+    assert apf.sleepers.sleepers == 0 and apf.sleepers.lost == [Task(1)]
+    freed = [fields for name, fields in log.events if name == "guest_apf_node_freed"]
+    assert [(f["token"], f["task"]) for f in freed] == [(other, 1)]
+    assert page_ready(apf, area, other, msrs) == []  # task 1 is not woken
 
 
 # --- page-ready -----------------------------------------------------------------------------------------------------
@@ -171,6 +174,18 @@ def test_sysvec_kvm_asyncpf_interrupt_wakes_clears_the_slot_and_acks():
     assert page_ready(apf, area, token, msrs) == [7]
     assert area.token == 0 and msrs.writes == [(MSR_KVM_ASYNC_PF_ACK, 1)]
     assert log.names()[-2:] == ["guest_apf_wake", "guest_apf_ack"]
+
+
+def test_guest_apf_ack_is_logged_before_the_store_that_releases_the_slot():
+    """The checker orders a release by its log line: a host entry may deliver the next page-ready as soon as the slot
+    reads 0, so the line must come before the store (docs/LOGGING.md's ordering guarantee)."""
+    apf, area, msrs, log = make_guest()
+    slot_at_log: list[int] = []
+    log.info = lambda event, **kw: (slot_at_log.append(area.token) if event == "guest_apf_ack" else None)  # type: ignore[method-assign]
+    token = make_token(1, 2)
+    not_present(apf, area, token, Task(7))
+    page_ready(apf, area, token, msrs)
+    assert slot_at_log == [token] and area.token == 0
 
 
 def test_sysvec_kvm_asyncpf_interrupt_wakes_token_0_as_a_dummy():

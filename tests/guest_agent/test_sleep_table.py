@@ -41,12 +41,28 @@ def test_wake_all_clears_sleepers_and_dummies():
     assert len(table) == 0
 
 
-def test_kvm_async_pf_queue_task_leaves_another_tasks_node_alone():
-    """kvm_async_pf_queue_task: "a token from another task which should not be touched": no sleep, no change."""
+def test_kvm_async_pf_queue_task_takes_any_node_for_a_dummy():
+    """kvm_async_pf_queue_task: whatever `_find_apf_task` finds is deleted as a dummy ("wake up was delivered ahead
+    of PF"), even another task's node: Linux frees it and that task sleeps for good (a later wake of the token
+    finds no node and inserts a dummy)."""
     table: SleepTable[str] = SleepTable()
     assert table.queue_task(1, "a") is Queued.SLEEP
-    assert table.queue_task(1, "b") is Queued.BUSY
-    assert table.wake(1) == ("a", False) and len(table) == 0
+    assert table.queue_task(1, "b") is Queued.FREED_SLEEPER
+    assert table.lost == ["a"] and len(table) == 0
+    assert table.wake(1) == (None, True)  # "a" is not woken: the wake only makes a dummy
+    assert table.dummy_tokens() == [1]
+
+
+def test_apf_task_wake_one_unhashes_a_dummy_without_freeing_it():
+    """apf_task_wake_one only unhashes: a dummy removed by a second wake or by a wake-all is leaked memory."""
+    table: SleepTable[str] = SleepTable()
+    table.wake(1)
+    assert table.wake(1) == (None, False) and table.leaked == 1
+    table.wake(2)
+    table.queue_task(3, "c")
+    assert table.wake_all() == ([(3, "c")], 1) and table.leaked == 2
+    table.wake(4)
+    assert table.queue_task(4, "d") is Queued.DUMMY and table.leaked == 2  # consumed: kfree()d
 
 
 def test_kvm_async_pf_task_wake_of_token_0_leaves_a_dummy():
