@@ -5,7 +5,7 @@
 #   guest_kill   SIGKILL a guest: no crash path runs; the host sees the connection end and resets the vCPU; the
 #                vCPU comes back as the next boot of a normal kernel
 #   guest_panic  SIGUSR1: the guest's crash path disables APF without waiting and exits 70; the vCPU comes back as
-#                a kdump kernel (APF on only with --kdump-apf), which reboots into a normal kernel after a while
+#                a kdump kernel (APF on unless --kdump-no-kvmapf), which reboots into a normal kernel after a while
 #   host_kill    SIGKILL the host daemon; it is restarted with --recover: guest RAM, swap and vCPU registers
 #                survive, guests reconnect, a wake-all replaces the events that died
 #   guest_pause / host_pause   SIGSTOP for a while, then SIGCONT
@@ -132,8 +132,7 @@ class Chaos:
         boot, kind = 1, "normal"
         self.result.boots[vcpu] = []
         while not self.stopping:
-            guest = with_(self.guest_opts, vcpu=vcpu, boot=boot, kind=kind,
-                          kdump_apf=kind == "kdump" and self.guest_opts.kdump_apf)
+            guest = with_(self.guest_opts, vcpu=vcpu, boot=boot, kind=kind)
             proc = self.guests[vcpu] = await trio.lowlevel.open_process(guest.argv(), start_new_session=True)
             self.result.boots[vcpu].append(kind)
             async with trio.open_nursery() as nursery:

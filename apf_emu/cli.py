@@ -29,7 +29,7 @@ RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "log_stdout
 RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
              "apf_reinit_every", "online_clears_token")
 CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
-               "kdump_apf")
+               "kdump_no_kvmapf")
 DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=True), 10.0, "seconds to run")
 COUNT = config.int_in(0, 100_000)
 

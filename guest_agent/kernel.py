@@ -2,8 +2,9 @@
 # guest_agent/apf.py (Linux's arch/x86/kernel/kvm.c, sans I/O); this module gives it its MSR accesses (VM exits),
 # schedules the tasks it puts to sleep and wakes, and runs the workload.
 #
-# - Boot: the kernel's per-CPU data starts zeroed (the APF area too: stores through the EPT, as any memory),
-#   setup_local_APIC software-enables the LAPIC (the x2APIC SPIV register, bit 8), then `kvm_guest_cpu_init`.
+# - Boot: the kernel's per-CPU data starts zeroed (the APF area too: stores through the EPT, as any memory); the
+#   boot CPU (vCPU 0, or the CPU a crash kernel boots on) runs `kvm_guest_cpu_init` before setup_local_APIC
+#   software-enables the LAPIC (the x2APIC SPIV register, bit 8), a secondary CPU the other way round.
 # - The vCPU loop: the scheduler (kernel, interrupts off) picks a task; the task's access runs in user mode with
 #   interrupts on, in kernel mode with interrupts on (`--kernel-ratio`), or inside an interrupts-off section; an
 #   access to a non-present page is a VM exit. Accesses go to the task's own pages or, `--shared-ratio` of them, to
@@ -193,18 +194,35 @@ class GuestKernel:
     # --- boot and shutdown ---------------------------------------------------------------------------------------
     def _boot(self) -> None:
         cfg = self.cfg
-        apf = cfg.apf and (cfg.kind != "kdump" or cfg.kdump_apf)
-        self.log.info("guest_boot", kind=cfg.kind, tasks=len(self.runq), vector=cfg.vector, apf=apf,
+        apf = cfg.apf and not (cfg.kind == "kdump" and cfg.kdump_no_kvmapf)
+        self.log.info("guest_boot", kind=cfg.kind, bsp=self.bsp, tasks=len(self.runq), vector=cfg.vector, apf=apf,
                       send_always=cfg.send_always, transport=cfg.transport, shared_ratio=cfg.shared_ratio)
         self.cpu.enter("kernel")
         # The kernel's per-CPU data, the APF area among it, starts zeroed. Until APF is on, the area's page is
         # ordinary guest memory that may be swapped out, so the stores go through the EPT like any other access.
         self._kernel_store(self.apf.area.gpa, 0)
         self._kernel_store(self.apf.area.gpa + 4, 0)
-        self.wrmsr(MSR_X2APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR)  # setup_local_APIC
         if apf and not self.cpuid & KVM_FEATURE_ASYNC_PF_INT:
             self.log.warning("guest_no_apf", reason="host does not advertise KVM_FEATURE_ASYNC_PF_INT")
-        self._cpu_init(kvmapf=apf)
+        if self.bsp:
+            # start_kernel: smp_prepare_boot_cpu (kvm_smp_prepare_boot_cpu -> kvm_guest_cpu_init) comes before
+            # late_time_init (x86_late_time_init -> apic_intr_mode_init -> setup_local_APIC): APF is enabled while
+            # the LAPIC is still software-disabled, and its wake-all waits for the LAPIC.
+            self._cpu_init(kvmapf=apf)
+            self._setup_local_apic()
+        else:
+            # start_secondary -> apic_ap_setup -> setup_local_APIC, then cpuhp's kvm_cpu_online -> kvm_guest_cpu_init.
+            self._setup_local_apic()
+            self._cpu_init(kvmapf=apf)
+
+    @property
+    def bsp(self) -> bool:
+        """The boot CPU: vCPU 0 of a normal kernel; a crash kernel boots on the CPU that panicked."""
+        return self.vcpu == 0 or self.cfg.kind == "kdump"
+
+    def _setup_local_apic(self) -> None:
+        """`setup_local_APIC`: software-enable the LAPIC (the x2APIC SPIV register, bit 8)."""
+        self.wrmsr(MSR_X2APIC_SPIV, APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR)
 
     def _cpu_init(self, *, kvmapf: bool) -> None:
         """`kvm_guest_cpu_init`."""
@@ -243,7 +261,8 @@ class GuestKernel:
         self.apf.pv_disable_apf(self.wrmsr)
         table = self.apf.sleepers
         self.log.info("guest_shutdown", sleepers=table.sleepers, dummies=table.dummies,
-                      dummy_tokens=table.dummy_tokens(), coalesced=self.cpu.coalesced,
+                      dummy_tokens=table.dummy_tokens(), dummies_leaked=table.leaked, lost_sleepers=len(table.lost),
+                      coalesced=self.cpu.coalesced,
                       deferred=dict(self.cpu.deferred), **self.counts)
 
     def _panic(self, reason: str, **fields: Any) -> None:

@@ -202,6 +202,9 @@ HOST_OPTIONS: Final = (
     Option("recover", flag, False, "take over the VM of a host that was killed: keep guest RAM, the swap and the "
            "saved vCPU registers, rebuild residency from them, and restore each vCPU when its guest reconnects",
            is_flag=True),
+    Option("enforce_pv_cpuid", flag, False, "as a VMM that enables KVM_CAP_ENFORCE_PV_FEATURE_CPUID: an "
+           "MSR_KVM_ASYNC_PF_EN write with DELIVERY_AS_PF_VMEXIT is a #GP, since KVM_FEATURE_ASYNC_PF_VMEXIT is not "
+           "advertised (without it, KVM's default, the bit is accepted and stored)", is_flag=True),
 )
 GUEST_OPTIONS: Final = (
     *COMMON_OPTIONS,
@@ -227,7 +230,8 @@ GUEST_OPTIONS: Final = (
     Option("online_clears_token", flag, False, "on CPU online, write 0 to the APF token slot before enabling APF "
            "(Linux does not: a page-ready taken while APF was off stays in the slot and blocks every later one; "
            "docs/PROTOCOL.md section 10)", is_flag=True),
-    Option("kdump_apf", flag, False, "with --kind kdump: the crash kernel enables APF afresh (default: never)",
+    Option("kdump_no_kvmapf", flag, False, "with --kind kdump: boot the crash kernel with no-kvmapf, so that it "
+           "does not enable APF (by default it does, as Linux's crash kernel is a kernel like any other)",
            is_flag=True),
     Option("reconnect_timeout", _duration, 30.0, "seconds to keep reconnecting when the host goes away"),
     Option("connect_timeout", _duration, 10.0, "seconds to wait for the host at start"),
@@ -259,6 +263,7 @@ class HostOptions(ProcessOptions):
     resident: int = 384
     page_in_latency: PageInLatency = PageInLatency("exp", 0.002)
     recover: bool = False
+    enforce_pv_cpuid: bool = False
 
     TABLE: ClassVar[tuple[Option, ...]] = HOST_OPTIONS
     MODULE: ClassVar[str] = "host_daemon"
@@ -293,7 +298,7 @@ class GuestOptions(ProcessOptions):
     shared_ratio: float = 0.2
     apf_reinit_every: float | None = None
     online_clears_token: bool = False
-    kdump_apf: bool = False
+    kdump_no_kvmapf: bool = False
     reconnect_timeout: float = 30.0
     connect_timeout: float = 10.0
     drain_timeout: float = 5.0

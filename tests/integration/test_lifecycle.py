@@ -57,7 +57,7 @@ def test_panic_disables_apf_and_comes_back_as_kdump(tmp_path, vm_id, kdump_apf):
         g1.signal(signal.SIGUSR1)
         assert g1.wait() == 70
         wait_for_events(host.log_dir / "host.jsonl", "vcpu_disconnect")
-        g2 = GuestProcess(host, 0, *(["--kdump-apf"] if kdump_apf else []), boot=2, kind="kdump")
+        g2 = GuestProcess(host, 0, *([] if kdump_apf else ["--kdump-no-kvmapf"]), boot=2, kind="kdump")
         wait_for_events(g2.log, "guest_boot", kind="kdump", boot=2)
         if kdump_apf:
             wait_for_events(g2.log, "guest_apf_wait", 20, boot=2)

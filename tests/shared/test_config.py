@@ -89,5 +89,5 @@ def test_host_command_lines_parse_back_to_their_options(vcpus, pages, data, late
        reinit=st.none() | st.floats(0.001, 100))
 def test_guest_command_lines_parse_back_to_their_options(vcpu, vector, ratio, transport, flags, reinit):
     opts = c.GuestOptions(vcpu=vcpu, vector=vector, shared_ratio=ratio, transport=transport, send_always=flags[0],
-                          no_apf=flags[1], kdump_apf=flags[2], apf_reinit_every=reinit)
+                          no_apf=flags[1], kdump_no_kvmapf=flags[2], apf_reinit_every=reinit)
     assert parse(c.GuestOptions, c.GUEST_OPTIONS, opts.argv()[3:]) == opts
