@@ -22,20 +22,31 @@
 #   an empty list raises KVM_REQ_APF_READY and perhaps a kick; `kvm_async_pf_completed` is traced after that.
 # - Delivery (`check_completion`, `kvm_check_async_pf_completion`): while the done list is not empty and
 #   `kvm_arch_can_dequeue_async_page_present` (APF off: always, the event is consumed; on: the LAPIC is enabled and
-#   the token slot is 0), `kvm_arch_async_page_present` traces `kvm_async_pf_ready` and injects the page-ready
-#   vector only for items whose not-present was injected (and wake-alls), setting pageready_pending; it also ends
-#   the artificial halt.
-# - MSRs: `kvm_pv_enable_async_pf` (reserved bits, DELIVERY_AS_PF_VMEXIT without the feature, and an area outside
-#   guest RAM when enabling, are #GP before anything is stored; enabling queues a wake-all only if the done list is
-#   empty (`kvm_async_pf_wakeup_all`); anything else clears the queue and the gfn hash), `kvm_pv_enable_async_pf_int`
+#   the token slot is 0), `kvm_arch_async_page_ready` prefaults the item's page (`prefault`: if it was evicted again,
+#   the caller faults it in synchronously, then calls `page_ready`), and `kvm_arch_async_page_present` traces
+#   `kvm_async_pf_ready` and injects the page-ready vector only for items whose not-present was injected (and
+#   wake-alls), setting pageready_pending; it also ends the artificial halt.
+# - MSRs: `kvm_pv_enable_async_pf` (reserved bits, DELIVERY_AS_PF_VMEXIT without the feature when the VMM enforces
+#   PV CPUID, and an area outside guest RAM when enabling, are #GP before anything is stored; enabling queues a
+#   wake-all only if the done list is empty (`kvm_async_pf_wakeup_all`); anything else clears the queue and the gfn
+#   hash: `kvm_clear_async_pf_completion_queue` first waits for the page-ins in flight (cancel_work_sync), which
+#   `flush` names, so the caller waits, completes them, then calls `clear_async_pf_completion_queue`),
+#   `kvm_pv_enable_async_pf_int`
 #   (bits 63:8 #GP), MSR_KVM_ASYNC_PF_ACK (bit 0: pageready_pending = false, then `kvm_check_async_pf_completion`),
 #   `kvm_get_msr_common` (EN and INT read back as written, ACK reads 0), the x2APIC SPIV register
 #   (`apic_set_spiv`: software-enables the LAPIC and, when enabled, raises KVM_REQ_APF_READY; reset value 0xff,
 #   disabled).
 # - Tokens: `alloc_apf_token`.
+#
+# The ABI's axis on the host: how a not-present is delivered is decided in `_async_page_not_present` (what it writes
+# into guest memory) and named by `FaultDecision.exception` (the vector and CR2 the I/O layer injects). A delivery
+# other than the #PF changes this module and, in the guest, guest_agent/apf.py (its handler) and
+# guest_agent/kernel.py (`exception_handlers`, by vector): three files; the wire's `exception` already carries any
+# vector.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
@@ -60,6 +71,7 @@ from shared.abi import (
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.guest_ram import PAGE_SIZE
+from shared.wire import PF_VECTOR
 
 APF_HALT: Final = "KVM_REQ_APF_HALT"
 APF_READY: Final = "KVM_REQ_APF_READY"
@@ -88,6 +100,7 @@ class FaultDecision:
     kind: Fault
     item: AsyncPf | None = None  # new async work (INJECT, or HALT on a new gfn): its page-in must be started
     reason: str | None = None  # why it is not an injected APF
+    exception: tuple[int, int] | None = None  # INJECT: (vector, cr2) of the exception that delivers the not-present
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +109,12 @@ class MsrResult:
     error: str | None = None
     value: int | None = None  # rdmsr
     vectors: tuple[int, ...] = ()  # interrupts to raise before the exit ends (the ACK's delivery)
+    # APF turned off: kvm_clear_async_pf_completion_queue is due once these page-ins in flight have completed
+    flush: tuple[AsyncPf, ...] | None = None
+
+
+def _always_present(_gfn: int) -> bool:
+    return True
 
 
 @dataclass
@@ -105,11 +124,13 @@ class VcpuApf:
     ram_pages: int
     log: Any
     hva_base: int = 0  # where guest RAM is mapped in the host: kvm_async_pf_completed's `address`
+    present: Callable[[int], bool] = _always_present  # the host's own residency of a gfn (for the prefault)
+    enforce_pv_cpuid: bool = False  # KVM_CAP_ENFORCE_PV_FEATURE_CPUID, enabled by the VMM
     msr_en: int = 0  # vcpu->arch.apf.msr_en_val
     msr_int: int = 0  # vcpu->arch.apf.msr_int_val
     apf_id: int = 0  # vcpu->arch.apf.id, the next token id (alloc_apf_token)
     spiv: int = APIC_SPIV_RESET  # the LAPIC's spurious-interrupt vector register: bit 8 is the software enable
-    pageready_pending: bool = False  # a page-ready was injected and not yet ACKed
+    pageready_pending: bool = False  # a page-ready was injected and not yet ACKed (kvm_vcpu_reset keeps it)
     halted: bool = False  # vcpu->arch.apf.halted: the artificial halt
     requests: set[str] = field(default_factory=set)
     queue: dict[int, AsyncPf] = field(default_factory=dict)  # every item not yet freed (token, or id of a wake-all)
@@ -117,6 +138,7 @@ class VcpuApf:
     gfn_hash: set[int] = field(default_factory=set)  # vcpu->arch.apf.gfns: gfns being paged in asynchronously
     slot_token: int = 0  # the last token this host published in the slot (for `released`)
     reraise: bool = False  # restore found a published page-ready whose interrupt may have died with the old host
+    prefault: AsyncPf | None = None  # dequeued, its page out again: to be faulted in before it is presented
     _garbage_reported: bool = False
 
     # --- state ---------------------------------------------------------------------------------------------------
@@ -156,7 +178,7 @@ class VcpuApf:
         if msr != MSR_KVM_ASYNC_PF_EN or not 0 <= value <= U64_MAX:
             return None
         en = AsyncPfEn(value)
-        if value & KVM_ASYNC_PF_RESERVED or en.delivery_as_pf_vmexit or not en.apf_enabled:
+        if value & KVM_ASYNC_PF_RESERVED or self._vmexit_refused(en) or not en.apf_enabled:
             return None
         if en.gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
             return None
@@ -207,7 +229,7 @@ class VcpuApf:
         en = AsyncPfEn(value)
         if value & KVM_ASYNC_PF_RESERVED:
             return MsrResult(False, "bits 5:4 of MSR_KVM_ASYNC_PF_EN are reserved")
-        if en.delivery_as_pf_vmexit:
+        if self._vmexit_refused(en):
             return MsrResult(False, "DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT")
         if en.apf_enabled and en.gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
             return MsrResult(False, f"APF area {en.gpa:#x} is outside guest RAM")  # kvm_gfn_to_hva_cache_init
@@ -215,10 +237,23 @@ class VcpuApf:
         if en.apf_enabled:
             self._garbage_reported = False
             self._wakeup_all()
-        else:
-            self.drop_all("apf_disabled")  # kvm_clear_async_pf_completion_queue
-            self.gfn_hash.clear()  # kvm_async_pf_hash_reset
-        return MsrResult(True)
+            return MsrResult(True)
+        # kvm_clear_async_pf_completion_queue: cancel_work_sync waits for every page-in that is running; each then
+        # completes as usual (joins the done list, kvm_async_pf_completed) before the whole queue is freed.
+        done = {id(item) for item in self.done}
+        return MsrResult(True, flush=tuple(item for item in self.queue.values()
+                                           if not item.wakeup_all and id(item) not in done))
+
+    def _vmexit_refused(self, en: AsyncPfEn) -> bool:
+        """DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT is a #GP only when the VMM enforces PV CPUID
+        (`guest_pv_has` is true for every feature otherwise)."""
+        return en.delivery_as_pf_vmexit and self.enforce_pv_cpuid
+
+    def clear_async_pf_completion_queue(self, reason: str) -> None:
+        """`kvm_clear_async_pf_completion_queue` once the page-ins in flight are done, and
+        `kvm_async_pf_hash_reset`: every outstanding event is eaten, never delivered."""
+        self.drop_all(reason)
+        self.gfn_hash.clear()
 
     def _set_spiv(self, value: int) -> None:
         """`apic_set_spiv`: pending page-ready events are looked at again whenever the LAPIC is enabled."""
@@ -275,7 +310,7 @@ class VcpuApf:
         self.queue[token] = item
         item.notpresent_injected = self._async_page_not_present(item, user=user)
         if item.notpresent_injected:
-            return FaultDecision(Fault.INJECT, item)
+            return FaultDecision(Fault.INJECT, item, exception=(PF_VECTOR, item.token))  # #PF, CR2 = token
         return FaultDecision(Fault.HALT, item, reason="apf_disabled" if not self.pv_enabled else "kernel_mode")
 
     def _async_page_not_present(self, item: AsyncPf, *, user: bool) -> bool:
@@ -291,7 +326,8 @@ class VcpuApf:
         return False
 
     def _can_deliver(self, *, user: bool) -> bool:
-        """`kvm_can_deliver_async_pf`: APF on, and CPL 3 unless SEND_ALWAYS (paging on, no nesting: apf-emu)."""
+        """`kvm_can_deliver_async_pf`: APF on, and CPL other than 0 unless SEND_ALWAYS (the wire's `user` is CPL 3;
+        paging is on and there is no nesting in apf-emu)."""
         return self.pv_enabled and (user or AsyncPfEn(self.msr_en).send_always)
 
     # --- completion and delivery ---------------------------------------------------------------------------------
@@ -328,15 +364,36 @@ class VcpuApf:
         self.halted = False
 
     def check_completion(self) -> list[int]:
-        """`kvm_check_async_pf_completion`. Returns the vectors injected (at most one while APF is on)."""
-        vectors = []
+        """`kvm_check_async_pf_completion`. Returns the vectors injected (at most one while APF is on). Stops at an
+        item whose page `kvm_arch_async_page_ready` must fault in again (`prefault`): the caller does, then calls
+        `page_ready`."""
+        vectors: list[int] = []
+        if self.prefault is not None:
+            return vectors  # the vCPU is still in the loop, faulting a page in
         while self.done and self._can_dequeue():
             item = self.done.popleft()
-            del self.queue[id(item) if item.wakeup_all else item.token]
-            vector = self._async_page_present(item)
+            if not item.wakeup_all and not self.present(item.gfn):
+                # kvm_arch_async_page_ready: kvm_mmu_do_page_fault(prefetch) maps the page before the page-ready;
+                # it was evicted since its page-in, and a prefetch fault never goes async: it is synchronous.
+                self.log.info("apf_sync_fault", gfn=item.gfn, reason="prefault", token=item.token)
+                self.prefault = item
+                break
+            vector = self._dequeued(item)
             if vector is not None:
                 vectors.append(vector)
         return vectors
+
+    def page_ready(self) -> list[int]:
+        """The prefault of `prefault` is done: present it, and go on with `kvm_check_async_pf_completion`."""
+        item, self.prefault = self.prefault, None
+        if item is None:  # dropped meanwhile (vCPU reset)
+            return []
+        vector = self._dequeued(item)
+        return ([vector] if vector is not None else []) + self.check_completion()
+
+    def _dequeued(self, item: AsyncPf) -> int | None:
+        del self.queue[id(item) if item.wakeup_all else item.token]  # list_del(&work->queue), queued--
+        return self._async_page_present(item)
 
     def _can_dequeue(self) -> bool:
         """`kvm_arch_can_dequeue_async_page_present`: APF off: yes (the event is consumed); on: the LAPIC is
@@ -378,11 +435,12 @@ class VcpuApf:
                 self.log.info("apf_ready_dropped", token=item.token, gfn=item.gfn, reason=reason)
         self.queue.clear()
         self.done.clear()
+        self.prefault = None
 
     def reset(self, reason: str) -> None:
-        """`kvm_vcpu_reset` (and destroy): MSRs cleared, queue eaten, gfn hash reset, halt ended."""
-        self.drop_all(reason)
-        self.gfn_hash.clear()
+        """`kvm_vcpu_reset` (and destroy): MSRs cleared, queue eaten, gfn hash reset, halt ended; pageready_pending
+        is not reset. The page-ins in flight are not waited for here (the guest is gone)."""
+        self.clear_async_pf_completion_queue(reason)
         self.msr_en = self.msr_int = 0
         self.halted = False
         self.requests.clear()

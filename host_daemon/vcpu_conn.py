@@ -9,6 +9,11 @@
 # artificial halt blocks the exit until the vCPU has events (a completed page-in), then enters, raises what that
 # delivers and resumes the guest, which retries its access (and may halt again).
 #
+# The vCPU thread (`_thread`) is one lock: an exit with its entry, and a kick's entry, never overlap, since both can
+# wait (a prefault's synchronous page-in at delivery, `kvm_arch_async_page_ready`; the page-ins in flight that turning
+# APF off waits for, `kvm_clear_async_pf_completion_queue`). Meanwhile the guest's next exit waits for its reply,
+# as a vCPU thread busy in KVM does not run the guest.
+#
 # How an exception or an interrupt reaches the guest is the notifier's business (host_daemon/transports/). A bad
 # frame is answered with an `error` and logged; only a fatal one (oversized or truncated frame, a second hello)
 # closes the connection, and nothing here can take the daemon or other vCPUs down. The connection owns the vCPU's
@@ -24,7 +29,7 @@ import trio
 from shared.abi import MSR_KVM_ASYNC_PF_ACK
 from shared.channel import MessageChannel
 from shared.guest_ram import PAGE_SIZE
-from shared.wire import PF_VECTOR, ErrorReply, ExitMem, Hello, Message, MsrRead, MsrResult, MsrWrite, Resume, WireError
+from shared.wire import ErrorReply, ExitMem, Hello, Message, MsrRead, MsrResult, MsrWrite, Resume, WireError
 
 from .backing_store import SavedVcpu
 from .guest_views import ControlBlock
@@ -42,6 +47,9 @@ class VmContext(Protocol):
     pager: Pager
     nursery: trio.Nursery
     vcpus: dict[int, VcpuConnection]
+    enforce_pv_cpuid: bool  # the VMM enabled KVM_CAP_ENFORCE_PV_FEATURE_CPUID
+    # What kvm_vcpu_reset leaves of a vCPU for its next boot on this host: pageready_pending.
+    pageready_pending: dict[int, bool]
 
     @property
     def stopping(self) -> bool: ...
@@ -58,7 +66,9 @@ class VcpuConnection:
         self.vcpu_id = vcpu_id
         self.boot = boot
         self.log = log
-        self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log, vm.memory.ram.hva_base)
+        self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log, vm.memory.ram.hva_base,
+                           present=vm.memory.present, enforce_pv_cpuid=vm.enforce_pv_cpuid,
+                           pageready_pending=vm.pageready_pending.get(vcpu_id, False))
         self.pinned: int | None = None
         self.scope = trio.CancelScope()
         self.done = trio.Event()  # set once the connection is reset and its end logged
@@ -66,6 +76,9 @@ class VcpuConnection:
         self._events = trio.Event()  # set when the done list gains an item: wakes a halted vCPU
         self._completions = trio.Event()  # set while a completion may be applied (see _complete_when)
         self._completions.set()
+        self._thread = trio.Lock()  # the vCPU thread: exits (with their entries) and kicks' entries
+        self._entries = 0  # entries so far: a kick that waited for the thread is moot if one happened meanwhile
+        self._page_ins: dict[int, trio.Event] = {}  # token -> its page-in's event, until its completion
 
     async def start(self, saved: SavedVcpu | None) -> None:
         """Continue the vCPU's token ids across boots; restore its registers if this boot is the one saved."""
@@ -85,10 +98,11 @@ class VcpuConnection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    if self.apf.reraise:  # the restored IRR: a page-ready still in the slot
-                        self.apf.reraise = False
-                        await self.notifier.interrupt(self.apf.vector)
-                    await self._enter()  # the first entry after a restore delivers what it queued
+                    async with self._thread:
+                        if self.apf.reraise:  # the restored IRR: a page-ready still in the slot
+                            self.apf.reraise = False
+                            await self.notifier.interrupt(self.apf.vector)
+                        await self._enter()  # the first entry after a restore delivers what it queued
                     await self._message_loop()
                 finally:
                     nursery.cancel_scope.cancel()
@@ -106,13 +120,14 @@ class VcpuConnection:
                 return
             if msg is None:
                 return
-            self._exit_begins()
-            try:
-                await self._dispatch(msg)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return  # the guest went away while we answered
-            finally:
-                self._exit_ends()
+            async with self._thread:
+                self._exit_begins()
+                try:
+                    await self._dispatch(msg)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the guest went away while we answered
+                finally:
+                    self._exit_ends()
 
     async def reject(self, exc: WireError) -> None:
         self.log.error("wire_error", code=exc.code, message=exc.message, fatal=exc.fatal)
@@ -150,7 +165,17 @@ class VcpuConnection:
     async def _enter(self) -> None:
         """The vCPU enters the guest (vcpu_enter_guest): pending APF requests are processed and what they inject
         is raised. A halt requested by a fault is handled by `_halt`, not here."""
-        await self._raise(self.apf.entry())
+        self._entries += 1
+        await self._deliver(self.apf.entry())
+
+    async def _deliver(self, vectors: list[int] | tuple[int, ...]) -> None:
+        """Raise what kvm_check_async_pf_completion injected; where it stopped at an item whose page was evicted
+        again, fault the page in on the vCPU thread (`kvm_arch_async_page_ready`'s prefetch fault is synchronous)
+        and let it go on."""
+        await self._raise(vectors)
+        while (item := self.apf.prefault) is not None:
+            await self.vm.pager.fault_in(item.gfn, self.vm.nursery)
+            await self._raise(self.apf.page_ready())
 
     async def _halt(self, reason: str | None) -> None:
         """The artificial halt: block until the vCPU has events, then enter; repeat while it halts again. While
@@ -158,7 +183,7 @@ class VcpuConnection:
         self.log.info("apf_halt", reason=reason)
         start = trio.current_time()
         while True:
-            await self._raise(self.apf.entry())
+            await self._enter()
             if not self.apf.halted:
                 break
             self._completions.set()
@@ -177,14 +202,32 @@ class VcpuConnection:
             # (KVM's put_user would fault it in): fault it in and pin it before the write takes effect.
             await self._pin(target)
         result = self.apf.write_msr(msr, value)
+        if result.flush is not None:  # APF off: kvm_clear_async_pf_completion_queue waits for the page-ins running
+            await self._flush(result.flush)
+            self.apf.clear_async_pf_completion_queue("apf_disabled")
         await self._sync_pin()
         if target is not None:
             self.vm.memory.unpin(target)
         if result.ok and msr != MSR_KVM_ASYNC_PF_ACK:
             self._save()
-        await self._raise(result.vectors)  # the ACK's own kvm_check_async_pf_completion
+        await self._deliver(result.vectors)  # the ACK's own kvm_check_async_pf_completion
         await self._enter()
         await self.chan.send(MsrResult(msr, result.ok, result.error))
+
+    async def _flush(self, items: tuple[AsyncPf, ...]) -> None:
+        """cancel_work_sync for each page-in in flight: wait until it is done; it completes as any other does
+        (async_pf_execute: the done list, `kvm_async_pf_completed`), on the vCPU thread's behalf, since this exit
+        holds the completions that wait for its end."""
+
+        async def flush_one(item: AsyncPf, event: trio.Event) -> None:
+            await event.wait()
+            self.apf.complete(item)
+
+        async with trio.open_nursery() as nursery:
+            for item in items:
+                event = self._page_ins.get(item.token)
+                if event is not None:
+                    nursery.start_soon(flush_one, item, event)
 
     async def _pin(self, gfn: int) -> None:
         await self.vm.pager.fault_in(gfn, self.vm.nursery)
@@ -216,15 +259,16 @@ class VcpuConnection:
         if decision.item is not None:
             memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
             event = self.vm.pager.start_page_in(gfn, self.vm.nursery)
+            self._page_ins[decision.item.token] = event
             self._nursery.start_soon(self._complete_when, decision.item, event)
         if decision.kind is Fault.SYNC:
             await self.vm.pager.fault_in(gfn, self.vm.nursery)  # on the vCPU thread, interrupts off
             await self._enter()
             await self.chan.send(Resume(gpa))
         elif decision.kind is Fault.INJECT:
-            assert decision.item is not None
+            assert decision.exception is not None
             await self._enter()
-            await self.notifier.inject_exception(PF_VECTOR, decision.item.token)
+            await self.notifier.inject_exception(*decision.exception)
         else:
             await self._halt(decision.reason)
             await self.chan.send(Resume(gpa))
@@ -234,17 +278,22 @@ class VcpuConnection:
         when the exit's reply has gone: in KVM the entry that ends the exit sees every request made before it, and
         here the entry (the reply) cannot be made atomic with the check that precedes it; for the guest the two
         orders are the same (a page-in may finish at any moment)."""
-        await event.wait()  # the page may be evicted again before the guest retries: it then faults anew
+        await event.wait()  # the page may be evicted again before it is delivered: the prefault brings it back
         while not self._completions.is_set():
             await self._completions.wait()
+        self._page_ins.pop(item.token, None)
         kick = self.apf.complete(item)
         self._events.set()  # __kvm_vcpu_wake_up: a halted vCPU looks at its events
         if kick and not self.in_exit:
-            await self._enter()  # the kick of a running vCPU: it exits and enters at once
+            entries = self._entries
+            async with self._thread:
+                if self._entries == entries:  # else the vCPU entered meanwhile: that entry saw the request
+                    await self._enter()  # the kick of a running vCPU: it exits and enters at once
 
     def reset(self, reason: str) -> None:
         """The vCPU is gone: drop its APF state, as KVM does on vCPU reset or destroy."""
         self.apf.reset(reason)
+        self.vm.pageready_pending[self.vcpu_id] = self.apf.pageready_pending
         self.notifier.close()
         if self.pinned is not None:
             self.vm.memory.unpin(self.pinned)

@@ -38,9 +38,14 @@ class Machine:
         self.items: dict[int, AsyncPf] = {}  # every event created, also after KVM dropped it
 
     def wrmsr(self, msr: int, value: int) -> None:
-        """A WRMSR exit, and the entry that ends it."""
+        """A WRMSR exit, and the entry that ends it. Turning APF off waits for the page-ins in flight
+        (kvm_clear_async_pf_completion_queue): they complete during the exit."""
         result = self.kvm.write_msr(msr, value)
         assert result.ok, result.error
+        if result.flush is not None:
+            for item in result.flush:
+                self.kvm.complete(item)
+            self.kvm.clear_async_pf_completion_queue("apf_disabled")
         self._raise(list(result.vectors) + self.kvm.entry())
 
     def entry(self) -> None:

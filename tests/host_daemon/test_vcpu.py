@@ -70,7 +70,7 @@ def events(log: EventLog, name: str) -> list[dict[str, object]]:
         (MSR_KVM_ASYNC_PF_EN, ON, True),
         (MSR_KVM_ASYNC_PF_EN, ON | 0x10, False),  # bit 4 reserved
         (MSR_KVM_ASYNC_PF_EN, ON | 0x20, False),  # bit 5 reserved
-        (MSR_KVM_ASYNC_PF_EN, ON | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT, False),  # feature not advertised
+        (MSR_KVM_ASYNC_PF_EN, ON | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT, True),  # guest_pv_has: not enforced
         (MSR_KVM_ASYNC_PF_EN, (PAGES * 4096) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT, False),
         (MSR_KVM_ASYNC_PF_EN, ((PAGES * 4096) - 64) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT, True),
         (MSR_KVM_ASYNC_PF_EN, AREA | KVM_ASYNC_PF_ENABLED, True),  # accepted, but APF stays off
@@ -89,7 +89,20 @@ def test_kvm_set_msr_common_validates_like_kvm(msr, value, ok):
     assert vcpu.write_msr(msr, value).ok is ok
 
 
-@pytest.mark.parametrize("bad", [ON | 0x10, ON | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT,
+def test_kvm_pv_enable_async_pf_delivery_as_pf_vmexit_needs_the_feature_only_when_pv_cpuid_is_enforced():
+    """`kvm_pv_enable_async_pf`: `!guest_pv_has(vcpu, KVM_FEATURE_ASYNC_PF_VMEXIT) && (data & DELIVERY_AS_PF_VMEXIT)`
+    is a #GP, and guest_pv_has is false only with KVM_CAP_ENFORCE_PV_FEATURE_CPUID (apf-emu does not advertise the
+    feature)."""
+    vcpu, _ = make_vcpu()
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT).ok and vcpu.pv_enabled
+    strict, _ = make_vcpu()
+    strict.enforce_pv_cpuid = True
+    assert not strict.write_msr(MSR_KVM_ASYNC_PF_EN, ON | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT).ok
+    assert strict.msr_en == 0
+    assert strict.area_gfn_enabled_by(MSR_KVM_ASYNC_PF_EN, ON | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT) is None
+
+
+@pytest.mark.parametrize("bad", [ON | 0x10, ON | 0x20,
                                  (PAGES * 4096) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT])
 def test_kvm_pv_enable_async_pf_gp_stores_nothing(bad):
     """kvm_pv_enable_async_pf returns 1 (#GP) before `msr_en_val = data`: a refused write leaves the old value, and
@@ -168,7 +181,7 @@ def test_kvm_can_do_async_pf_does_not_need_apf_enabled():
 @pytest.mark.parametrize("user,send_always,kind", [(True, False, Fault.INJECT), (False, False, Fault.HALT),
                                                    (False, True, Fault.INJECT), (True, True, Fault.INJECT)])
 def test_kvm_can_deliver_async_pf(user, send_always, kind):
-    """kvm_can_deliver_async_pf: APF on, and CPL 3 unless SEND_ALWAYS; otherwise kvm_arch_async_page_not_present
+    """kvm_can_deliver_async_pf: APF on, and CPL other than 0 unless SEND_ALWAYS; otherwise kvm_arch_async_page_not_present
     requests KVM_REQ_APF_HALT and reports the not-present as not injected."""
     vcpu, log = make_vcpu()
     boot(vcpu, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
@@ -178,6 +191,7 @@ def test_kvm_can_deliver_async_pf(user, send_always, kind):
     assert events(log, "kvm_async_pf_not_present")[-1]["injected"] is (kind is Fault.INJECT)
     assert (APF_HALT in vcpu.requests) is (kind is Fault.HALT)
     assert vcpu.area is not None and vcpu.area.flags == (1 if kind is Fault.INJECT else 0)
+    assert decision.exception == ((14, decision.item.token) if kind is Fault.INJECT else None)  # #PF, CR2 = token
 
 
 def test_kvm_find_async_pf_gfn_makes_a_repeated_fault_halt():
@@ -322,16 +336,57 @@ def test_kvm_async_pf_wakeup_all_only_if_done_is_empty():
     assert vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN
 
 
-def test_kvm_clear_async_pf_completion_queue_on_disable():
-    """Disabling eats every outstanding item without telling the guest, and resets the gfn hash."""
+def test_kvm_clear_async_pf_completion_queue_waits_for_the_page_ins_in_flight():
+    """Disabling runs kvm_clear_async_pf_completion_queue: cancel_work_sync waits for each page-in that is running
+    (it completes as usual, kvm_async_pf_completed), then everything is eaten without telling the guest, and the gfn
+    hash is reset. A page-in already done is not waited for."""
     vcpu, log = make_vcpu()
+    boot(vcpu)
+    running, done = (vcpu.on_fault(g, 0, user=True, irq=True).item for g in (5, 6))
+    assert running is not None and done is not None
+    vcpu.complete(done)
+    result = vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
+    assert result.ok and result.flush == (running,)
+    vcpu.complete(running)  # the page-in ends while the vCPU waits in the exit (the kick it asks for is moot)
+    assert [kw["token"] for kw in events(log, "kvm_async_pf_completed")] == [done.token, running.token]
+    vcpu.clear_async_pf_completion_queue("apf_disabled")
+    assert vcpu.check_completion() == [] and not vcpu.gfn_hash and vcpu.queued == 0
+    assert sorted(kw["token"] for kw in events(log, "apf_ready_dropped")) == sorted([running.token, done.token])
+    assert not [kw for kw in events(log, "kvm_async_pf_ready") if kw["token"] != KVM_APF_WAKE_ALL_TOKEN]
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0).flush == ()  # already off: nothing in flight
+
+
+def test_kvm_arch_async_page_ready_prefaults_an_evicted_page_before_the_page_ready():
+    """kvm_check_async_pf_completion calls kvm_arch_async_page_ready (a prefetch fault, always synchronous) before
+    kvm_arch_async_page_present: a page evicted since its page-in is faulted in again before its page-ready."""
+    vcpu, log = make_vcpu()
+    boot(vcpu)
+    out: set[int] = set()
+    vcpu.present = lambda gfn: gfn not in out
+    item = vcpu.on_fault(5, 0, user=True, irq=True).item
+    assert item is not None
+    vcpu.complete(item)
+    out.add(5)  # evicted again before the entry
+    assert vcpu.entry() == [] and vcpu.prefault is item
+    assert events(log, "apf_sync_fault")[-1] == {"gfn": 5, "reason": "prefault", "token": item.token}
+    assert not [kw for kw in events(log, "kvm_async_pf_ready") if kw["token"] == item.token]
+    assert vcpu.check_completion() == []  # the vCPU is still in the loop
+    out.discard(5)  # the synchronous fault brought it in
+    assert vcpu.page_ready() == [VECTOR] and vcpu.prefault is None
+    assert vcpu.area is not None and vcpu.area.token == item.token and vcpu.queued == 0
+
+
+def test_kvm_vcpu_reset_keeps_pageready_pending():
+    """kvm_vcpu_reset clears the MSRs, the queue and the hash, not apf.pageready_pending: a reset vCPU whose last
+    page-ready was never ACKed kicks no completion until its next ACK."""
+    vcpu, _ = make_vcpu()
     boot(vcpu)
     item = vcpu.on_fault(5, 0, user=True, irq=True).item
     assert item is not None
-    vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
-    assert not vcpu.complete(item) and vcpu.check_completion() == []
-    assert not vcpu.gfn_hash and vcpu.queued == 0
-    assert events(log, "apf_ready_dropped") == [{"token": item.token, "gfn": 5, "reason": "apf_disabled"}]
+    vcpu.complete(item)
+    assert vcpu.entry() == [VECTOR] and vcpu.pageready_pending
+    vcpu.reset("vcpu_reset")
+    assert vcpu.pageready_pending
 
 
 def test_kvm_vcpu_reset():
@@ -469,8 +524,14 @@ class KvmApfMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.vcpu.halted)
     @rule(send_always=st.booleans())
     def reinit(self, send_always: bool) -> None:
-        """kvm_guest_cpu_offline + kvm_guest_cpu_init: disable, then enable; the slot is left as it is."""
-        self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
+        """kvm_guest_cpu_offline + kvm_guest_cpu_init: disable (the page-ins in flight complete first), then
+        enable; the slot is left as it is."""
+        result = self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
+        assert result.flush is not None and set(map(id, result.flush)) == set(map(id, self.in_flight))
+        for item in self.in_flight:
+            self.vcpu.complete(item)
+        self.in_flight.clear()
+        self.vcpu.clear_async_pf_completion_queue("apf_disabled")
         assert self.vcpu.queued == 0 and not self.vcpu.gfn_hash
         self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
         self._enter()

@@ -115,7 +115,7 @@ def test_bad_messages_are_answered_and_the_connection_lives_on(host, vm_id, payl
     "value,why",
     [
         (0x40 | 0x10 | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT, "reserved"),
-        (0x48 | 0x04 | KVM_ASYNC_PF_ENABLED, "DELIVERY_AS_PF_VMEXIT"),
+        (0x48 | 0x20 | KVM_ASYNC_PF_ENABLED, "reserved"),
         ((PAGES * PAGE_SIZE) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT, "outside guest RAM"),
         ((1 << 63) | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT, "outside guest RAM"),
     ],
