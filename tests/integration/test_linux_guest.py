@@ -1,10 +1,15 @@
 # apf-emu's guest agent behaves as Linux 5.8+ does (arch/x86/kernel/kvm.c), shown on real processes against the
-# real host: __kvm_handle_async_pf panics on a not-present in kernel mode, and kvm_guest_cpu_offline(false) wakes
-# every sleeper itself (apf_task_wake_all) before the host's wake-all of the re-enable can come.
+# real host: __kvm_handle_async_pf panics on a not-present in kernel mode, kvm_guest_cpu_offline(false) wakes every
+# sleeper itself (apf_task_wake_all) before the host's wake-all of the re-enable can come, and
+# sysvec_kvm_asyncpf_interrupt wakes whatever the slot holds, 0 too (a dummy for token 0, which the checker flags).
 from __future__ import annotations
+
+import signal
 
 from apf_emu.checker import check_events
 from apf_emu.logs import read_merged
+from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
+from shared.guest_ram import GuestRam, RamLayout
 
 from .helpers import GuestProcess, HostProcess, read_events, wait_for_events
 
@@ -49,3 +54,40 @@ def test_cpu_offline_wakes_every_sleeper_before_the_hosts_wake_all(tmp_path, vm_
         after = next(e for e in events[i + 1:] if (e["event"] == "kvm_async_pf_ready" and e["injected"])
                      or (e["event"] == "msr_write" and e["msr"] == "MSR_KVM_ASYNC_PF_EN"))
         assert after["event"] == "msr_write" and after["value"] != 0  # then the re-enable; its wake-all after it
+
+
+def test_a_page_ready_interrupt_with_an_empty_slot_makes_a_dummy_for_token_0(tmp_path, vm_id):
+    """sysvec_kvm_asyncpf_interrupt reads the slot and calls kvm_async_pf_task_wake(token) whatever it holds: with 0
+    there is no sleeper, so a dummy for token 0 is inserted (no not-present will ever consume it), then the slot is
+    written 0 and ACKed. In a real VM this follows a page-ready interrupt raised again after its slot was released
+    (apf-emu's own re-raise after a host restart can do it, at a moment no test can force); here the guest is
+    stopped with a page-ready delivered but not yet taken, and its slot is cleared through guest RAM, as any vCPU
+    can write it. The task that slept on the token sleeps on, and the checker names all three consequences."""
+    pages = 256
+    host = HostProcess(tmp_path, vm_id, "--vcpus", "1", "--pages", str(pages), "--resident", "32",
+                       "--page-in-latency", "fixed:1s")
+    ram = GuestRam.open(vm_id, RamLayout(pages))
+    area = KvmVcpuPvApfData(ram.u32, 0 * KVM_VCPU_PV_APF_DATA_SIZE)
+    try:
+        guest = GuestProcess(host, 0, "--tasks", "1", "--kernel-ratio", "0", "--irq-off-ratio", "0",
+                             "--shared-ratio", "0", "--drain-timeout", "0.5")
+        wait_for_events(guest.log, "guest_apf_wait")
+        guest.signal(signal.SIGSTOP)  # its one task sleeps; the vCPU idles
+        (wait,) = [e for e in read_events(guest.log) if e["event"] == "guest_apf_wait"]
+        wait_for_events(host.log_dir / "host.jsonl", "kvm_async_pf_ready", token=wait["token"], injected=True)
+        assert area.token == wait["token"]  # delivered: the interrupt is pending in the stopped guest
+        area.token = 0
+        guest.signal(signal.SIGCONT)
+        wait_for_events(guest.log, "guest_apf_dummy", token=0, action="created")
+        assert guest.stop() == 0
+    finally:
+        area.release()
+        ram.close()
+        assert host.stop() == 0
+    events = list(read_merged([str(tmp_path)]))
+    (ack,) = [e for e in events if e["event"] == "guest_apf_ack" and e["token"] == 0]
+    assert [e for e in events if e["event"] == "apf_ack" and e["mono_ns"] > ack["mono_ns"]]  # ACKed all the same
+    (shutdown,) = [e for e in events if e["event"] == "guest_shutdown"]
+    assert shutdown["dummy_tokens"] == [0] and shutdown["sleepers"] == 1
+    found = {(v.invariant, v.message.split(" ")[0]) for v in check_events(events)}
+    assert found == {("wake_matches_ready", "the"), ("dummy_leak", "dummy"), ("wait_woken", "task")}, found
