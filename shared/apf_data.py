@@ -6,6 +6,10 @@
 #         __u8 pad[56];
 #     };                  /* 64 bytes, 64-byte aligned */
 #
+# From 5.8 until the 2023 cleanup (6.7) the uapi struct also had `__u32 enabled` at offset 64, the guest's own
+# bookkeeping, which KVM never touched (68 bytes, still 64-byte aligned); Linux now keeps that flag in a per-CPU
+# variable (`async_pf_enabled`). KVM reads and writes only the first 64 bytes either way.
+#
 # Each field has exactly one writer per transition (host: 0 -> nonzero, guest: nonzero -> 0), and every access is
 # one aligned 32-bit load or store through a memoryview cast to "I" (CPython copies 4 aligned bytes with one
 # memcpy, a single mov on x86-64). That is all the atomicity the protocol needs, as in the kernel, where both sides
