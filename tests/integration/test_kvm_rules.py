@@ -1,8 +1,9 @@
 # KVM's rules of delivery, shown on the real host daemon with a scripted vCPU (no guest agent): the artificial halt
 # (kvm_can_do_async_pf, KVM_REQ_APF_HALT), delivery at entry (kvm_arch_async_page_present_queued,
 # kvm_check_async_pf_completion), the wake-all skip (kvm_async_pf_wakeup_all), the ACK's bit 0, the LAPIC's software
-# enable (kvm_arch_can_dequeue_async_page_present) and RDMSR (kvm_get_msr_common). Each test reads the host's log for
-# what happened inside the host, and the frames for what reached the guest.
+# enable (kvm_arch_can_dequeue_async_page_present), RDMSR (kvm_get_msr_common) and the disable's wait for the page-ins
+# in flight (kvm_clear_async_pf_completion_queue). Each test reads the host's log for what happened inside the host,
+# and the frames for what reached the guest.
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -226,3 +227,20 @@ def test_rdmsr_returns_what_kvm_returns(vcpu):
     assert v.c.rdmsr(MSR_X2APIC_SPIV).value == APIC_SPIV_APIC_ENABLED | SPURIOUS_APIC_VECTOR
     unknown = v.c.rdmsr(0x4B564DFF)
     assert unknown.ok is False and unknown.value is None
+
+
+def test_disabling_waits_for_the_page_ins_in_flight(vcpu):
+    """kvm_clear_async_pf_completion_queue calls cancel_work_sync for every queued item: the disabling WRMSR exit
+    lasts until each page-in that is running has finished, which completes as usual (kvm_async_pf_completed); then
+    everything is freed and nothing reaches the guest."""
+    v = vcpu
+    enable(v)
+    a = v.fault(OUT[0])  # 150 ms of page-in ahead
+    assert v.c.wrmsr(MSR_KVM_ASYNC_PF_EN, 0).ok
+    # The reply has come: by then the page-in has ended and been traced, and the event eaten.
+    (completed,) = v.events("kvm_async_pf_completed", token=a)
+    (dropped,) = v.events("apf_ready_dropped", token=a)
+    (disable,) = v.events("msr_write", msr="MSR_KVM_ASYNC_PF_EN", value=0)
+    assert disable["mono_ns"] < completed["mono_ns"] < dropped["mono_ns"]
+    assert dropped["reason"] == "apf_disabled" and not v.events("kvm_async_pf_ready", token=a)
+    assert v.c.interrupts == 0 and v.area.token == 0
