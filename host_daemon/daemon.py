@@ -218,6 +218,7 @@ class Vm:
             await conn.start(saved)
             if vcpu_id in self.recovery_pins:
                 self.memory.unpin(self.recovery_pins.pop(vcpu_id))
+            await conn.first_entry()  # a restored vCPU's interrupts come before welcome: pending when it resumes
             await chan.send_with_fds(
                 [self.ept.fd, ctl.fd],
                 Welcome(proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, boot=boot, vcpus=self.config.vcpus,

@@ -93,16 +93,21 @@ class VcpuConnection:
         self.vm.memory.backing.save_vcpu(self.vcpu_id, self.boot, self.apf.msr_en, self.apf.msr_int,
                                          self.apf.apf_id, self.apf.spiv)
 
+    async def first_entry(self) -> None:
+        """The vCPU's first entry, made before `welcome` is sent: what it injects (a restored vCPU's wake-all, and
+        the re-raised interrupt of a page-ready still in the slot) is pending when the guest resumes, as a restored
+        LAPIC's IRR is at the first KVM_RUN. The guest finds it before it runs a single access."""
+        async with self._thread:
+            if self.apf.reraise:  # the restored IRR: a page-ready still in the slot
+                self.apf.reraise = False
+                await self.notifier.interrupt(self.apf.vector)
+            await self._enter()
+
     async def serve(self) -> None:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    async with self._thread:
-                        if self.apf.reraise:  # the restored IRR: a page-ready still in the slot
-                            self.apf.reraise = False
-                            await self.notifier.interrupt(self.apf.vector)
-                        await self._enter()  # the first entry after a restore delivers what it queued
                     await self._message_loop()
                 finally:
                     nursery.cancel_scope.cancel()

@@ -11,7 +11,9 @@
 # hello (same boot) for up to `reconnect_timeout` seconds. The exit it was in then ends as KVM's would after the VMM
 # came back: an MSR access is performed again (the instruction is re-executed), an EPT-violation exit ends with
 # Resume (the vCPU re-enters, takes what is pending, the restarted host's wake-all among it, and retries the access).
-# The new `welcome` brings a new EPT and control block: `on_welcome` hands them to the kernel before anything runs.
+# A restored vCPU's first entry comes before `welcome`: the interrupts it raised (frames before `welcome`, or counters
+# in the new control block) are pending before the guest runs again. The new `welcome` brings a new EPT and control
+# block: `on_welcome` hands them to the kernel before anything runs.
 from __future__ import annotations
 
 import math
@@ -71,6 +73,7 @@ class Transport:
         self._hello: Hello | None = None
         self.chan = BlockingChannel(_connect(path, connect_timeout))
         self.cpu: Cpu | None = None
+        self._early: list[Interrupt] = []  # interrupt frames that came before welcome, for a cpu not yet attached
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -89,6 +92,12 @@ class Transport:
     def attach(self, cpu: Cpu, ctl: memoryview) -> None:
         """Start delivering to `cpu`; `ctl` is the control block of this connection (`attach_ctl` for the next)."""
         self.cpu = cpu
+        self._take_early()
+
+    def _take_early(self) -> None:
+        early, self._early = self._early, []
+        for msg in early:
+            self._interrupt_frame(msg)
 
     def attach_ctl(self, ctl: memoryview) -> None:
         return None
@@ -148,6 +157,9 @@ class Transport:
         """hello -> welcome, and the file descriptors that came with it (the EPT, the control block)."""
         self.send(hello)
         msg = self._next(block=True)
+        while isinstance(msg, Interrupt):  # a restored vCPU's first entry (the restored IRR): pending on resume
+            self._early.append(msg)
+            msg = self._next(block=True)
         fds = self.chan.take_fds()
         if not isinstance(msg, Welcome):
             for fd in fds:
@@ -200,6 +212,8 @@ class Transport:
         else:
             for fd in fds:
                 os.close(fd)
+        if self.cpu is not None:
+            self._take_early()
         self.reconnects += 1
         if self.on_reconnect is not None:
             self.on_reconnect(self.reconnects, time.monotonic() - start)

@@ -181,7 +181,12 @@ def test_guest_apf_ack_is_logged_before_the_store_that_releases_the_slot():
     reads 0, so the line must come before the store (docs/LOGGING.md's ordering guarantee)."""
     apf, area, msrs, log = make_guest()
     slot_at_log: list[int] = []
-    log.info = lambda event, **kw: (slot_at_log.append(area.token) if event == "guest_apf_ack" else None)  # type: ignore[method-assign]
+
+    def info(event: str, **_kw: object) -> None:
+        if event == "guest_apf_ack":
+            slot_at_log.append(area.token)
+
+    log.info = info  # type: ignore[method-assign]
     token = make_token(1, 2)
     not_present(apf, area, token, Task(7))
     page_ready(apf, area, token, msrs)

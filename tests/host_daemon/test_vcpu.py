@@ -181,8 +181,8 @@ def test_kvm_can_do_async_pf_does_not_need_apf_enabled():
 @pytest.mark.parametrize("user,send_always,kind", [(True, False, Fault.INJECT), (False, False, Fault.HALT),
                                                    (False, True, Fault.INJECT), (True, True, Fault.INJECT)])
 def test_kvm_can_deliver_async_pf(user, send_always, kind):
-    """kvm_can_deliver_async_pf: APF on, and CPL other than 0 unless SEND_ALWAYS; otherwise kvm_arch_async_page_not_present
-    requests KVM_REQ_APF_HALT and reports the not-present as not injected."""
+    """kvm_can_deliver_async_pf: APF on, and CPL other than 0 unless SEND_ALWAYS; otherwise
+    kvm_arch_async_page_not_present requests KVM_REQ_APF_HALT and reports the not-present as not injected."""
     vcpu, log = make_vcpu()
     boot(vcpu, ON | (KVM_ASYNC_PF_SEND_ALWAYS if send_always else 0))
     decision = vcpu.on_fault(5, 5 * 4096, user=user, irq=True)

@@ -149,7 +149,10 @@ class WireClient:
     def hello(self, vm: str, vcpu: int | None = 0, boot: int = 1, **fields: Any) -> Any:
         hello = dict(proto=PROTOCOL_VERSION, vm=vm, vcpu=vcpu, boot=boot, kind="normal", pid=os.getpid(),
                      transport="socket")
-        reply = self.request(Hello(**{**hello, **fields}))
+        self.send(Hello(**{**hello, **fields}))
+        while isinstance(reply := self.receive(), Interrupt):  # a restored vCPU's first entry comes before welcome
+            self.interrupts += 1
+        assert reply is not None, "host closed the connection"
         fds = self.chan.take_fds()
         if isinstance(reply, Welcome):
             self.views = GuestViews(fds, reply.pages)
