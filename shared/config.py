@@ -217,7 +217,7 @@ GUEST_OPTIONS: Final = (
     Option("counting_tasks", int_in(0, MAX_TASKS), 0, "guest tasks that only count (CPU work, no memory): what a "
            "vCPU can run while others wait for pages; their total is count_work in guest_shutdown"),
     Option("vector", int_in(0, 255, base=0), HYPERVISOR_CALLBACK_VECTOR,
-           "page-ready vector written to MSR_KVM_ASYNC_PF_INT, 0..255 (default 0xf3, HYPERVISOR_CALLBACK_VECTOR)"),
+           "page-ready vector written to MSR_KVM_ASYNC_PF_INT, 0..255 (0xf3 is Linux's HYPERVISOR_CALLBACK_VECTOR)"),
     Option("send_always", flag, False, "set KVM_ASYNC_PF_SEND_ALWAYS, as guests before 5.8 did (a 5.8+ guest "
            "panics on an async #PF in kernel mode either way)", is_flag=True),
     Option("no_apf", flag, False, "do not enable APF (like the no-kvmapf kernel parameter)", is_flag=True),
