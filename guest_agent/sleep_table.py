@@ -7,8 +7,9 @@
 # that vCPU). The rules, as Linux has them:
 # - queue_task(token): any node found for the token is taken for a dummy ("wake up was delivered ahead of PF"):
 #   it is unhashed and freed and the task does not sleep. If that node was another task's (a host that handed the
-#   token out twice), Linux kfree()s that task's on-stack node and the task sleeps for good: `hlist_del` poisons
-#   its link, so it never sees itself unhashed, and a later wake of the token only inserts a dummy. (A patch that
+#   token out twice), Linux kfree()s that task's on-stack node, which corrupts memory; at best the task sleeps for
+#   good (`hlist_del` poisons its link, so it never sees itself unhashed, and a later wake of the token only
+#   inserts a dummy), which is what this table models. (A patch that
 #   leaves such a node alone, Yasuoka 2025, is not merged.) Otherwise the task adds a node and sleeps until it is
 #   unhashed.
 # - wake(token): with a node, unhash it (apf_task_wake_one: wakes a sleeper; a dummy just goes, and is never

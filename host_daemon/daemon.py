@@ -58,7 +58,6 @@ class Vm:
         self.vcpus: dict[int, VcpuConnection] = {}
         self.recovery_pins: dict[int, int] = {}  # vCPU -> APF-area page pinned until that vCPU reconnects
         self.last_boot: dict[int, int] = {}  # vCPU -> newest boot that connected, to number a hello with boot 0
-        self.enforce_pv_cpuid = config.enforce_pv_cpuid
         self.pageready_pending: dict[int, bool] = {}  # vCPU -> what kvm_vcpu_reset left of it for the next boot
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

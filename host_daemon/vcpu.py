@@ -252,7 +252,12 @@ class VcpuApf:
     def clear_async_pf_completion_queue(self, reason: str) -> None:
         """`kvm_clear_async_pf_completion_queue` once the page-ins in flight are done, and
         `kvm_async_pf_hash_reset`: every outstanding event is eaten, never delivered."""
-        self.drop_all(reason)
+        for item in self.queue.values():
+            if not item.wakeup_all:
+                self.log.info("apf_ready_dropped", token=item.token, gfn=item.gfn, reason=reason)
+        self.queue.clear()
+        self.done.clear()
+        self.prefault = None
         self.gfn_hash.clear()
 
     def _set_spiv(self, value: int) -> None:
@@ -369,13 +374,12 @@ class VcpuApf:
         `page_ready`."""
         vectors: list[int] = []
         if self.prefault is not None:
-            return vectors  # the vCPU is still in the loop, faulting a page in
+            return vectors  # the vCPU is still in this loop (the I/O layer never re-enters it: its vCPU thread lock)
         while self.done and self._can_dequeue():
             item = self.done.popleft()
             if not item.wakeup_all and not self.present(item.gfn):
                 # kvm_arch_async_page_ready: kvm_mmu_do_page_fault(prefetch) maps the page before the page-ready;
                 # it was evicted since its page-in, and a prefetch fault never goes async: it is synchronous.
-                self.log.info("apf_sync_fault", gfn=item.gfn, reason="prefault", token=item.token)
                 self.prefault = item
                 break
             vector = self._dequeued(item)
@@ -384,10 +388,11 @@ class VcpuApf:
         return vectors
 
     def page_ready(self) -> list[int]:
-        """The prefault of `prefault` is done: present it, and go on with `kvm_check_async_pf_completion`."""
+        """The prefault of `prefault` is done (its page is in): present it, and go on with
+        `kvm_check_async_pf_completion`."""
         item, self.prefault = self.prefault, None
-        if item is None:  # dropped meanwhile (vCPU reset)
-            return []
+        assert item is not None, "page_ready without a prefault"
+        self.log.info("apf_sync_fault", gfn=item.gfn, reason="prefault", token=item.token)
         vector = self._dequeued(item)
         return ([vector] if vector is not None else []) + self.check_completion()
 
@@ -427,15 +432,6 @@ class VcpuApf:
         area.token = self.slot_token = item.token & U32_MAX  # apf_put_user_ready
         self.pageready_pending = True
         return self.vector
-
-    def drop_all(self, reason: str) -> None:
-        """`kvm_clear_async_pf_completion_queue`: outstanding events are eaten, never delivered."""
-        for item in self.queue.values():
-            if not item.wakeup_all:
-                self.log.info("apf_ready_dropped", token=item.token, gfn=item.gfn, reason=reason)
-        self.queue.clear()
-        self.done.clear()
-        self.prefault = None
 
     def reset(self, reason: str) -> None:
         """`kvm_vcpu_reset` (and destroy): MSRs cleared, queue eaten, gfn hash reset, halt ended; pageready_pending

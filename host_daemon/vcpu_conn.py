@@ -28,6 +28,7 @@ import trio
 
 from shared.abi import MSR_KVM_ASYNC_PF_ACK
 from shared.channel import MessageChannel
+from shared.config import HostOptions
 from shared.guest_ram import PAGE_SIZE
 from shared.wire import ErrorReply, ExitMem, Hello, Message, MsrRead, MsrResult, MsrWrite, Resume, WireError
 
@@ -47,7 +48,7 @@ class VmContext(Protocol):
     pager: Pager
     nursery: trio.Nursery
     vcpus: dict[int, VcpuConnection]
-    enforce_pv_cpuid: bool  # the VMM enabled KVM_CAP_ENFORCE_PV_FEATURE_CPUID
+    config: HostOptions
     # What kvm_vcpu_reset leaves of a vCPU for its next boot on this host: pageready_pending.
     pageready_pending: dict[int, bool]
 
@@ -67,7 +68,7 @@ class VcpuConnection:
         self.boot = boot
         self.log = log
         self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log, vm.memory.ram.hva_base,
-                           present=vm.memory.present, enforce_pv_cpuid=vm.enforce_pv_cpuid,
+                           present=vm.memory.present, enforce_pv_cpuid=vm.config.enforce_pv_cpuid,
                            pageready_pending=vm.pageready_pending.get(vcpu_id, False))
         self.pinned: int | None = None
         self.scope = trio.CancelScope()

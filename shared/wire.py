@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 import msgpack
 
-PROTOCOL_VERSION: Final = 3  # 2: EPT and control block passed as fds with welcome; 3: `exception`, `msr_read`
+# 2: EPT and control block with welcome; 3: `exception`, `msr_read`; 4: a restored vCPU's interrupts before welcome
+PROTOCOL_VERSION: Final = 4
 MAX_FRAME: Final = 64 * 1024
 HEADER: Final = struct.Struct(">I")
 

@@ -155,6 +155,7 @@ class Transport:
     # --- the guest's view ----------------------------------------------------------------------------------------
     def handshake(self, hello: Hello) -> tuple[Welcome, list[int]]:
         """hello -> welcome, and the file descriptors that came with it (the EPT, the control block)."""
+        self._early.clear()  # what an earlier attempt got is superseded by this host's first entry
         self.send(hello)
         msg = self._next(block=True)
         while isinstance(msg, Interrupt):  # a restored vCPU's first entry (the restored IRR): pending on resume

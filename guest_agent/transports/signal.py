@@ -25,9 +25,9 @@ class Transport(Base):
     name = "signal"
 
     def __init__(self, path: Path, connect_timeout: float, reconnect_timeout: float = 30.0) -> None:
-        # Handlers first: the default action of a real-time signal is to terminate, and a restored vCPU may be
-        # signalled as soon as the host has sent `welcome`. Until `attach`, a vector signal only leaves its counter
-        # raised; attach_ctl looks at every counter.
+        # Handlers first: the default action of a real-time signal is to terminate, and a restored vCPU is
+        # signalled before the host sends `welcome` (its first entry). Until `attach`, a vector signal only leaves
+        # its counter raised; attach_ctl looks at every counter.
         self.irr: IrrReader | None = None
         signal.signal(SIG_PF, _ignore)  # the self-pipe wakes the exit wait; pf_seq says what happened
         for signum in interrupt_signals():

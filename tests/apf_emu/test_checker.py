@@ -179,6 +179,20 @@ def test_ready_latency_limit_is_configurable(events):
     assert tight and {v.invariant for v in tight} == {"ready_latency"}
 
 
+def test_ready_latency_counts_from_a_prefault(events):
+    """A completed page-in whose page had to be faulted in again at delivery (kvm_arch_async_page_ready, logged as
+    apf_sync_fault with reason prefault once the page is in) is due from the prefault: the late completion alone
+    is flagged, the same with a prefault just before the ready is not."""
+    late = late_ready(events)
+    _, token = a_token(late)
+    r = first(late, "kvm_async_pf_ready", token=token)
+    prefault = at(late, r, event="apf_sync_fault", reason="prefault", mono_ns=late[r]["mono_ns"] - 1)
+    for key in ("injected", "vector", "released", "gva"):
+        prefault.pop(key, None)
+    assert "ready_latency" in {v.invariant for v in check_events(copy.deepcopy(late))}
+    assert "ready_latency" not in {v.invariant for v in check_events(late[:r] + [prefault] + late[r:])}
+
+
 def test_every_invariant_has_a_mutation():
     assert MUTATIONS.keys() == INVARIANTS.keys()
 

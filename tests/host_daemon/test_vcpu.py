@@ -368,25 +368,34 @@ def test_kvm_arch_async_page_ready_prefaults_an_evicted_page_before_the_page_rea
     vcpu.complete(item)
     out.add(5)  # evicted again before the entry
     assert vcpu.entry() == [] and vcpu.prefault is item
-    assert events(log, "apf_sync_fault")[-1] == {"gfn": 5, "reason": "prefault", "token": item.token}
     assert not [kw for kw in events(log, "kvm_async_pf_ready") if kw["token"] == item.token]
     assert vcpu.check_completion() == []  # the vCPU is still in the loop
     out.discard(5)  # the synchronous fault brought it in
     assert vcpu.page_ready() == [VECTOR] and vcpu.prefault is None
+    assert events(log, "apf_sync_fault")[-1] == {"gfn": 5, "reason": "prefault", "token": item.token}
     assert vcpu.area is not None and vcpu.area.token == item.token and vcpu.queued == 0
 
 
-def test_kvm_vcpu_reset_keeps_pageready_pending():
-    """kvm_vcpu_reset clears the MSRs, the queue and the hash, not apf.pageready_pending: a reset vCPU whose last
-    page-ready was never ACKed kicks no completion until its next ACK."""
+@pytest.mark.parametrize("acked", [False, True])
+def test_kvm_vcpu_reset_keeps_pageready_pending(acked):
+    """kvm_vcpu_reset clears the MSRs, the queue and the hash, not apf.pageready_pending: a vCPU reset while its last
+    page-ready was not ACKed kicks no completion of its next boot until that boot's first ACK. (The connection of
+    the next boot is a new VcpuApf made with the flag the reset left: host_daemon/vcpu_conn.py.)"""
     vcpu, _ = make_vcpu()
     boot(vcpu)
     item = vcpu.on_fault(5, 0, user=True, irq=True).item
     assert item is not None
     vcpu.complete(item)
     assert vcpu.entry() == [VECTOR] and vcpu.pageready_pending
+    if acked:
+        release_and_ack(vcpu)
     vcpu.reset("vcpu_reset")
-    assert vcpu.pageready_pending
+    assert vcpu.pageready_pending is not acked
+    # The next boot, before it enables APF: a fault halts the vCPU, and its completion kicks only without the flag.
+    nxt = VcpuApf(3, vcpu.ram_u32, PAGES, EventLog(), pageready_pending=vcpu.pageready_pending)
+    fault = nxt.on_fault(6, 0, user=True, irq=True).item
+    assert fault is not None
+    assert nxt.complete(fault) is acked
 
 
 def test_kvm_vcpu_reset():
@@ -431,18 +440,21 @@ def test_area_gfn_enabled_by_agrees_with_write_msr(msr, value, gfn):
 
 # --- any interleaving -----------------------------------------------------------------------------------------------
 class KvmApfMachine(RuleBasedStateMachine):
-    """KVM's side against a Linux-like guest: faults in any mode, page-ins completing in any order, entries (the end
-    of any exit, or a kick), the halt and its wake-up, the guest's page-ready handler split at the slot release and
-    the ACK, LAPIC and APF toggles.
+    """KVM's side against a Linux-like guest: faults in any mode, page-ins completing in any order, evictions (a page
+    out again before its page-ready: the prefault), entries (the end of any exit, or a kick), the halt and its
+    wake-up, the guest's page-ready handler split at the slot release and the ACK, LAPIC and APF toggles.
 
     Safety: the slot is never written while it holds a token; only injected not-presents (and wake-alls) get a
-    page-ready, each once; a halt never outlives its events. Liveness (teardown): once every page-in is done, the
-    LAPIC and APF are on and the guest handles what it gets, every injected token that no disable ate has had
-    exactly one page-ready."""
+    page-ready, each once, and only once its page is in; a halt never outlives its events. Liveness (teardown):
+    once every page-in is done, the LAPIC and APF are on and the guest handles what it gets, every injected token
+    that no disable ate has had exactly one page-ready."""
 
     def __init__(self) -> None:
         super().__init__()
         self.vcpu, self.log = make_vcpu(5)
+        self.out: set[int] = set()  # gfns evicted since their page-in
+        self.vcpu.present = lambda gfn: gfn not in self.out
+        self.gfn_of: dict[int, int] = {}
         boot(self.vcpu)
         self.in_flight: list[AsyncPf] = []
         self.slot_holder: int | None = None  # delivered, not yet released
@@ -461,11 +473,21 @@ class KvmApfMachine(RuleBasedStateMachine):
         token = area.token
         if token != KVM_APF_WAKE_ALL_TOKEN:
             assert token in self.injected and token not in self.delivered
+            assert self.gfn_of[token] not in self.out, "page-ready for a page that is out"
             self.delivered.append(token)
         self.slot_holder = token
 
+    def _deliver(self, vectors: list[int] | tuple[int, ...]) -> None:
+        """What the I/O layer does with kvm_check_async_pf_completion's result: raise it, and where it stopped at
+        an evicted page, fault that page in (kvm_arch_async_page_ready) and let it go on."""
+        self._got(vectors)
+        while (item := self.vcpu.prefault) is not None:
+            assert item.gfn in self.out
+            self.out.discard(item.gfn)
+            self._got(self.vcpu.page_ready())
+
     def _enter(self) -> None:
-        self._got(self.vcpu.entry())
+        self._deliver(self.vcpu.entry())
 
     @precondition(lambda self: not self.vcpu.halted)
     @rule(gfn=st.integers(1, 12), user=st.booleans(), irq=st.booleans())
@@ -474,6 +496,7 @@ class KvmApfMachine(RuleBasedStateMachine):
         item = decision.item
         if item is not None:
             assert token_is_well_formed(item.token, 5) and item.token not in self.injected
+            self.gfn_of[item.token] = gfn
             self.in_flight.append(item)
             if decision.kind is Fault.INJECT:
                 assert user or _send_always(self.vcpu)
@@ -486,8 +509,15 @@ class KvmApfMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def page_in_done(self, data: st.DataObject) -> None:
         item = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
+        self.out.discard(item.gfn)
         if self.vcpu.complete(item) and not self.vcpu.halted:
             self._enter()  # the kick
+
+    @precondition(lambda self: any(not item.wakeup_all for item in self.vcpu.done))
+    @rule(data=st.data())
+    def evict(self, data: st.DataObject) -> None:
+        """The host evicts the page of a completed event that is still waiting for its page-ready."""
+        self.out.add(data.draw(st.sampled_from(sorted(item.gfn for item in self.vcpu.done if not item.wakeup_all))))
 
     @precondition(lambda self: self.vcpu.halted and self.vcpu.has_events())
     @rule()
@@ -512,7 +542,7 @@ class KvmApfMachine(RuleBasedStateMachine):
     @rule(value=st.sampled_from([1, 3]))
     def ack(self, value: int) -> None:
         result = self.vcpu.write_msr(MSR_KVM_ASYNC_PF_ACK, value)
-        self._got(result.vectors)
+        self._deliver(result.vectors)
         self._enter()
 
     @precondition(lambda self: not self.vcpu.halted)
@@ -529,6 +559,7 @@ class KvmApfMachine(RuleBasedStateMachine):
         result = self.vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
         assert result.flush is not None and set(map(id, result.flush)) == set(map(id, self.in_flight))
         for item in self.in_flight:
+            self.out.discard(item.gfn)
             self.vcpu.complete(item)
         self.in_flight.clear()
         self.vcpu.clear_async_pf_completion_queue("apf_disabled")
@@ -565,6 +596,7 @@ class KvmApfMachine(RuleBasedStateMachine):
         assert all(kw["token"] not in self.injected for kw in halted)
 
     def page_in_done_now(self, item: AsyncPf) -> None:
+        self.out.discard(item.gfn)
         if self.vcpu.complete(item) and not self.vcpu.halted:
             self._enter()
 

@@ -12,6 +12,7 @@ import pytest
 from shared.abi import (
     HYPERVISOR_CALLBACK_VECTOR,
     KVM_ASYNC_PF_DELIVERY_AS_INT,
+    KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT,
     KVM_ASYNC_PF_ENABLED,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
     MSR_KVM_ASYNC_PF_ACK,
@@ -130,6 +131,24 @@ def test_bad_msr_values_get_gp(host, vm_id, value, why):
     assert c.rdmsr(0x4B564DFF).ok is False
     assert c.wrmsr(MSR_KVM_ASYNC_PF_INT, -1).ok is False
     c.close()
+
+
+@pytest.mark.parametrize("enforce", [False, True])
+def test_delivery_as_pf_vmexit_is_a_gp_only_when_pv_cpuid_is_enforced(tmp_path, vm_id, enforce):
+    """kvm_pv_enable_async_pf refuses DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT only where
+    guest_pv_has is false, i.e. with KVM_CAP_ENFORCE_PV_FEATURE_CPUID (--enforce-pv-cpuid); KVM's default stores it."""
+    h = HostProcess(tmp_path, vm_id, "--vcpus", "1", "--pages", str(PAGES), "--resident", "16",
+                    *(["--enforce-pv-cpuid"] if enforce else []))
+    c = WireClient(h.socket)
+    try:
+        c.hello(vm_id, vcpu=0)
+        value = 0x40 | KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_DELIVERY_AS_INT
+        reply = c.wrmsr(MSR_KVM_ASYNC_PF_EN, value)
+        assert reply.ok is not enforce
+        assert c.rdmsr(MSR_KVM_ASYNC_PF_EN).value == (0 if enforce else value)
+    finally:
+        c.close()
+        assert h.stop() == 0
 
 
 def test_out_of_range_exit_is_an_error_not_a_crash(host, vm_id):

@@ -10,8 +10,12 @@ import pytest
 
 from apf_emu.checker import check_events
 from apf_emu.logs import read_merged
+from shared.abi import KVM_APF_WAKE_ALL_TOKEN
+from shared.apf_data import KvmVcpuPvApfData
+from shared.guest_ram import GuestRam, RamLayout
+from shared.wire import Welcome
 
-from .helpers import GuestProcess, HostProcess, count_events, read_events, wait_for_events, wait_until
+from .helpers import GuestProcess, HostProcess, WireClient, count_events, read_events, wait_for_events, wait_until
 
 HOST_ARGS = ("--vcpus", "2", "--pages", "256", "--resident", "64", "--page-in-latency", "exp:2ms")  # a working set > R
 
@@ -210,3 +214,33 @@ def test_pauses_hold_queues_deliver_nothing_twice_lose_nothing(tmp_path, vm_id):
     finally:
         end(host, guests)
     checked(host, ready_latency_limit_ms=60_000)
+
+
+def test_a_restored_vcpus_first_entry_comes_before_welcome(tmp_path, vm_id):
+    """A returning boot after a host restart: the new host restores the registers (the enabling write queues a
+    wake-all, kvm_pv_enable_async_pf) and makes the vCPU's first entry before it sends `welcome`, so the wake-all is
+    in the slot and its interrupt frame comes first, pending before the guest runs anything (docs/PROTOCOL.md,
+    section 8). Sent after welcome, it could reach the guest after its retried access had been injected a new
+    not-present, which the wake-all would then wake too early."""
+    host = HostProcess(tmp_path, vm_id, "--vcpus", "1", "--pages", "64", "--resident", "16")
+    c = WireClient(host.socket)
+    try:
+        assert isinstance(c.hello(vm_id, vcpu=0, boot=1), Welcome)
+        ram = GuestRam.open(vm_id, RamLayout(64))
+        area = KvmVcpuPvApfData(ram.u32, 0)
+        c.enable_apf(area)  # the first wake-all is taken: the slot is free again
+        host.proc.kill()
+        host.proc.wait()
+        c.close()
+        host = HostProcess(tmp_path, vm_id, "--vcpus", "1", "--pages", "64", "--resident", "16", "--recover")
+        c = WireClient(host.socket)
+        assert isinstance(c.hello(vm_id, vcpu=0, boot=1), Welcome)
+        assert c.interrupts == 1 and area.token == KVM_APF_WAKE_ALL_TOKEN  # before welcome
+        area.release()
+        ram.close()
+    finally:
+        c.close()
+        assert host.stop() == 0
+    connect = [e for e in host.events() if e["event"] == "vcpu_connect"][-1]
+    ready = [e for e in host.events() if e["event"] == "kvm_async_pf_ready"][-1]
+    assert connect["restored"] and ready["token"] == KVM_APF_WAKE_ALL_TOKEN and ready["injected"]

@@ -11,7 +11,7 @@ from apf_emu.logs import read_merged
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.guest_ram import GuestRam, RamLayout
 
-from .helpers import GuestProcess, HostProcess, read_events, wait_for_events
+from .helpers import GuestProcess, HostProcess, read_events, wait_for_events, wait_until
 
 
 def test_a_not_present_in_kernel_mode_panics_the_guest(tmp_path, vm_id):
@@ -75,7 +75,8 @@ def test_a_page_ready_interrupt_with_an_empty_slot_makes_a_dummy_for_token_0(tmp
         guest.signal(signal.SIGSTOP)  # its one task sleeps; the vCPU idles
         (wait,) = [e for e in read_events(guest.log) if e["event"] == "guest_apf_wait"]
         wait_for_events(host.log_dir / "host.jsonl", "kvm_async_pf_ready", token=wait["token"], injected=True)
-        assert area.token == wait["token"]  # delivered: the interrupt is pending in the stopped guest
+        # delivered (logged just before the host's store of the token): the interrupt is pending in the stopped guest
+        wait_until(lambda: area.token == wait["token"], 10, "the token in the slot")
         area.token = 0
         guest.signal(signal.SIGCONT)
         wait_for_events(guest.log, "guest_apf_dummy", token=0, action="created")
@@ -91,3 +92,30 @@ def test_a_page_ready_interrupt_with_an_empty_slot_makes_a_dummy_for_token_0(tmp
     assert shutdown["dummy_tokens"] == [0] and shutdown["sleepers"] == 1
     found = {(v.invariant, v.message.split(" ")[0]) for v in check_events(events)}
     assert found == {("wake_matches_ready", "the"), ("dummy_leak", "dummy"), ("wait_woken", "task")}, found
+
+
+def test_the_boot_cpu_enables_apf_before_its_lapic_and_a_secondary_after(tmp_path, vm_id):
+    """start_kernel runs smp_prepare_boot_cpu (kvm_smp_prepare_boot_cpu -> kvm_guest_cpu_init) long before
+    x86_late_time_init reaches setup_local_APIC; a secondary CPU sets its LAPIC up in start_secondary and enables
+    APF from cpuhp (kvm_cpu_online). On the boot CPU the enabling write's wake-all therefore waits for the LAPIC
+    (kvm_arch_can_dequeue_async_page_present) and is delivered by the SPIV write's entry (apic_set_spiv)."""
+    host = HostProcess(tmp_path, vm_id, "--vcpus", "2", "--pages", "256", "--resident", "64")
+    try:
+        guests = [GuestProcess(host, v) for v in (0, 1)]
+        for g in guests:
+            wait_for_events(g.log, "guest_apf_wait")
+        for g in guests:
+            assert g.stop() == 0
+    finally:
+        assert host.stop() == 0
+    events = list(read_merged([str(tmp_path)]))
+    assert check_events(events) == []
+    for vcpu, order in ((0, ["MSR_KVM_ASYNC_PF_INT", "MSR_KVM_ASYNC_PF_EN", "APIC_SPIV"]),
+                        (1, ["APIC_SPIV", "MSR_KVM_ASYNC_PF_INT", "MSR_KVM_ASYNC_PF_EN"])):
+        mine = [e for e in events if e.get("vcpu") == vcpu and e["role"] == "host"]
+        writes = [e for e in mine if e["event"] == "msr_write"]
+        assert [e["msr"] for e in writes[:3]] == order
+        (boot,) = [e for e in events if e["event"] == "guest_boot" and e["vcpu"] == vcpu]
+        assert boot["bsp"] is (vcpu == 0)
+        wake_all = next(e for e in mine if e["event"] == "kvm_async_pf_ready")
+        assert wake_all["token"] == 0xFFFFFFFF and wake_all["mono_ns"] > writes[2 if vcpu == 0 else 1]["mono_ns"]
