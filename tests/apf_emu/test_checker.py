@@ -190,7 +190,7 @@ def test_ready_latency_counts_from_a_prefault(events):
     for key in ("injected", "vector", "released", "gva"):
         prefault.pop(key, None)
     assert "ready_latency" in {v.invariant for v in check_events(copy.deepcopy(late))}
-    assert "ready_latency" not in {v.invariant for v in check_events(late[:r] + [prefault] + late[r:])}
+    assert "ready_latency" not in {v.invariant for v in check_events([*late[:r], prefault, *late[r:]])}
 
 
 def test_every_invariant_has_a_mutation():
