@@ -104,12 +104,16 @@ class Stats:
             self.data_checks += int(ev.get("data_checks", 0))
             self.data_check_failures += int(ev.get("data_check_failures", 0))
             self.interleavings["signals_coalesced"] += int(ev.get("coalesced", 0))
-        if name == "apf_ack":
+        if name in ("apf_ack", "guest_apf_irq_ignored", "guest_apf_slot_cleared"):
             readies = self._unacked.get(key)
-            if readies:  # ACKs answer page-readies in order
-                self._record("ready_to_ack", t - readies.popleft())
-            return
-        if name == "kvm_async_pf_ready":
+            if readies:  # ACKs answer injected page-readies in order
+                ready_ns = readies.popleft()
+                if name == "apf_ack":
+                    self._record("ready_to_ack", t - ready_ns)
+                elif name == "guest_apf_slot_cleared":
+                    readies.clear()  # released without an ACK (--online-clears-token)
+            return  # (a handler that ran with APF off took its page-ready and ACKs nothing)
+        if name == "kvm_async_pf_ready" and ev.get("injected") is not False:
             self._unacked.setdefault(key, deque()).append(t)
         if token is None or token == KVM_APF_WAKE_ALL_TOKEN:
             return
