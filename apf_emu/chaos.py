@@ -23,7 +23,8 @@ import trio
 
 from shared.config import EXIT_CRASH, EXIT_REBOOT, with_
 
-from .runner import HOST_GRACE_S, RunOptions, prepare, remove_leftovers, terminate
+from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
+from .runner import HOST_GRACE_S, RunOptions, prepare, remove_leftovers, spawn, terminate, write_harness_settings
 
 KDUMP_SECONDS = 2.0  # how long a kdump kernel runs before it reboots into a normal kernel
 UP_WAIT_S = 3.0  # how long a fault waits for its target to be (re)started before it is skipped
@@ -82,6 +83,11 @@ class ChaosResult:
     problems: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    injected: list[Fault] = field(default_factory=list)  # the faults applied, in order (a stop cuts the schedule)
+    stopped_by: str = "duration"
+    # A paused guest cannot free its token slot, and a killed host delivers nothing until it is back: page-ready may
+    # legitimately wait that long, so the checker's latency bound allows for the longest pause plus a host restart.
+    ready_latency_limit_ms: float = DEFAULT_READY_LATENCY_LIMIT_MS
     # Panics and kdump reboots that hit a guest before it installed its handlers (Python still starting): the
     # signal's default action killed it, which is a crash without a crash path, like SIGKILL.
     early_signal_deaths: int = 0
@@ -98,16 +104,19 @@ class Chaos:
         self.host: trio.Process | None = None
         self.guests: dict[int, trio.Process] = {}
         self.host_up = trio.Event()
-        self.result = ChaosResult(self.vm, self.log_dir,
-                                  make_schedule(opts.host.seed, opts.duration, opts.host.vcpus, opts))
+        schedule = make_schedule(opts.host.seed, opts.duration, opts.host.vcpus, opts)
+        longest_pause = max((f.seconds for f in schedule), default=0.0)
+        limit = max(DEFAULT_READY_LATENCY_LIMIT_MS, (longest_pause + CHAOS_LATENCY_SLACK_S) * 1000)
+        self.result = ChaosResult(self.vm, self.log_dir, schedule, ready_latency_limit_ms=limit)
+        write_harness_settings(self.log_dir, self.vm, "chaos", ready_latency_limit_ms=limit,
+                               why=f"the longest pause ({longest_pause:.2f} s) plus {CHAOS_LATENCY_SLACK_S:g} s")
 
     # --- processes -----------------------------------------------------------------------------------------------
     async def _host_loop(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         first = True
         while not self.stopping:
             self.sock.unlink(missing_ok=True)  # the killed host's: from now on the socket file means "listening"
-            self.host = await trio.lowlevel.open_process(with_(self.host_opts, recover=not first).argv(),
-                                                         start_new_session=True)
+            self.host = await spawn(self._pumps, "host", with_(self.host_opts, recover=not first).argv())
             self.result.host_starts += 1
             await self._wait_for_socket(self.host)
             self.host_up.set()
@@ -133,7 +142,7 @@ class Chaos:
         self.result.boots[vcpu] = []
         while not self.stopping:
             guest = with_(self.guest_opts, vcpu=vcpu, boot=boot, kind=kind)
-            proc = self.guests[vcpu] = await trio.lowlevel.open_process(guest.argv(), start_new_session=True)
+            proc = self.guests[vcpu] = await spawn(self._pumps, f"guest-{vcpu}", guest.argv())
             self.result.boots[vcpu].append(kind)
             async with trio.open_nursery() as nursery:
                 if kind == "kdump":
@@ -166,6 +175,7 @@ class Chaos:
                 self.result.skipped[fault.kind] += 1
                 continue
             self.result.applied[fault.kind] += 1
+            self.result.injected.append(fault)
             if fault.kind in ("guest_kill", "host_kill"):
                 target.send_signal(signal.SIGKILL)
             elif fault.kind == "guest_panic":
@@ -189,9 +199,12 @@ class Chaos:
 
     # --- the run -------------------------------------------------------------------------------------------------
     async def run(self) -> ChaosResult:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for old in list(self.log_dir.glob("host.jsonl")) + list(self.log_dir.glob("guest-*.jsonl")):
-            old.unlink()
+        async with trio.open_nursery() as pumps:
+            self._pumps = pumps
+            await self._run()
+        return self.result
+
+    async def _run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._host_loop)
@@ -203,8 +216,8 @@ class Chaos:
                             inner.start_soon(self._inject, trio.current_time())
 
                             async def on_signal() -> None:
-                                async for _ in signals:
-                                    self.result.problems.append("interrupted by a signal")
+                                async for signum in signals:
+                                    self.result.stopped_by = signal.Signals(signum).name
                                     inner.cancel_scope.cancel()
                                     return
 
@@ -215,7 +228,6 @@ class Chaos:
         finally:
             with trio.CancelScope(shield=True):
                 await self._cleanup()
-        return self.result
 
     async def _stop(self) -> None:
         """Everything continues (SIGCONT), the host must be up for the guests to drain; then stop as `run` does."""

@@ -82,8 +82,13 @@ class _GuestBoot:
 
 
 class Checker:
-    def __init__(self, ready_latency_limit_ms: float = DEFAULT_READY_LATENCY_LIMIT_MS) -> None:
-        self.ready_latency_limit_ns = int(ready_latency_limit_ms * 1e6)
+    def __init__(self, ready_latency_limit_ms: float | None = None) -> None:
+        """`ready_latency_limit_ms`: None takes the limit the logs recorded (`harness_settings`, written by
+        `apf-emu run` and `chaos` before they start anything), else DEFAULT_READY_LATENCY_LIMIT_MS."""
+        self.limit_given = ready_latency_limit_ms is not None
+        limit = ready_latency_limit_ms if ready_latency_limit_ms is not None else DEFAULT_READY_LATENCY_LIMIT_MS
+        self.ready_latency_limit_ns = int(limit * 1e6)
+        self.limit_source = "command line" if self.limit_given else "default"
         self.violations: list[Violation] = []
         self.events = 0
         self.protocol_events = 0  # events an invariant reads: 0 means nothing was checked at all
@@ -105,6 +110,9 @@ class Checker:
         if ctx is None:
             ctx = self._context[key] = deque(maxlen=CONTEXT_EVENTS)
         self._ev_ctx = ctx
+        if ev.get("role") == "harness":
+            self._harness(ev)
+            return
         handler = (_HOST if ev.get("role") == "host" else _GUEST).get(ev["event"])
         if handler is not None:
             self.protocol_events += 1
@@ -117,6 +125,18 @@ class Checker:
                 self._end_boot(st, (vm, vcpu), clean=True, at_end_of_log=True)
         return self.violations
 
+    def _harness(self, ev: Event) -> None:
+        """The settings `apf-emu run` or `chaos` judged these logs with: the same verdict from `apf-emu check`."""
+        limit = ev.get("ready_latency_limit_ms")
+        if ev["event"] == "harness_settings" and not self.limit_given and isinstance(limit, (int, float)) \
+                and limit > 0:
+            self.ready_latency_limit_ns = int(limit * 1e6)
+            self.limit_source = f"recorded by apf-emu {ev.get('command', '?')}"
+
+    @property
+    def ready_latency_limit_ms(self) -> float:
+        return self.ready_latency_limit_ns / 1e6
+
     def _violate(self, invariant: str, message: str, ev: Event) -> None:
         self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx)))
 
@@ -128,6 +148,12 @@ class Checker:
         return st
 
     def _host_reset(self, ev: Event, key: tuple[Any, Any]) -> None:
+        if ev["event"] == "vcpu_disconnect":
+            # The connection of a boot ended. A guest that stops cleanly logs guest_shutdown first; one that did
+            # not (killed, or gone with its host's SIGTERM) ended there: its sleeping tasks died with it.
+            boot = self._boots.get((key[0], key[1], ev.get("boot")))
+            if boot is not None and not boot.ended:
+                self._end_boot(boot, key, clean=False)
         old = self._host.get(key)
         if old is not None and ev["event"] == "vcpu_connect" and ev.get("restored"):
             # A restarted host took the vCPU back (same boot): registers and the token slot carry over; the events
@@ -155,7 +181,7 @@ class Checker:
         token = ev.get("token")
         vcpu = key[1]
         if not isinstance(token, int) or not isinstance(vcpu, int) or not token_is_well_formed(token, vcpu):
-            self._violate("token_format", f"not-present token {token!r} is not (id << 12) | {vcpu}", ev)
+            self._violate("token_format", f"not-present token {_tok(token)} is not (id << 12) | {vcpu}", ev)
             return
         injected = ev.get("injected", True) is not False
         if injected and not st.enabled:
@@ -176,11 +202,11 @@ class Checker:
             self._ready_not_injected(ev, st, token)
             return
         if not st.enabled:
-            self._violate("delivered_while_disabled", f"page-ready {token!r} while APF is disabled", ev)
+            self._violate("delivered_while_disabled", f"page-ready {_tok(token)} while APF is disabled", ev)
         if st.unacked is not None and key not in self._current_boot and ev.get("released") == st.unacked:
             st.unacked = None  # a guest that does not log: the host found the slot cleared
         if st.unacked is not None:
-            self._violate("one_unacked_ready", f"page-ready {token!r} while {st.unacked:#x} is not released", ev)
+            self._violate("one_unacked_ready", f"page-ready {_tok(token)} while {st.unacked:#x} is not released", ev)
         st.unacked = token if isinstance(token, int) else None
         self._check_boot(ev, key, "page-ready")
         if token == KVM_APF_WAKE_ALL_TOKEN:
@@ -189,7 +215,7 @@ class Checker:
         if issued is not None and issued != ev.get("boot"):
             self._violate("stale_token", f"page-ready {token:#x} of boot {issued} sent in boot {ev.get('boot')}", ev)
         if not isinstance(token, int) or not isinstance(key[1], int) or not token_is_well_formed(token, key[1]):
-            self._violate("token_format", f"page-ready token {token!r} is malformed", ev)
+            self._violate("token_format", f"page-ready token {_tok(token)} is malformed", ev)
         elif token in st.readied:
             self._violate("ready_once", f"second page-ready for {token:#x}", ev)
         elif token not in st.outstanding:
@@ -204,7 +230,7 @@ class Checker:
         """kvm_async_pf_ready of an item whose not-present was not injected (the halt path, or APF off): the item
         is done, nothing reached the guest."""
         if not isinstance(token, int) or token not in st.outstanding:
-            self._violate("ready_after_not_present", f"ready {token!r} without a not-present", ev)
+            self._violate("ready_after_not_present", f"ready {_tok(token)} without a not-present", ev)
         elif token in st.readied:
             self._violate("ready_once", f"second ready for {token:#x}", ev)
         if isinstance(token, int):
@@ -221,7 +247,7 @@ class Checker:
     def _check_boot(self, ev: Event, key: tuple[Any, Any], what: str) -> None:
         current = self._current_boot.get(key)
         if current is not None and ev.get("boot") is not None and ev.get("boot") != current:
-            self._violate("stale_token", f"{what} {ev.get('token')!r} for boot {ev.get('boot')} while boot "
+            self._violate("stale_token", f"{what} {_tok(ev.get('token'))} for boot {ev.get('boot')} while boot "
                           f"{current} runs", ev)
 
     def _completed(self, ev: Event, key: tuple[Any, Any]) -> None:
@@ -297,7 +323,7 @@ class Checker:
                 self._violate("stale_token", f"boot {ev.get('boot')} woke for {token:#x} of boot {issued}", ev)
         waited = st.waits.pop(task, None)
         if waited is not None and waited[0] != token:
-            self._violate("wake_matches_ready", f"task {task} slept on {waited[0]:#x} but woke for {token!r}", ev)
+            self._violate("wake_matches_ready", f"task {task} slept on {waited[0]:#x} but woke for {_tok(token)}", ev)
 
     def _wake_all(self, ev: Event, key: tuple[Any, Any]) -> None:
         if ev.get("reason", "wake_all") == "wake_all":  # not the guest's own (CPU offline: apf_task_wake_all)
@@ -310,9 +336,10 @@ class Checker:
             slot = None if host is None else host.unacked
             if token == 0:
                 self._violate("wake_matches_ready", f"the page-ready interrupt found the slot empty (the host's last "
-                              f"page-ready is {slot!r}): Linux inserts a dummy for token 0", ev)
+                              f"page-ready is {_tok(slot)}): Linux inserts a dummy for token 0", ev)
                 return
-            self._violate("wake_matches_ready", f"guest woke for {token!r}; the host's last page-ready is {slot!r}", ev)
+            self._violate("wake_matches_ready",
+                          f"guest woke for {_tok(token)}; the host's last page-ready is {_tok(slot)}", ev)
 
     def _dummy(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._g(ev, key)
@@ -366,6 +393,7 @@ _GUEST = {
     "guest_shutdown": Checker._shutdown,
     "guest_crash": Checker._abrupt_end,
     "guest_reboot": Checker._abrupt_end,
+    "guest_abort": Checker._abrupt_end,
     "guest_apf_wait": Checker._wait,
     "guest_apf_wake": Checker._wake,
     "guest_apf_wake_all": Checker._wake_all,
@@ -375,6 +403,11 @@ _GUEST = {
     "guest_data_check": Checker._data_check,
     "guest_panic": Checker._panic,
 }
+
+
+def _tok(value: Any) -> str:
+    """A token in a message: hex with 0x, as KVM's tracepoints print it (anything else as it came)."""
+    return f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
 
 
 def check_events(events: Iterable[Event], **options: Any) -> list[Violation]:

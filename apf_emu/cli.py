@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,10 @@ from shared import config
 from shared.config import GuestOptions, HostOptions
 from shared.guest_ram import check_vm_id
 
-from .chaos import CHAOS_LATENCY_SLACK_S, ChaosOptions, ChaosResult, chaos
+from .chaos import ChaosOptions, ChaosResult, chaos
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation
 from .logs import LogInputError, ReadReport, read_merged
-from .runner import RunOptions, RunResult, run
+from .runner import RunOptions, RunResult, describe_exit, run
 from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
 
@@ -35,32 +36,36 @@ COUNT = config.int_in(0, 100_000)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = config.UsageParser(
         prog="apf-emu",
         description="Emulate the KVM async page fault protocol (interrupt-based, Linux 5.8+) with a host daemon "
         "and one guest agent process per vCPU, and inspect the JSON logs they write.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=config.UsageParser)
 
     r = sub.add_parser("run", help="run host and guests natively, then check the logs",
                        description="Start the host daemon and N guest agents, stop them at --duration or on "
-                       "SIGINT/SIGTERM, print a summary and check every protocol invariant over the logs. Exit "
-                       "status: 0 clean, 1 an invariant was violated, 3 a process failed.")
+                       "SIGINT/SIGTERM, print a summary and check every protocol invariant over the logs. A process "
+                       "that dies under `run` is not restarted (`chaos` restarts what it kills): the run stops and "
+                       "fails. Exit status: 0 clean, 1 an invariant was violated, 2 bad usage, 3 a process failed "
+                       "(or nothing was checked), 130 interrupted before anything could be checked.")
     config.add_options(r, config.HOST_OPTIONS, only=RUN_HOST)
     config.add_options(r, config.GUEST_OPTIONS, only=RUN_GUEST)
     config.add_options(r, [DURATION])
     r.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
                    help="where host.jsonl and guest-<vcpu>.jsonl go (default apf-emu-logs/<vm>); earlier logs "
                    "of the same names there are replaced")
-    r.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default run<pid>)")
+    r.add_argument("--vm", type=config.typed(check_vm_id, "vm"), default=None, help="VM id (default run<pid>)")
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     x = sub.add_parser("chaos", help="run under a seeded schedule of kills, panics and pauses, then check",
                        description="Run the native topology while a seeded, reproducible schedule SIGKILLs and "
                        "panics guests, SIGKILLs the host, and pauses both; everything that dies is brought back "
                        "(a killed guest as its next boot, a panicked one as a kdump kernel, the host with "
-                       "--recover). Ends with the checker's verdict and a summary. Exit status: 0 clean, 1 an "
-                       "invariant was violated, 3 the harness saw a problem (unexpected exit, leftovers).")
+                       "--recover). Ends with the checker's verdict and a summary; SIGINT/SIGTERM stop it early, "
+                       "judged as far as it got. Exit status: 0 clean, 1 an invariant was violated, 2 bad usage, 3 "
+                       "the harness saw a problem (unexpected exit, leftovers), 130 interrupted before anything "
+                       "could be checked.")
     config.add_options(x, config.HOST_OPTIONS, only=RUN_HOST, defaults={"vcpus": 3, "seed": 1})
     config.add_options(x, config.GUEST_OPTIONS, only=CHAOS_GUEST)
     config.add_options(x, [DURATION], defaults={"duration": 60.0})
@@ -70,33 +75,47 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("pauses", 5, "SIGSTOP/SIGCONT pauses of a guest or the host")):
         config.add_options(x, [config.Option(name, COUNT, default, f"{what}, 0..100000")])
     x.add_argument("--log-dir", type=Path, default=None, metavar="DIR", help="default apf-emu-logs/<vm>")
-    x.add_argument("--vm", type=check_vm_id, default=None, help="VM id (default chaos<pid>)")
+    x.add_argument("--vm", type=config.typed(check_vm_id, "vm"), default=None, help="VM id (default chaos<pid>)")
     x.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     c = sub.add_parser("check", help="check protocol invariants over logs",
                        description="Merge host and guest logs by mono_ns and verify every invariant. Exit status: "
                        "0 clean, 1 violations, 2 unreadable input.")
     c.add_argument("logs", nargs="*", help="log files, directories of *.jsonl, or - for stdin")
-    c.add_argument("--json", action="store_true", help="print violations as JSON lines")
-    c.add_argument("--ready-latency-limit", type=float, default=DEFAULT_READY_LATENCY_LIMIT_MS, metavar="MS",
-                   help="longest allowed time from a completion to its page-ready (%(default)g ms)")
+    c.add_argument("--json", action="store_true", help="print every violation as a JSON line")
+    c.add_argument("--max-violations", type=config.typed(config.int_in(0, 10**9), "max_violations"), default=20,
+                   metavar="N", help="print at most N violations with their context (0: all; default 20); the "
+                   "count per invariant is always printed")
+    c.add_argument("--ready-latency-limit", type=config.typed(config.float_in(0, 86_400_000, lo_open=True), "ms"),
+                   default=None, metavar="MS",
+                   help="longest allowed time from a completion to its page-ready, in ms, above 0 (default: what "
+                   f"the logs recorded, e.g. a chaos run's; else {DEFAULT_READY_LATENCY_LIMIT_MS:g})")
     c.add_argument("--list", action="store_true", help="list the invariants and exit")
 
     t = sub.add_parser("trace", help="export logs as Chrome Trace Event JSON (Perfetto, chrome://tracing)",
                        description="Write a timeline: a track per host vCPU and per guest task, a slice per APF "
                        "from not-present to wake, arrows from the host's page-ready to the guest's wake, instants "
                        "for ACKs, synchronous faults, dropped completions, boots and shutdowns. Open it in "
-                       "ui.perfetto.dev or chrome://tracing.")
+                       "ui.perfetto.dev or chrome://tracing. Exit status: 0 written, 2 bad usage or unreadable "
+                       "input.")
     t.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
-    t.add_argument("-o", "--output", required=True, help="the JSON file to write (- for stdout)")
+    t.add_argument("-o", "--output", required=True, type=config.typed(_output, "output"), metavar="FILE",
+                   help="the JSON file to write (- for stdout)")
 
-    s = sub.add_parser("stats", help="event counts and latency distributions over logs")
+    s = sub.add_parser("stats", help="event counts and latency distributions over logs",
+                       description="Count events per vCPU (the host's own lines in the `host` column), APFs "
+                       "against synchronous faults, and latency percentiles of the APF cycle. Exit status: 0 done, "
+                       "2 bad usage or unreadable input.")
     s.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("bench", help="run the benchmarks in bench/ (needs a source checkout); "
                    "`apf-emu bench --help` for their options", add_help=False)
     return p
+
+
+def _output(text: str) -> str:
+    return text if text == "-" else str(config.output_file(text))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # a Ctrl-C outside a run (reading logs, printing a summary): nothing to clean up
+        print(f"apf-emu {args.command}: interrupted", file=sys.stderr)
+        return config.EXIT_INTERRUPTED
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -143,6 +165,15 @@ def analyse(paths: Sequence[str], **checker_options: Any) -> tuple[list[Violatio
     return checker.finish(), stats, report, checker
 
 
+def analyse_run(log_dir: Path) -> tuple[list[Violation], Stats, ReadReport, Checker]:
+    """The verdict on a run's own logs, judged with the settings it recorded. Logs that are not there yet (a run
+    stopped before anything logged) check nothing, which the verdict says."""
+    try:
+        return analyse([str(log_dir)])
+    except LogInputError:
+        return [], Stats(), ReadReport(), Checker()
+
+
 def print_violations(violations: list[Violation], *, as_json: bool, out: Any = sys.stdout) -> None:
     for v in violations:
         if as_json:
@@ -156,18 +187,27 @@ def print_violations(violations: list[Violation], *, as_json: bool, out: Any = s
 
 def print_verdict(violations: list[Violation], checker: Checker) -> None:
     """The last lines of a run's or a chaos run's summary."""
+    print(f"  checker             ready-latency limit {checker.ready_latency_limit_ms:g} ms ({checker.limit_source})")
     if not checker.protocol_events:
         print("  invariants: NOT CHECKED: the logs hold no protocol event")
     elif violations:
         print(f"  invariants: {len(violations)} VIOLATIONS")
         print_violations(violations[:20], as_json=False)
+        if len(violations) > 20:
+            print(f"  ... {len(violations) - 20} more: apf-emu check LOGS --max-violations 0")
     else:
         print(f"  invariants: all {len(INVARIANTS)} hold")
 
 
+STOPPED_STARTING = -15  # -SIGTERM: the runner's SIGTERM reached a child before it had installed its handler
+
+TOKEN_FIELDS = frozenset({"token", "released", "slot", "cr2"})  # printed in hex, as KVM's tracepoints print them
+
+
 def _brief(ev: dict[str, Any]) -> str:
     skip = {"timestamp", "level", "pid", "vm"}
-    return " ".join(f"{k}={v}" for k, v in ev.items() if k not in skip)
+    return " ".join(f"{k}={v:#x}" if k in TOKEN_FIELDS and isinstance(v, int) and not isinstance(v, bool)
+                    else f"{k}={v}" for k, v in ev.items() if k not in skip)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -193,9 +233,19 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"of them a protocol event an invariant reads ({len(report.unreadable)} unreadable lines)",
               file=sys.stderr)
         return 2
-    print_violations(violations, as_json=args.json)
-    if not args.json:
-        print(f"{checker.events} events, {len(INVARIANTS)} invariants, {len(violations)} violations")
+    if args.json:
+        print_violations(violations, as_json=True)
+        return 1 if violations else 0
+    shown = violations if not args.max_violations else violations[:args.max_violations]
+    print_violations(shown, as_json=False)
+    if len(shown) < len(violations):
+        print(f"... {len(violations) - len(shown)} more violations not shown (--max-violations, or --json for all)")
+    counts = Counter(v.invariant for v in violations)
+    for name in INVARIANTS:
+        if counts[name]:
+            print(f"  {name:26} {counts[name]:9} violations")
+    print(f"{checker.events} events, {len(INVARIANTS)} invariants, {len(violations)} violations "
+          f"(ready-latency limit {checker.ready_latency_limit_ms:g} ms, {checker.limit_source})")
     return 1 if violations else 0
 
 
@@ -271,9 +321,15 @@ def _pct(p: dict[str, float]) -> str:
 
 # --- chaos ------------------------------------------------------------------------------------------------------
 def run_options(args: argparse.Namespace) -> tuple[HostOptions, GuestOptions]:
-    """The host's and the guests' options of `run` or `chaos`, validated: a usage error (exit 2) otherwise."""
+    """The host's and the guests' options of `run` or `chaos`, validated, and the log directory made: a usage error
+    (exit 2) otherwise."""
     try:
-        return config.from_args(HostOptions, args), config.from_args(GuestOptions, args)
+        options = config.from_args(HostOptions, args), config.from_args(GuestOptions, args)
+        if args.log_dir is not None:
+            config.make_dir(args.log_dir, "--log-dir")
+        else:
+            config.make_dir(Path("apf-emu-logs"), "the default log directory")
+        return options
     except config.ConfigError as exc:
         print(f"apf-emu {args.command}: error: {exc}", file=sys.stderr)
         raise SystemExit(config.EXIT_USAGE) from None
@@ -285,26 +341,36 @@ def cmd_chaos(args: argparse.Namespace) -> int:
                         guest_kills=args.guest_kills, guest_panics=args.guest_panics, host_kills=args.host_kills,
                         pauses=args.pauses)
     result = trio.run(chaos, opts)
-    # A paused guest cannot free its token slot, and a killed host delivers nothing until it is back: page-ready
-    # may legitimately wait that long, so the latency bound allows for the longest pause plus a host restart.
-    longest_pause = max((f.seconds for f in result.schedule), default=0.0)
-    limit_ms = max(DEFAULT_READY_LATENCY_LIMIT_MS, (longest_pause + CHAOS_LATENCY_SLACK_S) * 1000)
-    violations, stats, report, checker = analyse([str(result.log_dir)], ready_latency_limit_ms=limit_ms)
-    summary = chaos_json(result, stats, violations, report)
+    violations, stats, report, checker = analyse_run(result.log_dir)  # with the limit the run recorded
+    summary = chaos_json(result, stats, violations, report, checker)
     if args.json:
         print(orjson.dumps(summary).decode())
     else:
         print_chaos(summary, violations, checker)
+    return verdict_status(violations, checker, failed=bool(result.problems or result.leftovers),
+                          interrupted=result.stopped_by != "duration")
+
+
+def verdict_status(violations: list[Violation], checker: Checker, *, failed: bool, interrupted: bool) -> int:
+    """The exit status of `run` and `chaos`: 1 violations, 3 a process failed (or nothing was checked), 130 stopped
+    by a signal before anything could be checked, else 0 (a run stopped by SIGINT or SIGTERM is judged as far as it
+    got)."""
     if violations:
-        return 1
-    return 3 if result.problems or result.leftovers or not checker.protocol_events else 0
+        return config.EXIT_VIOLATIONS
+    if failed:
+        return config.EXIT_FAILED
+    if not checker.protocol_events:
+        return config.EXIT_INTERRUPTED if interrupted else config.EXIT_FAILED
+    return config.EXIT_OK
 
 
-def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], report: ReadReport) -> dict[str, Any]:
+def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], report: ReadReport,
+               checker: Checker) -> dict[str, Any]:
     wake_all_retries = stats.interleavings["wake_all_raced_not_present"]
     return {
-        "vm": result.vm, "log_dir": str(result.log_dir),
-        "schedule": [str(f) for f in result.schedule],
+        "vm": result.vm, "log_dir": str(result.log_dir), "stopped_by": result.stopped_by,
+        "schedule": [str(f) for f in result.schedule], "injected": [str(f) for f in result.injected],
+        "ready_latency_limit_ms": checker.ready_latency_limit_ms,
         "faults_applied": dict(result.applied), "faults_skipped": dict(result.skipped),
         "boots": {str(k): v for k, v in result.boots.items()}, "host_starts": result.host_starts,
         "early_signal_deaths": result.early_signal_deaths,
@@ -319,9 +385,10 @@ def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], r
 
 
 def print_chaos(summary: dict[str, Any], violations: list[Violation], checker: Checker) -> None:
-    print(f"apf-emu chaos: VM {summary['vm']}, logs in {summary['log_dir']}")
-    print("  schedule:")
-    for line in summary["schedule"]:
+    print(f"apf-emu chaos: VM {summary['vm']}, stopped by {summary['stopped_by']}, logs in {summary['log_dir']}")
+    injected, planned = summary["injected"], summary["schedule"]
+    print(f"  faults injected, {len(injected)} of the {len(planned)} planned:")
+    for line in injected:
         print(f"    {line}")
     applied = ", ".join(f"{k} {v}" for k, v in sorted(summary["faults_applied"].items())) or "none"
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["faults_skipped"].items()))
@@ -348,21 +415,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     host, guest = run_options(args)
     opts = RunOptions(host=host, guest=guest, duration=args.duration, log_dir=args.log_dir, vm=args.vm)
     result = trio.run(run, opts)
-    violations, stats, _report, checker = analyse([str(result.log_dir)])
+    violations, stats, _report, checker = analyse_run(result.log_dir)
     if args.json:
-        print(orjson.dumps(run_json(result, stats, violations)).decode())
+        print(orjson.dumps(run_json(result, stats, violations, checker)).decode())
     else:
         print_summary(result, stats, violations, checker)
-    if violations:
-        return 1
-    if result.unexpected_exits or any(code != 0 for code in result.exit_codes.values()) or not checker.protocol_events:
-        return 3
-    return 0
+    # A child the runner stopped while Python was still starting it dies of the SIGTERM itself: not a failure.
+    failed = bool(result.unexpected_exits) or any(code not in (0, STOPPED_STARTING) for code in
+                                                  result.exit_codes.values())
+    return verdict_status(violations, checker, failed=failed, interrupted=result.stopped_by in ("SIGINT", "SIGTERM"))
 
 
-def run_json(result: RunResult, stats: Stats, violations: list[Violation]) -> dict[str, Any]:
+def run_json(result: RunResult, stats: Stats, violations: list[Violation], checker: Checker) -> dict[str, Any]:
     return {
         "vm": result.vm, "log_dir": str(result.log_dir), "stopped_by": result.stopped_by,
+        "ready_latency_limit_ms": checker.ready_latency_limit_ms,
         "exit_codes": result.exit_codes, "unexpected_exits": result.unexpected_exits,
         "leftovers": result.leftovers, "stats": stats_json(stats),
         "violations": [v.as_dict() for v in violations],
@@ -384,14 +451,17 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation], 
     print(f"  page-ready latency                {_pct(stats.percentiles('completed_to_wake'))}")
     print(f"  APF cycle (not-present -> wake)   {_pct(stats.percentiles('not_present_to_wake'))}")
     print(f"  data checks passed                {stats.data_checks - stats.data_check_failures:9} of "
-          f"{stats.data_checks}")
+          f"{stats.data_checks}" + ("   (of the guests that shut down cleanly)" if result.unexpected_exits else ""))
     print("  interleavings seen                " + ", ".join(
         f"{k.replace('_', ' ')} {stats.interleavings[k]}" for k in list(INTERLEAVINGS)[:2]))
     print("                                    " + ", ".join(
         f"{k.replace('_', ' ')} {stats.interleavings[k]}" for k in list(INTERLEAVINGS)[2:]))
     for line in result.unexpected_exits + [f"left behind: {x}" for x in result.leftovers]:
         print(f"  ! {line}")
-    bad = {k: v for k, v in result.exit_codes.items() if v != 0}
-    if bad:
-        print(f"  ! exit status: {bad}")
+    early = {line.split(" ")[0] for line in result.unexpected_exits}
+    for name, code in sorted(result.exit_codes.items()):
+        if code == STOPPED_STARTING:
+            print(f"  {name} was stopped while still starting")
+        elif code != 0 and name not in early:
+            print(f"  ! {name}: {describe_exit(code)}")
     print_verdict(violations, checker)

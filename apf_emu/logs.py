@@ -68,6 +68,8 @@ def _events(name: str, lines: Iterable[bytes], report: ReadReport) -> Iterator[E
 
 def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool) -> Event | None:
     report.lines += 1
+    if raw.startswith(b"Attaching to "):  # the first line of `docker compose logs`/`up`: not a log line at all
+        return None
     start = raw.find(b"{")  # tolerate a "service | " prefix from compose logs
     try:
         if start < 0:

@@ -4,21 +4,34 @@
 # Order matters. Guests stop first (SIGTERM: they drain their sleeping tasks and disable APF, so every wait is
 # woken); then the host (SIGTERM: closes connections, unlinks the socket and guest RAM). Whatever does not stop
 # within its grace period is SIGKILLed, and the runner then removes what a killed host could not.
-# Children run in their own sessions, so a terminal's Ctrl-C reaches only the runner, which does the above.
+# Children run in their own sessions, so a terminal's Ctrl-C reaches only the runner, which does the above. Their
+# stderr comes through the runner, a line at a time with the child's name in front, so that two children's lines
+# never run together. A child that dies under `run` (killed, crashed) is a failed process: the run stops and says so.
+#
+# Before it starts anything, the runner writes `harness.jsonl` into the log directory: the settings it judges the
+# logs with (the checker's ready-latency limit), so that `apf-emu check` of the same logs gives the same verdict.
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import orjson
 import trio
 
 from shared.config import GuestOptions, HostOptions, with_
 from shared.guest_ram import unlink, vm_shm_names
+
+from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
 
 GUEST_GRACE_S = 15.0
 HOST_GRACE_S = 10.0
@@ -52,7 +65,7 @@ def prepare(opts: RunOptions, prefix: str) -> tuple[str, Path, Path, Path]:
     vm = opts.vm or f"{prefix}{os.getpid()}"
     log_dir = opts.log_dir or Path("apf-emu-logs") / vm
     log_dir.mkdir(parents=True, exist_ok=True)
-    for old in list(log_dir.glob("host.jsonl")) + list(log_dir.glob("guest-*.jsonl")):
+    for old in [*log_dir.glob("host.jsonl*"), *log_dir.glob("guest-*.jsonl*"), *log_dir.glob("harness.jsonl*")]:
         old.unlink()  # a run's directory holds that run's logs only
     tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
     return vm, log_dir, tmp, tmp / "host.sock"
@@ -61,21 +74,72 @@ def prepare(opts: RunOptions, prefix: str) -> tuple[str, Path, Path, Path]:
 async def run(opts: RunOptions) -> RunResult:
     vm, log_dir, tmp, sock = prepare(opts, "run")
     result = RunResult(vm, log_dir)
+    write_harness_settings(log_dir, vm, "run", ready_latency_limit_ms=DEFAULT_READY_LATENCY_LIMIT_MS)
     place = {"vm": vm, "socket": sock, "log_dir": log_dir}
     host = with_(opts.host, **place)
     guest = with_(opts.guest, **place, seed=opts.host.seed, log_stdout=opts.host.log_stdout)
     procs: dict[str, trio.Process] = {}
-    try:
-        procs["host"] = await trio.lowlevel.open_process(host.argv(), start_new_session=True)
-        for i in range(host.vcpus):
-            procs[f"guest-{i}"] = await trio.lowlevel.open_process(with_(guest, vcpu=i).argv(),
-                                                                    start_new_session=True)
-        await _wait_for_stop(opts.duration, procs, result)
-    finally:
-        with trio.CancelScope(shield=True):
-            await _stop(procs, result)
-            result.leftovers += remove_leftovers(vm, tmp, sock, "the runner")
+    async with trio.open_nursery() as pumps:
+        try:
+            procs["host"] = await spawn(pumps, "host", host.argv())
+            for i in range(host.vcpus):
+                procs[f"guest-{i}"] = await spawn(pumps, f"guest-{i}", with_(guest, vcpu=i).argv())
+            await _wait_for_stop(opts.duration, procs, result)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop(procs, result)
+                result.leftovers += remove_leftovers(vm, tmp, sock, "the runner")
     return result
+
+
+def write_harness_settings(log_dir: Path, vm: str, command: str, **settings: Any) -> None:
+    """One line in harness.jsonl: what this run is judged with (the checker reads it back)."""
+    line = {"event": "harness_settings", "role": "harness", "vm": vm, "vcpu": None, "boot": None,
+            "mono_ns": time.monotonic_ns(), "timestamp": datetime.now(UTC).isoformat(), "pid": os.getpid(),
+            "command": command, **settings}
+    with open(log_dir / "harness.jsonl", "ab") as f:
+        f.write(orjson.dumps(line) + b"\n")
+
+
+async def spawn(nursery: trio.Nursery, name: str, argv: Sequence[str]) -> trio.Process:
+    """Start a child in its own session; its stderr is copied to ours a line at a time, prefixed with `name`."""
+    proc = await trio.lowlevel.open_process(list(argv), start_new_session=True, stderr=-1)  # subprocess.PIPE
+    assert proc.stderr is not None
+    nursery.start_soon(_pump_stderr, name, proc.stderr)
+    return proc
+
+
+async def _pump_stderr(name: str, stream: trio.abc.ReceiveStream) -> None:
+    buf = b""
+    with trio.CancelScope(shield=True):  # what a dying child says last is worth reading
+        async with stream:
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    chunk = b""
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    sys.stderr.buffer.write(name.encode() + b": " + line + b"\n")
+                sys.stderr.buffer.flush()
+            if buf:
+                sys.stderr.buffer.write(name.encode() + b": " + buf + b"\n")
+                sys.stderr.buffer.flush()
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's exit status in words."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def remove_leftovers(vm: str, tmp: Path, sock: Path, remover: str) -> list[str]:
@@ -99,7 +163,7 @@ async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result
 
             async def on_exit(name: str, proc: trio.Process) -> None:
                 await proc.wait()
-                result.unexpected_exits.append(f"{name} exited early with status {proc.returncode}")
+                result.unexpected_exits.append(f"{name} ended before the run did: {describe_exit(proc.returncode)}")
                 result.stopped_by = f"{name} exit"
                 nursery.cancel_scope.cancel()
 

@@ -67,7 +67,8 @@ class Stats:
             self.first_ns = t
         self.last_ns = t
         self.events[name] += 1
-        vkey = f"{ev.get('vm')}/{ev.get('vcpu')}"
+        vcpu = ev.get("vcpu")
+        vkey = f"{ev.get('vm')}/{'host' if vcpu is None else vcpu}"  # the host's lines of no vCPU: column "host"
         self.per_vcpu.setdefault(vkey, Counter())[name] += 1
         key = (ev.get("vm"), ev.get("vcpu"))
         token = ev.get("token")

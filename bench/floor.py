@@ -11,6 +11,7 @@ Usage: python -m bench.floor [--round-trips N]    (prints median and p99 in micr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -58,7 +59,8 @@ async def _serve(path: str, mode: str) -> None:
 def serve_main(path: str, mode: str) -> None:
     import trio
 
-    trio.run(_serve, path, mode)
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C of the whole benchmark: stop quietly
+        trio.run(_serve, path, mode)
 
 
 # --- the client -------------------------------------------------------------------------------------------------
@@ -67,8 +69,8 @@ def measure(mode: str, round_trips: int = 5000, warmup: int = 500) -> HdrHistogr
     with tempfile.TemporaryDirectory(prefix="apf-floor-") as tmp:
         path = os.path.join(tmp, "floor.sock")
         server = subprocess.Popen([sys.executable, "-m", "bench.floor", "--serve", mode, path], cwd=ROOT)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             deadline = time.monotonic() + 10
             while True:
                 try:
@@ -83,9 +85,14 @@ def measure(mode: str, round_trips: int = 5000, warmup: int = 500) -> HdrHistogr
                 _socket_round_trips(sock, hist, round_trips, warmup)
             else:
                 _signal_round_trips(sock, hist, round_trips, warmup)
-            sock.close()
         finally:
-            server.wait(10)
+            sock.close()  # the server ends with our connection
+            try:
+                server.wait(10)
+            except BaseException:
+                server.kill()
+                server.wait()
+                raise
     return hist
 
 

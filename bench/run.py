@@ -7,20 +7,24 @@
    with APF and without (synchronous halt), the speedup of the counting work, and the ideal speedup derived from
    the measured fault rate and page-in latency (bench/natapov below);
 4. `apf-emu check` lines per second (bench/check_speed.py).
-Every key of the JSON it writes is documented in bench/README.md.
+Every key of the JSON it writes is documented in bench/README.md. Output paths are checked before anything runs.
+Ctrl-C (or SIGTERM) stops it cleanly: the benchmark running then is cut, its processes are stopped, what was
+measured before is written (`"interrupted": true`) and it exits 130.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from shared import config
 
 from . import apf_cycle, check_speed, floor, topology
 
@@ -169,10 +173,12 @@ def bench_natapov(cfg: dict[str, Any], say: Any) -> tuple[dict[str, Any], list[d
     return head, sweep, at_cores
 
 
-def run_all(quick: bool, say: Any = print) -> dict[str, Any]:
+def run_all(quick: bool, say: Any = print, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every benchmark, filling `result` as each ends (so that an interrupted run keeps what it measured)."""
     cfg = QUICK if quick else FULL
     start = time.monotonic()
-    result: dict[str, Any] = {"variant": "quick" if quick else "full", "machine": machine()}
+    result = {} if result is None else result
+    result.update({"variant": "quick" if quick else "full", "machine": machine()})
     result["floor_us"], result["ratio"], result["costs_us"] = bench_costs(cfg, say)
     result["scale"] = bench_scale(cfg, say)
     result["shared_pages"] = bench_shared(cfg, say)
@@ -234,28 +240,63 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def _stop_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: each benchmark's `finally` stops its processes
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="apf-emu bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the quick variant of every benchmark (under 3 minutes)")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as one JSON object")
+    p = config.UsageParser(prog="apf-emu bench", description=__doc__.split("\n\n")[0] + " Exit status: 0 done, "
+                           "2 bad usage, 130 interrupted (what was measured is kept).")
+    p.add_argument("--quick", action="store_true", help="the quick variant of every benchmark (about 2 minutes; "
+                   "the full run takes about 12)")
+    p.add_argument("--json", type=config.typed(config.output_file, "json"), default=None, metavar="FILE",
+                   help="write the results as one JSON object")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots here (needs matplotlib)")
-    p.add_argument("--replot", type=Path, default=None, metavar="FILE",
+    p.add_argument("--replot", type=config.typed(config.input_file, "replot"), default=None, metavar="FILE",
                    help="run nothing: draw the plots of an earlier --json FILE into --plots DIR")
     args = p.parse_args(argv)
+    earlier = None
     if args.replot:
         if not args.plots:
             p.error("--replot needs --plots DIR")
-        for path in plot(json.loads(args.replot.read_text()), args.plots):
+        try:
+            earlier = json.loads(args.replot.read_text())
+            if not isinstance(earlier, dict) or not {"scale", "natapov_sweep", "machine"} <= earlier.keys():
+                raise ValueError("no scale, natapov_sweep or machine")
+        except ValueError as exc:
+            p.error(f"--replot {args.replot}: not the JSON of an apf-emu bench run ({exc})")
+    try:
+        if args.plots is not None:
+            config.make_dir(args.plots, "--plots")
+    except config.ConfigError as exc:
+        p.error(str(exc))
+    if earlier is not None:
+        try:
+            paths = plot(earlier, args.plots)
+        except (KeyError, TypeError) as exc:
+            p.error(f"--replot {args.replot}: not the JSON of an apf-emu bench run (missing {exc})")
+        for path in paths:
             print(f"bench: wrote {path}")
         return 0
-    result = run_all(args.quick)
-    print(f"bench: {result['variant']} run took {result['seconds']} s")
-    if args.json:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    result: dict[str, Any] = {}
+    status = config.EXIT_OK
+    try:
+        run_all(args.quick, result=result)
+        print(f"bench: {result['variant']} run took {result['seconds']} s")
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the writing of what we have
+        result["interrupted"] = True
+        done = [k for k in ("floor_us", "scale", "shared_pages", "natapov", "check_lines_per_s") if k in result]
+        print(f"bench: interrupted; measured before that: {', '.join(done) or 'nothing'}", file=sys.stderr)
+        status = config.EXIT_INTERRUPTED
+    if args.json and result.get("floor_us") is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-    if args.plots:
+        print(f"bench: wrote {args.json}" + (" (partial)" if status else ""))
+    if args.plots and status == config.EXIT_OK:
         for path in plot(result, args.plots):
             print(f"bench: wrote {path}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -123,14 +123,18 @@ class GuestKernel:
                                                 shared=shared, shared_ratio=cfg.shared_ratio))
                 for tid in range(cfg.tasks, cfg.tasks + cfg.counting_tasks):
                     self.runq.add(GuestTask(tid, [], random.Random(tid), counting=True))
-                self._boot()
-                self._vcpu_loop()
-                if self.lifecycle in ("crash", "panic"):
-                    self._crash()
-                elif self.lifecycle == "reboot":
-                    self._reboot()
-                else:
-                    self._shutdown()
+                try:
+                    self._boot()
+                    self._vcpu_loop()
+                    if self.lifecycle in ("crash", "panic"):
+                        self._crash()
+                    elif self.lifecycle == "reboot":
+                        self._reboot()
+                    else:
+                        self._shutdown()
+                except GuestError as exc:  # the host went away for good, or broke the protocol: this boot ends
+                    self.log.error("guest_abort", reason=str(exc), sleepers=self.apf.sleepers.sleepers)
+                    raise
             finally:
                 self.mem.leave()
                 area.release()

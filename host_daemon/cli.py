@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(serve, opts)
     except (OSError, ValueError) as exc:
-        print(f"apf-host: {exc}", file=sys.stderr)
+        print(f"apf-host: VM {opts.vm} on {opts.socket}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         slog.close()

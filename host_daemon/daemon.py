@@ -75,6 +75,7 @@ class Vm:
             ram = GuestRam.create(cfg.vm, layout)
             backing = BackingStore(cfg.vm, cfg.pages, recover=False)
         clean = False
+        started = False  # listening: from then on a failure leaves the VM's state for --recover
         ept = None
         try:
             ept = self.ept = PublishedEpt(cfg.vm, cfg.pages)
@@ -104,6 +105,7 @@ class Vm:
                         recovered_pages=self.memory.stats.recovered_pages, resident_now=self.memory.resident,
                         awaiting=self.memory.awaiting,
                     )
+                    started = True
                     await nursery.start(trio.serve_listeners, self._handle, [trio.SocketListener(sock)])
                     task_status.started()
                 clean = True
@@ -118,11 +120,14 @@ class Vm:
             # runner removes it if nobody recovers it.
             if ept is not None:
                 ept.close()
-            if clean:
+            # A host that never started (its socket could not be bound, say) leaves nothing to recover, unless it
+            # was itself recovering a VM.
+            unlink_it = clean or not (started or cfg.recover)
+            if unlink_it:
                 ram.close()
             else:
                 ram.close_keep()
-            backing.close(unlink_it=clean)
+            backing.close(unlink_it=unlink_it)
 
     async def _pin_saved_areas(self) -> None:
         """Until each vCPU is back, keep the page of its saved APF area resident: its guest still runs and writes

@@ -27,6 +27,7 @@ EXIT_OK: Final = 0
 EXIT_VIOLATIONS: Final = 1  # an invariant was violated (apf-emu run, chaos, check)
 EXIT_USAGE: Final = 2  # a bad option, a bad path, input with nothing to check
 EXIT_FAILED: Final = 3  # a process failed (a guest or the host could not go on)
+EXIT_INTERRUPTED: Final = 130  # stopped by SIGINT before there was anything to judge (128 + SIGINT, as shells say)
 EXIT_CRASH: Final = 70  # a guest panicked: its crash path ran; boot a kdump kernel next
 EXIT_REBOOT: Final = 71  # a guest rebooted: boot a normal kernel next
 
@@ -156,6 +157,44 @@ def _duration(text: str) -> float:
     return float_in(0.0, 365 * 86400.0, lo_open=True)(text)
 
 
+# --- paths: checked before anything starts, named in every error ----------------------------------------------------
+def output_file(text: str) -> Path:
+    """A file to be written: its directory exists and is writable, and it is not itself a directory."""
+    path = Path(text)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file")
+    if not parent.is_dir():
+        raise ValueError(f"{path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: the directory {parent} is not writable")
+    return path
+
+
+def input_file(text: str) -> Path:
+    """A file to be read: it exists and is readable."""
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{path}: not readable")
+    return path
+
+
+def make_dir(path: Path, what: str) -> Path:
+    """Create a directory to write into (with its parents) now, or say why not: ConfigError naming `what` and the
+    path."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{what} {path}: exists and is not a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: not writable")
+    return path
+
+
 # --- the tables ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Option:
@@ -255,6 +294,12 @@ class ProcessOptions:
     log_dir: Path | None = None
     log_stdout: bool = False
 
+    def prepare_paths(self) -> None:
+        """Before the process starts anything: the log directory exists (created) and is writable; ConfigError
+        naming the path otherwise."""
+        if self.log_dir is not None:
+            make_dir(self.log_dir, "--log-dir")
+
 
 @dataclass(frozen=True)
 class HostOptions(ProcessOptions):
@@ -277,6 +322,16 @@ class HostOptions(ProcessOptions):
             if len(os.fsencode(path)) > MAX_SOCKET_PATH:
                 raise ConfigError(f"--socket {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path "
                                   "may have")
+
+    def prepare_paths(self) -> None:
+        super().prepare_paths()
+        parent = self.socket.parent
+        if not parent.is_dir():
+            raise ConfigError(f"--socket {self.socket}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--socket {self.socket}: the directory {parent} is not writable")
+        if self.socket.is_dir():
+            raise ConfigError(f"--socket {self.socket} is a directory")
 
     def argv(self) -> list[str]:
         return command(self)
@@ -336,14 +391,7 @@ def command(opts: Options) -> list[str]:
 
 # --- argparse ------------------------------------------------------------------------------------------------------
 def _argparse_type(o: Option) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return o.parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = o.dest  # argparse names the type in some messages: never "<lambda>"
-    return parse
+    return typed(o.parse, o.dest)
 
 
 def add_options(parser: argparse.ArgumentParser, table: Sequence[Option], *, only: Sequence[str] | None = None,
@@ -397,7 +445,7 @@ def parse_daemon_args(prog: str, description: str, table: Sequence[Option], argv
                       cls: type[OptionsT]) -> OptionsT:
     """The whole command line of `apf-host` or `apf-guest`: options, APF_EMU_* defaults, cross-checks. A bad value
     ends the process with a usage error (exit 2) that names the option or the variable."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = UsageParser(prog=prog, description=description)
     try:
         defaults = env_defaults(table)
     except ConfigError as exc:
@@ -405,9 +453,33 @@ def parse_daemon_args(prog: str, description: str, table: Sequence[Option], argv
     add_options(parser, table, defaults=defaults)
     args = parser.parse_args(argv)
     try:
-        return from_args(cls, args)
+        opts = from_args(cls, args)
+        opts.prepare_paths()
     except ConfigError as exc:
         parser.error(str(exc))
+    return opts
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (`prog: error: ...`, exit 2): the line names the option or path and
+    its allowed values; `--help` has the rest."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def typed(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse `type` from a parser that raises ValueError with a message: argparse shows the message (and
+    never an internal function's name)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
 
 
 class _RaisingParser(argparse.ArgumentParser):

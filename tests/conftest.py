@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -34,3 +35,16 @@ def event_log() -> EventLog:
 @pytest.fixture
 def vm_id() -> str:
     return f"test{os.getpid()}x{random.randrange(1 << 30)}"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs (other than ours) whose command line contains `text`: what a test or a run may have left running."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids

@@ -193,6 +193,18 @@ def test_ready_latency_counts_from_a_prefault(events):
     assert "ready_latency" not in {v.invariant for v in check_events([*late[:r], prefault, *late[r:]])}
 
 
+def test_the_latency_limit_recorded_in_the_logs_is_the_one_used(events):
+    """`apf-emu run` and `chaos` write harness_settings before anything starts; `apf-emu check` of the same logs
+    takes its ready-latency limit, unless the command line gives one."""
+    late = [e for e in late_ready(events) if e.get("role") != "harness"]  # a page-ready 2 s after its completion
+    settings = {"event": "harness_settings", "role": "harness", "vm": late[0]["vm"], "vcpu": None, "boot": None,
+                "mono_ns": late[0]["mono_ns"] - 1, "command": "chaos", "ready_latency_limit_ms": 5000.0}
+    assert "ready_latency" in {v.invariant for v in check_events(copy.deepcopy(late))}
+    assert "ready_latency" not in {v.invariant for v in check_events([settings, *copy.deepcopy(late)])}
+    given = check_events([settings, *late], ready_latency_limit_ms=1000.0)
+    assert "ready_latency" in {v.invariant for v in given}
+
+
 def test_every_invariant_has_a_mutation():
     assert MUTATIONS.keys() == INVARIANTS.keys()
 

@@ -1,21 +1,70 @@
-# apf-emu's command line: an option value outside its range is one line naming the option, exit 2, before anything
-# starts (the table of every option of every command is the command-line issue's; these are the options added with
-# shared pages).
+# apf-emu's command lines, wrong on purpose: every command, every kind of bad input (values out of range, negative
+# counts, bad paths, bad APF_EMU_* variables). Each must end before anything starts: exit 2, one line on stderr that
+# names the option, variable or path, no traceback, and nothing left behind (no shm segment, socket, process or
+# directory).
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import processes_mentioning
+
 ROOT = Path(__file__).resolve().parents[2]
+VM = f"clitest{os.getpid()}"
+A_FILE = str(Path(__file__))  # a file where a directory is wanted
+
+CASES = [
+    # (program words, extra environment, what the one line must name)
+    (["apf_emu", "run", "--page-in-latency", "foo"], {}, "--page-in-latency"),
+    (["apf_emu", "run", "--page-in-latency", "uniform:5ms:1ms"], {}, "--page-in-latency"),
+    (["apf_emu", "run", "--resident", "1000"], {}, "--resident"),
+    (["apf_emu", "run", "--pages", "0"], {}, "--pages"),
+    (["apf_emu", "run", "--kernel-ratio", "1.5"], {}, "--kernel-ratio"),
+    (["apf_emu", "run", "--shared-ratio", "nan"], {}, "--shared-ratio"),
+    (["apf_emu", "run", "--tasks", "0"], {}, "--tasks"),
+    (["apf_emu", "run", "--vector", "300"], {}, "--vector"),
+    (["apf_emu", "run", "--apf-reinit-every", "-1"], {}, "--apf-reinit-every"),
+    (["apf_emu", "run", "--duration", "0"], {}, "--duration"),
+    (["apf_emu", "run", "--vm", "no spaces!"], {}, "--vm"),
+    (["apf_emu", "run", "--log-dir", "/proc/nope"], {}, "/proc/nope"),
+    (["apf_emu", "run", "--log-dir", A_FILE], {}, A_FILE),
+    (["apf_emu", "chaos", "--tasks", "0"], {}, "--tasks"),
+    (["apf_emu", "chaos", "--page-in-latency", "bogus"], {}, "--page-in-latency"),
+    (["apf_emu", "chaos", "--guest-kills", "-1"], {}, "--guest-kills"),
+    (["apf_emu", "chaos", "--log-dir", "/proc/nope"], {}, "/proc/nope"),
+    (["apf_emu", "check", "--ready-latency-limit", "-5", "x"], {}, "--ready-latency-limit"),
+    (["apf_emu", "check", "--max-violations", "-1", "x"], {}, "--max-violations"),
+    (["apf_emu", "check", "/nonexistent/logs"], {}, "/nonexistent/logs"),
+    (["apf_emu", "stats", "/nonexistent/logs"], {}, "/nonexistent/logs"),
+    (["apf_emu", "trace", ".", "-o", "/nonexistent/dir/x.json"], {}, "/nonexistent/dir"),
+    (["apf_emu", "trace", ".", "-o", "/etc"], {}, "/etc"),
+    (["apf_emu", "bench", "--json", "/nonexistent/dir/b.json"], {}, "/nonexistent/dir"),
+    (["apf_emu", "bench", "--replot", "/nonexistent.json", "--plots", "plots"], {}, "/nonexistent.json"),
+    (["apf_emu", "bench", "--quick", "--plots", A_FILE], {}, A_FILE),
+    (["host_daemon", "--vm", VM, "--socket", "/nonexistent/dir/h.sock"], {}, "/nonexistent/dir"),
+    (["host_daemon", "--vm", VM, "--vcpus", "0"], {}, "--vcpus"),
+    (["host_daemon", "--vm", VM, "--log-dir", "/proc/nope"], {}, "/proc/nope"),
+    (["host_daemon", "--vm", VM], {"APF_EMU_VCPUS": "abc"}, "APF_EMU_VCPUS"),
+    (["host_daemon", "--vm", VM], {"APF_EMU_PAGE_IN_LATENCY": "soon"}, "APF_EMU_PAGE_IN_LATENCY"),
+    (["guest_agent", "--vm", VM, "--vector", "999"], {}, "--vector"),
+    (["guest_agent", "--vm", VM, "--transport", "pigeon"], {}, "--transport"),
+    (["guest_agent", "--vm", VM], {"APF_EMU_TASKS": "0"}, "APF_EMU_TASKS"),
+]
 
 
-@pytest.mark.parametrize("command", ["run", "chaos"])
-@pytest.mark.parametrize("value", ["1.5", "-0.1", "half", "nan"])
-def test_a_bad_shared_ratio_is_a_usage_error(command, value):
-    proc = subprocess.run([sys.executable, "-m", "apf_emu", command, "--shared-ratio", value], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert "--shared-ratio" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("words,env,names", CASES, ids=[" ".join(c[0][1:] or c[0]) + "".join(c[1]) for c in CASES])
+def test_a_wrong_input_is_one_line_and_exit_2_before_anything_starts(tmp_path, words, env, names):
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = subprocess.run([sys.executable, "-m", *words], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TMPDIR": str(tmp_path), **env}, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and names in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "<lambda>" not in proc.stderr and "check_vm_id" not in proc.stderr
+    assert set(os.listdir("/dev/shm")) == shm_before
+    assert list(tmp_path.iterdir()) == [], "something was left in the working or temporary directory"
+    assert processes_mentioning(VM) == []

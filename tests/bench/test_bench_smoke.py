@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,29 @@ def test_bench_help_lists_its_options():
                           text=True, timeout=60)
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "--json" in proc.stdout and "--plots" in proc.stdout
+
+
+def test_ctrl_c_keeps_what_was_measured(tmp_path):
+    """SIGINT once the first benchmark has printed its result: the running one is cut, its processes stopped, the
+    partial results written with "interrupted": true, status 130, no traceback."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "-m", "apf_emu", "bench", "--quick", "--json", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    while not (line := proc.stdout.readline()).startswith("scale"):  # the cycle costs are done, scale runs
+        assert line, "bench ended before its scale benchmark"
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    r = json.loads(out.read_text())
+    assert r["interrupted"] is True and positive(r["floor_us"]["socket"])
+    assert "bench: wrote" in rest and "(partial)" in rest
+    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"apf-topo-" in _cmdline(p)]
+    assert leftover == []
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import orjson
 from apf_emu.chaos import ChaosOptions, make_schedule
 from shared.config import HostOptions
 
-from .helpers import ROOT
+from .helpers import ROOT, read_events, wait_until
 from .test_cleanup import processes_mentioning
 
 
@@ -44,4 +45,30 @@ def test_chaos_run_ends_clean(tmp_path, vm_id):
     assert summary["data_check_failures"] == 0 and summary["data_checks"] > 10_000
     assert summary["reconnects"] > 0
     assert not os.path.exists(f"/dev/shm/apf-emu-{vm_id}-ram") and not os.path.exists(f"/dev/shm/apf-emu-{vm_id}-swap")
+    assert processes_mentioning(vm_id) == []
+    # The same logs through `apf-emu check`: the same verdict, with the latency limit the run recorded (its longest
+    # pause plus slack, above the default 1 s), which the check says it used.
+    limit = summary["ready_latency_limit_ms"]
+    assert limit > 1000
+    check = subprocess.run([sys.executable, "-m", "apf_emu", "check", str(tmp_path)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert check.returncode == 0, check.stdout[-2000:]
+    assert f"ready-latency limit {limit:g} ms, recorded by apf-emu chaos" in check.stdout
+
+
+def test_sigint_stops_chaos_early_and_judges_what_ran(tmp_path, vm_id):
+    """Ctrl-C in the middle of a chaos run: the schedule stops, everything is stopped and checked, the summary lists
+    only the faults that were injected, and the status is the verdict's (0), as for `run`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apf_emu", "chaos", "--json", "--seed", "3", "--duration", "120", "--vcpus", "2",
+         "--vm", vm_id, "--log-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(lambda: sum(e["event"] == "guest_apf_wait" for e in read_events(tmp_path / "guest-0.jsonl")) > 200,
+               60, "guest 0 at work")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    summary = orjson.loads(out)
+    assert b"Traceback" not in err
+    assert proc.returncode == 0, (summary["violations"][:2], summary["problems"])
+    assert summary["stopped_by"] == "SIGINT" and summary["problems"] == [] and summary["leftovers"] == []
+    assert len(summary["injected"]) < len(summary["schedule"])
     assert processes_mentioning(vm_id) == []

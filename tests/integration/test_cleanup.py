@@ -5,26 +5,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 
 from shared.guest_ram import shm_name
+from tests.conftest import processes_mentioning
 
 from .helpers import ROOT, read_events, wait_until
-
-
-def processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
 
 
 def start_run(tmp_path: Path, vm: str, *args: str) -> subprocess.Popen[bytes]:
@@ -68,3 +58,43 @@ def test_sigint_stops_a_run_cleanly(tmp_path, vm_id, transport):
     assert summary["leftovers"] == []
     assert set(summary["exit_codes"].values()) == {0}
     assert_nothing_left(tmp_path, vm_id)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 1.5])
+def test_sigint_at_any_moment_of_a_run_is_a_clean_stop(tmp_path, vm_id, delay):
+    """Ctrl-C while Python still imports, while the processes start, or while they work: no traceback, nothing left
+    behind, and the documented status (130 when nothing could be judged yet, else the verdict: 0)."""
+    run_tmp = tmp_path / "tmp"
+    run_tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "apf_emu", "run", "--vm", vm_id, "--log-dir", str(tmp_path / "logs"),
+                             "--duration", "60"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "TMPDIR": str(run_tmp)})
+    time.sleep(delay)  # the moment of the Ctrl-C is the test's parameter, not a wait for something
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err + out, err.decode()
+    assert proc.returncode in (0, 130), (proc.returncode, err.decode()[-500:])
+    if proc.returncode == 0:
+        assert b"stopped by SIGINT" in out and b"invariants: all" in out
+    assert_nothing_left(tmp_path, vm_id)
+
+
+@pytest.mark.parametrize("victim", ["guest_agent", "host_daemon"])
+def test_a_process_killed_under_run_fails_the_run_and_says_so(tmp_path, vm_id, victim):
+    """`run` restarts nothing (chaos does): a guest or the host killed under it ends the run with status 3 and the
+    cause in words; the sleepers of the killed boot (or of guests that lost their host) are not judged as lost
+    wakeups, and the checker finds nothing else wrong."""
+    proc = start_run(tmp_path, vm_id, "--vcpus", "2", "--duration", "60")
+    host_log = tmp_path / "logs" / "host.jsonl"
+    wait_until(lambda: any(e["event"] == "kvm_async_pf_ready" for e in read_events(host_log)), 30, "APF traffic")
+    (pid,) = [p for p in processes_mentioning(vm_id) if victim.encode() in Path(f"/proc/{p}/cmdline").read_bytes()
+              and (victim == "host_daemon" or b"--vcpu\x001" in Path(f"/proc/{p}/cmdline").read_bytes())]
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=90)
+    summary = orjson.loads(out)
+    assert proc.returncode == 3
+    name = "host" if victim == "host_daemon" else "guest-1"
+    assert f"{name} ended before the run did: killed by SIGKILL" in summary["unexpected_exits"]
+    assert summary["violations"] == []
+    assert not [x for x in summary["leftovers"] if x.startswith("process")]
+    assert processes_mentioning(vm_id) == []
