@@ -20,13 +20,14 @@ from shared.guest_ram import check_vm_id
 
 from .chaos import ChaosOptions, ChaosResult, chaos
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation
+from .logdirs import DEFAULT_ROOT, human_size, log_dirs, prune, volume
 from .logs import LogInputError, ReadReport, read_merged
 from .runner import RunOptions, RunResult, describe_exit, run
 from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
 
 # The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
-RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "log_stdout", "enforce_pv_cpuid")
+RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "log_stdout", "log_compress", "enforce_pv_cpuid")
 RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
              "apf_reinit_every", "online_clears_token")
 CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
@@ -109,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
     s.add_argument("--json", action="store_true", help="print JSON")
 
+    lg = sub.add_parser("logs", help="list or prune the log directories of earlier runs",
+                        description="The log directories that `run` and `chaos` write under apf-emu-logs/ (one per "
+                        "VM): `list` shows each with its size; `prune --keep N` removes all but the N newest. Only "
+                        "directories holding apf-emu logs are touched. Exit status: 0 done, 2 bad usage.")
+    lg.add_argument("action", choices=("list", "prune"), help="list, or prune")
+    lg.add_argument("--keep", type=config.typed(config.int_in(0, 10**6), "keep"), default=None, metavar="N",
+                    help="with prune: how many of the newest directories to keep")
+    lg.add_argument("--root", type=Path, default=DEFAULT_ROOT, metavar="DIR",
+                    help=f"where the log directories are (default {DEFAULT_ROOT})")
+
     sub.add_parser("bench", help="run the benchmarks in bench/ (needs a source checkout); "
                    "`apf-emu bench --help` for their options", add_help=False)
     return p
@@ -132,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_trace(args)
         if args.command == "chaos":
             return cmd_chaos(args)
+        if args.command == "logs":
+            return cmd_logs(args)
         return cmd_stats(args)
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -319,6 +332,24 @@ def _pct(p: dict[str, float]) -> str:
             f"  (n={p['count']})")
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    if args.action == "prune" and args.keep is None:
+        print("apf-emu logs: error: prune needs --keep N (see apf-emu logs --help)", file=sys.stderr)
+        return config.EXIT_USAGE
+    if args.action == "list":
+        dirs = log_dirs(args.root)
+        for d in dirs:
+            print(d.line())
+        print(f"{len(dirs)} log directories, {human_size(sum(d.size for d in dirs))} under {args.root}")
+        return 0
+    removed = prune(args.root, args.keep)
+    for d in removed:
+        print(f"removed {d.line()}")
+    print(f"removed {len(removed)} log directories ({human_size(sum(d.size for d in removed))}), kept the "
+          f"{args.keep} newest")
+    return 0
+
+
 # --- chaos ------------------------------------------------------------------------------------------------------
 def run_options(args: argparse.Namespace) -> tuple[HostOptions, GuestOptions]:
     """The host's and the guests' options of `run` or `chaos`, validated, and the log directory made: a usage error
@@ -427,7 +458,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_json(result: RunResult, stats: Stats, violations: list[Violation], checker: Checker) -> dict[str, Any]:
+    files, size = volume(result.log_dir)
     return {
+        "log_files": files, "log_bytes": size,
         "vm": result.vm, "log_dir": str(result.log_dir), "stopped_by": result.stopped_by,
         "ready_latency_limit_ms": checker.ready_latency_limit_ms,
         "exit_codes": result.exit_codes, "unexpected_exits": result.unexpected_exits,
@@ -456,6 +489,10 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation], 
         f"{k.replace('_', ' ')} {stats.interleavings[k]}" for k in list(INTERLEAVINGS)[:2]))
     print("                                    " + ", ".join(
         f"{k.replace('_', ' ')} {stats.interleavings[k]}" for k in list(INTERLEAVINGS)[2:]))
+    files, size = volume(result.log_dir)
+    plain = not any(f.name.endswith(".gz") for f in result.log_dir.iterdir())
+    print(f"  logs                              {human_size(size):>9}   in {files} files, {human_size(size / secs)}/s"
+          + (" (--log-compress gzip writes about a seventh of it)" if plain else ""))
     for line in result.unexpected_exits + [f"left behind: {x}" for x in result.leftovers]:
         print(f"  ! {line}")
     early = {line.split(" ")[0] for line in result.unexpected_exits}

@@ -1,7 +1,9 @@
 # Reading apf-emu JSON-lines logs: files, directories or stdin, merged into one stream ordered by `mono_ns`.
 #
 # Each process writes its own lines in order, so a k-way merge by mono_ns gives the global order. A process killed
-# mid-write leaves a cut last line: it is skipped and reported, never fatal. Lines that are not apf-emu events
+# mid-write leaves a cut last line: it is skipped and reported, never fatal. Compressed logs (`--log-compress gzip`,
+# shared/logfile.py) are read the same way, decompressed as they stream; a file whose compressed data is damaged is
+# reported and read up to the damage. Lines that are not apf-emu events
 # (docker compose prefixes removed or not, stray prints) are counted as unreadable.
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from shared.logfile import CorruptLog, is_log_file, read_chunks
 
 Event = dict[str, Any]
 
@@ -38,9 +42,9 @@ def expand(paths: Iterable[str]) -> list[str]:
             continue
         path = Path(p)
         if path.is_dir():
-            files = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.log"))
+            files = sorted(f for f in path.iterdir() if f.is_file() and is_log_file(f))
             if not files:
-                raise LogInputError(f"{p}: no *.jsonl or *.log files in this directory")
+                raise LogInputError(f"{p}: no *.jsonl, *.jsonl.gz or *.log files in this directory")
             out.extend(str(f) for f in files)
         elif path.is_file():
             out.append(str(path))
@@ -107,8 +111,23 @@ def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Itera
 
 
 def _file_events(name: str, report: ReadReport) -> Iterator[Event]:
-    with open(name, "rb") as f:
-        yield from _events(name, f, report)
+    yield from _events(name, _lines(name, report), report)
+
+
+def _lines(name: str, report: ReadReport | None) -> Iterator[bytes]:
+    """A file's lines, each with its newline (but perhaps the last), decompressed if need be."""
+    rest = b""
+    try:
+        for chunk in read_chunks(name):
+            parts = (rest + chunk).split(b"\n")
+            rest = parts.pop()
+            for part in parts:
+                yield part + b"\n"
+    except CorruptLog as exc:
+        if report is not None:
+            report.unreadable.append(str(exc))
+    if rest:
+        yield rest
 
 
 _MONO = re.compile(rb'"mono_ns":(\d+)')
@@ -118,8 +137,8 @@ def _in_order(name: str) -> bool:
     """Whether the file's mono_ns values never go back (a quick scan, without parsing JSON)."""
     last = -1
     rest = b""
-    with open(name, "rb") as f:
-        while chunk := f.read(1 << 23):
+    try:
+        for chunk in read_chunks(name):
             chunk = rest + chunk
             cut = chunk.rfind(b"\n") + 1
             rest = chunk[cut:]
@@ -128,6 +147,8 @@ def _in_order(name: str) -> bool:
                 if value < last:
                     return False
                 last = value
+    except CorruptLog:
+        return False  # read it whole, and report the damage then
     return True
 
 

@@ -65,7 +65,7 @@ def prepare(opts: RunOptions, prefix: str) -> tuple[str, Path, Path, Path]:
     vm = opts.vm or f"{prefix}{os.getpid()}"
     log_dir = opts.log_dir or Path("apf-emu-logs") / vm
     log_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*log_dir.glob("host.jsonl*"), *log_dir.glob("guest-*.jsonl*"), *log_dir.glob("harness.jsonl*")]:
+    for old in [*log_dir.glob("host*.jsonl*"), *log_dir.glob("guest-*.jsonl*"), *log_dir.glob("harness.jsonl*")]:
         old.unlink()  # a run's directory holds that run's logs only
     tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
     return vm, log_dir, tmp, tmp / "host.sock"
@@ -77,7 +77,8 @@ async def run(opts: RunOptions) -> RunResult:
     write_harness_settings(log_dir, vm, "run", ready_latency_limit_ms=DEFAULT_READY_LATENCY_LIMIT_MS)
     place = {"vm": vm, "socket": sock, "log_dir": log_dir}
     host = with_(opts.host, **place)
-    guest = with_(opts.guest, **place, seed=opts.host.seed, log_stdout=opts.host.log_stdout)
+    guest = with_(opts.guest, **place, seed=opts.host.seed, log_stdout=opts.host.log_stdout,
+                  log_compress=opts.host.log_compress)
     procs: dict[str, trio.Process] = {}
     async with trio.open_nursery() as pumps:
         try:

@@ -47,6 +47,7 @@ from shared.abi import (
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.config import EXIT_CRASH, EXIT_REBOOT, GuestOptions
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
+from shared.logfile import log_path
 from shared.views import GuestViews
 from shared.wire import PF_VECTOR, PROTOCOL_VERSION, ErrorReply, Hello, InjectException, MsrResult, Resume, Welcome
 
@@ -101,7 +102,8 @@ class GuestKernel:
             self.boot: int = welcome.boot
             self.cpuid: int = welcome.cpuid
             if cfg.log_dir is not None or cfg.log_stdout:
-                slog.configure(cfg.log_dir / f"guest-{self.vcpu}.jsonl" if cfg.log_dir else None,
+                slog.configure(log_path(cfg.log_dir, f"guest-{self.vcpu}", cfg.log_compress) if cfg.log_dir
+                               else None, compression=cfg.log_compress,
                                stdout=cfg.log_stdout)
             self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=self.boot)
             self.transport.on_reconnect = self._on_reconnect

@@ -8,6 +8,7 @@ import trio
 
 from shared import log as slog
 from shared.config import EXIT_FAILED, EXIT_OK, HOST_OPTIONS, HostOptions, parse_daemon_args
+from shared.logfile import log_path
 
 from .daemon import serve
 
@@ -21,7 +22,8 @@ DESCRIPTION = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_daemon_args("apf-host", DESCRIPTION, HOST_OPTIONS, argv, HostOptions)
-    slog.configure(opts.log_dir / "host.jsonl" if opts.log_dir else None, stdout=opts.log_stdout)
+    slog.configure(log_path(opts.log_dir, "host", opts.log_compress) if opts.log_dir else None,
+                   stdout=opts.log_stdout, compression=opts.log_compress)
     try:
         trio.run(serve, opts)
     except (OSError, ValueError) as exc:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
 from .abi import HYPERVISOR_CALLBACK_VECTOR, MAX_VCPUS
 from .guest_ram import MAX_PAGES, check_vm_id
+from .logfile import COMPRESSIONS
 from .transports import TRANSPORTS
 
 # --- exit statuses ------------------------------------------------------------------------------------------------
@@ -230,6 +231,8 @@ COMMON_OPTIONS: Final = (
     Option("log_dir", Path, None, "directory for the JSON-lines log (host.jsonl, guest-<vcpu>.jsonl)",
            metavar="DIR"),
     Option("log_stdout", flag, False, "also write the JSON log lines to stdout", is_flag=True),
+    Option("log_compress", one_of(*COMPRESSIONS), "none", "compress the log file: none (<name>.jsonl) or gzip "
+           "(<name>.<pid>.jsonl.gz, each line flushed so that a SIGKILL loses nothing); every log tool reads both"),
 )
 HOST_OPTIONS: Final = (
     *COMMON_OPTIONS,
@@ -293,6 +296,7 @@ class ProcessOptions:
     seed: int = 0
     log_dir: Path | None = None
     log_stdout: bool = False
+    log_compress: str = "none"
 
     def prepare_paths(self) -> None:
         """Before the process starts anything: the log directory exists (created) and is writable; ConfigError

@@ -6,8 +6,10 @@
 #
 # Each line is written with its own write(2) as soon as it is rendered: no process-local buffer, so a process killed
 # with SIGKILL loses nothing it logged, and lines from processes appending to one file (a restarted host) never
-# interleave (O_APPEND). A write of a few hundred bytes to the page cache costs about a microsecond and never waits
-# for the disk, which keeps logging cheap enough for the APF hot path (measured in bench/).
+# interleave (O_APPEND). With `--log-compress gzip` each line is compressed and flushed on its own
+# (shared/logfile.py), into a file of this process's own. A write of a few hundred bytes to the page cache costs
+# about a microsecond and never waits for the disk, which keeps logging cheap enough for the APF hot path (measured
+# in bench/).
 from __future__ import annotations
 
 import contextlib
@@ -22,21 +24,23 @@ from typing import Any
 import orjson
 import structlog
 
+from .logfile import LineWriter
+
 
 class JsonLinesSink:
     """The structlog "logger": takes rendered JSON bytes and writes each line at once to its file descriptors."""
 
-    __slots__ = ("_fds", "_owned")
+    __slots__ = ("_owned", "_writers")
 
-    def __init__(self, fds: list[int], owned: list[int]) -> None:
-        self._fds = fds
+    def __init__(self, writers: list[LineWriter], owned: list[LineWriter]) -> None:
+        self._writers = writers
         self._owned = owned
 
     def msg(self, message: bytes) -> None:
         line = message + b"\n"
-        for fd in self._fds:
+        for writer in self._writers:
             try:  # noqa: SIM105 - the hot path: a bare try costs less than contextlib.suppress
-                os.write(fd, line)
+                writer.write(line)
             except OSError:
                 pass  # a closed stdout (the reader of a pipe went away) must not take the process down
 
@@ -44,10 +48,12 @@ class JsonLinesSink:
     info = debug = warning = error = critical = exception = msg
 
     def close(self) -> None:
-        for fd in self._owned:
+        for writer in self._owned:
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds = []
+                writer.finish()
+            with contextlib.suppress(OSError):
+                os.close(writer.fd)
+        self._writers = []
         self._owned = []
 
 
@@ -59,21 +65,23 @@ def _add_stamps(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]
     return event_dict
 
 
-def configure(log_file: Path | None, *, stdout: bool = False) -> JsonLinesSink:
-    """Set up structlog for this process. Call once, before the first log line."""
+def configure(log_file: Path | None, *, stdout: bool = False, compression: str = "none") -> JsonLinesSink:
+    """Set up structlog for this process. Call once, before the first log line. `compression` applies to the file
+    (shared/logfile.py names it: `log_path`); stdout is always plain."""
     global _sink
-    fds: list[int] = []
-    owned: list[int] = []
+    writers: list[LineWriter] = []
+    owned: list[LineWriter] = []
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fds.append(fd)
-        owned.append(fd)
+        writer = LineWriter(fd, compression)
+        writers.append(writer)
+        owned.append(writer)
     if stdout:
-        fds.append(sys.stdout.fileno())
+        writers.append(LineWriter(sys.stdout.fileno()))
     if _sink is not None:
         _sink.close()
-    sink = _sink = JsonLinesSink(fds, owned)
+    sink = _sink = JsonLinesSink(writers, owned)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
