@@ -16,6 +16,7 @@ import contextlib
 import random
 import signal
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,16 @@ import trio
 from shared.config import EXIT_CRASH, EXIT_REBOOT, with_
 
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
-from .runner import HOST_GRACE_S, RunOptions, prepare, remove_leftovers, spawn, terminate, write_harness_settings
+from .runner import (
+    HOST_GRACE_S,
+    RunOptions,
+    prepare,
+    remove_leftovers,
+    spawn,
+    stop_signals_absorbed,
+    terminate,
+    write_harness_settings,
+)
 
 KDUMP_SECONDS = 2.0  # how long a kdump kernel runs before it reboots into a normal kernel
 UP_WAIT_S = 3.0  # how long a fault waits for its target to be (re)started before it is skipped
@@ -205,24 +215,29 @@ class Chaos:
         return self.result
 
     async def _run(self) -> None:
+        # SIGINT and SIGTERM are the harness's from the start to the end: the first stops the schedule, later ones
+        # are ignored, so that the stop and the cleanup always run to their end.
+        with stop_signals_absorbed(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            await self._run_with(signals)
+
+    async def _run_with(self, signals: AsyncIterator[int]) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._host_loop)
                 for vcpu in range(self.opts.host.vcpus):
                     nursery.start_soon(self._guest_loop, vcpu)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    with trio.move_on_after(self.opts.duration):
-                        async with trio.open_nursery() as inner:
-                            inner.start_soon(self._inject, trio.current_time())
+                with trio.move_on_after(self.opts.duration):
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(self._inject, trio.current_time())
 
-                            async def on_signal() -> None:
-                                async for signum in signals:
-                                    self.result.stopped_by = signal.Signals(signum).name
-                                    inner.cancel_scope.cancel()
-                                    return
+                        async def on_signal() -> None:
+                            async for signum in signals:
+                                self.result.stopped_by = signal.Signals(signum).name
+                                inner.cancel_scope.cancel()
+                                return
 
-                            inner.start_soon(on_signal)
-                            await trio.sleep_forever()
+                        inner.start_soon(on_signal)
+                        await trio.sleep_forever()
                 await self._stop()
                 nursery.cancel_scope.cancel()
         finally:

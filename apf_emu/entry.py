@@ -18,4 +18,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("apf-emu: interrupted", file=sys.stderr)
         return 130
-    return cli_main()
+    try:
+        return cli_main()
+    except KeyboardInterrupt:  # (cli_main handles its own; this is for a Ctrl-C at its very end)
+        return 130

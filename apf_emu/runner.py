@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,16 +80,19 @@ async def run(opts: RunOptions) -> RunResult:
     guest = with_(opts.guest, **place, seed=opts.host.seed, log_stdout=opts.host.log_stdout,
                   log_compress=opts.host.log_compress)
     procs: dict[str, trio.Process] = {}
-    async with trio.open_nursery() as pumps:
-        try:
-            procs["host"] = await spawn(pumps, "host", host.argv())
-            for i in range(host.vcpus):
-                procs[f"guest-{i}"] = await spawn(pumps, f"guest-{i}", with_(guest, vcpu=i).argv())
-            await _wait_for_stop(opts.duration, procs, result)
-        finally:
-            with trio.CancelScope(shield=True):
-                await _stop(procs, result)
-                result.leftovers += remove_leftovers(vm, tmp, sock, "the runner")
+    # SIGINT and SIGTERM are the runner's from here to the end: the first stops the run, later ones are ignored
+    # (a second Ctrl-C must not cut the stop short and leave processes behind).
+    with stop_signals_absorbed(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as pumps:
+            try:
+                procs["host"] = await spawn(pumps, "host", host.argv())
+                for i in range(host.vcpus):
+                    procs[f"guest-{i}"] = await spawn(pumps, f"guest-{i}", with_(guest, vcpu=i).argv())
+                await _wait_for_stop(opts.duration, procs, result, signals)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await _stop(procs, result)
+                    result.leftovers += remove_leftovers(vm, tmp, sock, "the runner")
     return result
 
 
@@ -131,6 +134,23 @@ async def _pump_stderr(name: str, stream: trio.abc.ReceiveStream) -> None:
                 sys.stderr.buffer.flush()
 
 
+@contextlib.contextmanager
+def stop_signals_absorbed() -> Iterator[None]:
+    """Around a run's signal receiver: SIGINT and SIGTERM that come after the first (the stop under way) are queued
+    in the receiver, which delivers them again to the previous handler when it closes; that handler ignores them.
+    Afterwards the usual handlers are back (a Ctrl-C during the summary ends the command with 130)."""
+    old = {s: signal.signal(s, _absorb) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _absorb(_signum: int, _frame: Any) -> None:
+    return None
+
+
 def describe_exit(code: int | None) -> str:
     """A process's exit status in words."""
     if code is None:
@@ -152,27 +172,27 @@ def remove_leftovers(vm: str, tmp: Path, sock: Path, remover: str) -> list[str]:
     return found
 
 
-async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result: RunResult) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result: RunResult,
+                         signals: AsyncIterator[int]) -> None:
+    async with trio.open_nursery() as nursery:
 
-            async def on_signal() -> None:
-                async for signum in signals:
-                    result.stopped_by = signal.Signals(signum).name
-                    nursery.cancel_scope.cancel()
-                    return
-
-            async def on_exit(name: str, proc: trio.Process) -> None:
-                await proc.wait()
-                result.unexpected_exits.append(f"{name} ended before the run did: {describe_exit(proc.returncode)}")
-                result.stopped_by = f"{name} exit"
+        async def on_signal() -> None:
+            async for signum in signals:
+                result.stopped_by = signal.Signals(signum).name
                 nursery.cancel_scope.cancel()
+                return
 
-            nursery.start_soon(on_signal)
-            for name, proc in procs.items():
-                nursery.start_soon(on_exit, name, proc)
-            await trio.sleep(duration)
+        async def on_exit(name: str, proc: trio.Process) -> None:
+            await proc.wait()
+            result.unexpected_exits.append(f"{name} ended before the run did: {describe_exit(proc.returncode)}")
+            result.stopped_by = f"{name} exit"
             nursery.cancel_scope.cancel()
+
+        nursery.start_soon(on_signal)
+        for name, proc in procs.items():
+            nursery.start_soon(on_exit, name, proc)
+        await trio.sleep(duration)
+        nursery.cancel_scope.cancel()
 
 
 async def _stop(procs: dict[str, trio.Process], result: RunResult) -> None:

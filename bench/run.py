@@ -247,7 +247,7 @@ def _stop_on_sigterm(_signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = config.UsageParser(prog="apf-emu bench", description=__doc__.split("\n\n")[0] + " Exit status: 0 done, "
                            "2 bad usage, 130 interrupted (what was measured is kept).")
-    p.add_argument("--quick", action="store_true", help="the quick variant of every benchmark (about 2 minutes; "
+    p.add_argument("--quick", action="store_true", help="the quick variant of every benchmark (about a minute; "
                    "the full run takes about 12)")
     p.add_argument("--json", type=config.typed(config.output_file, "json"), default=None, metavar="FILE",
                    help="write the results as one JSON object")
