@@ -95,9 +95,6 @@ class ChaosResult:
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     injected: list[Fault] = field(default_factory=list)  # the faults applied, in order (a stop cuts the schedule)
     stopped_by: str = "duration"
-    # A paused guest cannot free its token slot, and a killed host delivers nothing until it is back: page-ready may
-    # legitimately wait that long, so the checker's latency bound allows for the longest pause plus a host restart.
-    ready_latency_limit_ms: float = DEFAULT_READY_LATENCY_LIMIT_MS
     # Panics and kdump reboots that hit a guest before it installed its handlers (Python still starting): the
     # signal's default action killed it, which is a crash without a crash path, like SIGKILL.
     early_signal_deaths: int = 0
@@ -115,9 +112,11 @@ class Chaos:
         self.guests: dict[int, trio.Process] = {}
         self.host_up = trio.Event()
         schedule = make_schedule(opts.host.seed, opts.duration, opts.host.vcpus, opts)
+        # A paused guest cannot free its token slot, and a killed host delivers nothing until it is back: page-ready
+        # may legitimately wait that long, so the checker's bound allows for the longest pause plus a host restart.
         longest_pause = max((f.seconds for f in schedule), default=0.0)
         limit = max(DEFAULT_READY_LATENCY_LIMIT_MS, (longest_pause + CHAOS_LATENCY_SLACK_S) * 1000)
-        self.result = ChaosResult(self.vm, self.log_dir, schedule, ready_latency_limit_ms=limit)
+        self.result = ChaosResult(self.vm, self.log_dir, schedule)
         write_harness_settings(self.log_dir, self.vm, "chaos", ready_latency_limit_ms=limit,
                                why=f"the longest pause ({longest_pause:.2f} s) plus {CHAOS_LATENCY_SLACK_S:g} s")
 

@@ -79,6 +79,7 @@ class _GuestBoot:
     waits: dict[int, tuple[int, Event]] = field(default_factory=dict)  # task -> (token, wait event)
     dummies: set[int] = field(default_factory=set)
     ended: bool = False
+    ended_by_disconnect: bool = False  # its connection ended first: a restored reconnect of the same boot reopens it
 
 
 class Checker:
@@ -154,6 +155,11 @@ class Checker:
             boot = self._boots.get((key[0], key[1], ev.get("boot")))
             if boot is not None and not boot.ended:
                 self._end_boot(boot, key, clean=False)
+                boot.ended_by_disconnect = True
+        elif ev.get("restored"):  # the same boot back on a new host (after a host that stopped with it attached)
+            boot = self._boots.get((key[0], key[1], ev.get("boot")))
+            if boot is not None and boot.ended_by_disconnect:
+                boot.ended = boot.ended_by_disconnect = False
         old = self._host.get(key)
         if old is not None and ev["event"] == "vcpu_connect" and ev.get("restored"):
             # A restarted host took the vCPU back (same boot): registers and the token slot carry over; the events
@@ -181,7 +187,7 @@ class Checker:
         token = ev.get("token")
         vcpu = key[1]
         if not isinstance(token, int) or not isinstance(vcpu, int) or not token_is_well_formed(token, vcpu):
-            self._violate("token_format", f"not-present token {_tok(token)} is not (id << 12) | {vcpu}", ev)
+            self._violate("token_format", f"not-present token {fmt_token(token)} is not (id << 12) | {vcpu}", ev)
             return
         injected = ev.get("injected", True) is not False
         if injected and not st.enabled:
@@ -202,11 +208,12 @@ class Checker:
             self._ready_not_injected(ev, st, token)
             return
         if not st.enabled:
-            self._violate("delivered_while_disabled", f"page-ready {_tok(token)} while APF is disabled", ev)
+            self._violate("delivered_while_disabled", f"page-ready {fmt_token(token)} while APF is disabled", ev)
         if st.unacked is not None and key not in self._current_boot and ev.get("released") == st.unacked:
             st.unacked = None  # a guest that does not log: the host found the slot cleared
         if st.unacked is not None:
-            self._violate("one_unacked_ready", f"page-ready {_tok(token)} while {st.unacked:#x} is not released", ev)
+            self._violate("one_unacked_ready",
+                          f"page-ready {fmt_token(token)} while {st.unacked:#x} is not released", ev)
         st.unacked = token if isinstance(token, int) else None
         self._check_boot(ev, key, "page-ready")
         if token == KVM_APF_WAKE_ALL_TOKEN:
@@ -215,7 +222,7 @@ class Checker:
         if issued is not None and issued != ev.get("boot"):
             self._violate("stale_token", f"page-ready {token:#x} of boot {issued} sent in boot {ev.get('boot')}", ev)
         if not isinstance(token, int) or not isinstance(key[1], int) or not token_is_well_formed(token, key[1]):
-            self._violate("token_format", f"page-ready token {_tok(token)} is malformed", ev)
+            self._violate("token_format", f"page-ready token {fmt_token(token)} is malformed", ev)
         elif token in st.readied:
             self._violate("ready_once", f"second page-ready for {token:#x}", ev)
         elif token not in st.outstanding:
@@ -230,7 +237,7 @@ class Checker:
         """kvm_async_pf_ready of an item whose not-present was not injected (the halt path, or APF off): the item
         is done, nothing reached the guest."""
         if not isinstance(token, int) or token not in st.outstanding:
-            self._violate("ready_after_not_present", f"ready {_tok(token)} without a not-present", ev)
+            self._violate("ready_after_not_present", f"ready {fmt_token(token)} without a not-present", ev)
         elif token in st.readied:
             self._violate("ready_once", f"second ready for {token:#x}", ev)
         if isinstance(token, int):
@@ -247,7 +254,7 @@ class Checker:
     def _check_boot(self, ev: Event, key: tuple[Any, Any], what: str) -> None:
         current = self._current_boot.get(key)
         if current is not None and ev.get("boot") is not None and ev.get("boot") != current:
-            self._violate("stale_token", f"{what} {_tok(ev.get('token'))} for boot {ev.get('boot')} while boot "
+            self._violate("stale_token", f"{what} {fmt_token(ev.get('token'))} for boot {ev.get('boot')} while boot "
                           f"{current} runs", ev)
 
     def _completed(self, ev: Event, key: tuple[Any, Any]) -> None:
@@ -323,7 +330,8 @@ class Checker:
                 self._violate("stale_token", f"boot {ev.get('boot')} woke for {token:#x} of boot {issued}", ev)
         waited = st.waits.pop(task, None)
         if waited is not None and waited[0] != token:
-            self._violate("wake_matches_ready", f"task {task} slept on {waited[0]:#x} but woke for {_tok(token)}", ev)
+            self._violate("wake_matches_ready",
+                          f"task {task} slept on {waited[0]:#x} but woke for {fmt_token(token)}", ev)
 
     def _wake_all(self, ev: Event, key: tuple[Any, Any]) -> None:
         if ev.get("reason", "wake_all") == "wake_all":  # not the guest's own (CPU offline: apf_task_wake_all)
@@ -336,10 +344,10 @@ class Checker:
             slot = None if host is None else host.unacked
             if token == 0:
                 self._violate("wake_matches_ready", f"the page-ready interrupt found the slot empty (the host's last "
-                              f"page-ready is {_tok(slot)}): Linux inserts a dummy for token 0", ev)
+                              f"page-ready is {fmt_token(slot)}): Linux inserts a dummy for token 0", ev)
                 return
             self._violate("wake_matches_ready",
-                          f"guest woke for {_tok(token)}; the host's last page-ready is {_tok(slot)}", ev)
+                          f"guest woke for {fmt_token(token)}; the host's last page-ready is {fmt_token(slot)}", ev)
 
     def _dummy(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._g(ev, key)
@@ -405,7 +413,7 @@ _GUEST = {
 }
 
 
-def _tok(value: Any) -> str:
+def fmt_token(value: Any) -> str:
     """A token in a message: hex with 0x, as KVM's tracepoints print it (anything else as it came)."""
     return f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
 

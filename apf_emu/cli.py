@@ -19,10 +19,10 @@ from shared.config import GuestOptions, HostOptions
 from shared.guest_ram import check_vm_id
 
 from .chaos import ChaosOptions, ChaosResult, chaos
-from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation
+from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation, fmt_token
 from .logdirs import DEFAULT_ROOT, human_size, log_dirs, prune, volume
-from .logs import LogInputError, ReadReport, read_merged
-from .runner import RunOptions, RunResult, describe_exit, run
+from .logs import LogInputError, ReadReport, expand, read_merged
+from .runner import RunOptions, RunResult, check_socket_room, describe_exit, run
 from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
 
@@ -36,7 +36,9 @@ DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=
 COUNT = config.int_in(0, 100_000)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """`env`: APF_EMU_<OPTION> values (parsed), the defaults of the options `run` and `chaos` hand to the daemons."""
+    env = env or {}
     p = config.UsageParser(
         prog="apf-emu",
         description="Emulate the KVM async page fault protocol (interrupt-based, Linux 5.8+) with a host daemon "
@@ -50,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "that dies under `run` is not restarted (`chaos` restarts what it kills): the run stops and "
                        "fails. Exit status: 0 clean, 1 an invariant was violated, 2 bad usage, 3 a process failed "
                        "(or nothing was checked), 130 interrupted before anything could be checked.")
-    config.add_options(r, config.HOST_OPTIONS, only=RUN_HOST)
-    config.add_options(r, config.GUEST_OPTIONS, only=RUN_GUEST)
+    config.add_options(r, config.HOST_OPTIONS, only=RUN_HOST, defaults=env)
+    config.add_options(r, config.GUEST_OPTIONS, only=RUN_GUEST, defaults=env)
     config.add_options(r, [DURATION])
     r.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
                    help="where host.jsonl and guest-<vcpu>.jsonl go (default apf-emu-logs/<vm>); earlier logs "
@@ -67,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "judged as far as it got. Exit status: 0 clean, 1 an invariant was violated, 2 bad usage, 3 "
                        "the harness saw a problem (unexpected exit, leftovers), 130 interrupted before anything "
                        "could be checked.")
-    config.add_options(x, config.HOST_OPTIONS, only=RUN_HOST, defaults={"vcpus": 3, "seed": 1})
-    config.add_options(x, config.GUEST_OPTIONS, only=CHAOS_GUEST)
+    config.add_options(x, config.HOST_OPTIONS, only=RUN_HOST, defaults={"vcpus": 3, "seed": 1, **env})
+    config.add_options(x, config.GUEST_OPTIONS, only=CHAOS_GUEST, defaults=env)
     config.add_options(x, [DURATION], defaults={"duration": 60.0})
     for name, default, what in (("guest_kills", 10, "guest SIGKILLs"),
                                 ("guest_panics", 3, "guest panics, each followed by a kdump boot"),
@@ -82,11 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check protocol invariants over logs",
                        description="Merge host and guest logs by mono_ns and verify every invariant. Exit status: "
                        "0 clean, 1 violations, 2 unreadable input.")
-    c.add_argument("logs", nargs="*", help="log files, directories of *.jsonl, or - for stdin")
+    c.add_argument("logs", nargs="*", help="log files (.jsonl, .jsonl.gz), directories of them, or - for stdin")
     c.add_argument("--json", action="store_true", help="print every violation as a JSON line")
     c.add_argument("--max-violations", type=config.typed(config.int_in(0, 10**9), "max_violations"), default=20,
                    metavar="N", help="print at most N violations with their context (0: all; default 20); the "
-                   "count per invariant is always printed")
+                   "text output always ends with the count per invariant")
     c.add_argument("--ready-latency-limit", type=config.typed(config.float_in(0, 86_400_000, lo_open=True), "ms"),
                    default=None, metavar="MS",
                    help="longest allowed time from a completion to its page-ready, in ms, above 0 (default: what "
@@ -98,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "from not-present to wake, arrows from the host's page-ready to the guest's wake, instants "
                        "for ACKs, synchronous faults, dropped completions, boots and shutdowns. Open it in "
                        "ui.perfetto.dev or chrome://tracing. Exit status: 0 written, 2 bad usage or unreadable "
-                       "input.")
-    t.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
+                       "input, 3 the output could not be written.")
+    t.add_argument("logs", nargs="+", help="log files (.jsonl, .jsonl.gz), directories of them, or - for stdin")
     t.add_argument("-o", "--output", required=True, type=config.typed(_output, "output"), metavar="FILE",
                    help="the JSON file to write (- for stdout)")
 
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Count events per vCPU (the host's own lines in the `host` column), APFs "
                        "against synchronous faults, and latency percentiles of the APF cycle. Exit status: 0 done, "
                        "2 bad usage or unreadable input.")
-    s.add_argument("logs", nargs="+", help="log files, directories of *.jsonl, or - for stdin")
+    s.add_argument("logs", nargs="+", help="log files (.jsonl, .jsonl.gz), directories of them, or - for stdin")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     lg = sub.add_parser("logs", help="list or prune the log directories of earlier runs",
@@ -133,7 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        env = config.env_defaults([*config.HOST_OPTIONS, *config.GUEST_OPTIONS])
+    except config.ConfigError as exc:
+        print(f"apf-emu: error: {exc}", file=sys.stderr)
+        return config.EXIT_USAGE
+    args = build_parser(env).parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -162,9 +169,10 @@ def cmd_bench(argv: list[str]) -> int:
               "(pip install -e .)", file=sys.stderr)
         return 2
     # A process of its own (bench is not a dependency of apf_emu): it replaces this one, so that Ctrl-C, the exit
-    # status and the output are the benchmark's.
-    os.chdir(root)
-    os.execv(sys.executable, [sys.executable, "-m", "bench.run", *argv])
+    # status and the output are the benchmark's. It runs in the user's directory (relative paths are theirs), with
+    # the checkout on its path.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    os.execve(sys.executable, [sys.executable, "-m", "bench.run", *argv], env)
 
 
 # --- check and stats --------------------------------------------------------------------------------------------
@@ -219,8 +227,8 @@ TOKEN_FIELDS = frozenset({"token", "released", "slot", "cr2"})  # printed in hex
 
 def _brief(ev: dict[str, Any]) -> str:
     skip = {"timestamp", "level", "pid", "vm"}
-    return " ".join(f"{k}={v:#x}" if k in TOKEN_FIELDS and isinstance(v, int) and not isinstance(v, bool)
-                    else f"{k}={v}" for k, v in ev.items() if k not in skip)
+    return " ".join(f"{k}={fmt_token(v)}" if k in TOKEN_FIELDS else f"{k}={v}" for k, v in ev.items()
+                    if k not in skip)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -237,10 +245,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except LogInputError as exc:
         print(f"apf-emu check: {exc}", file=sys.stderr)
         return 2
-    for where in report.truncated:
-        print(f"apf-emu check: note: cut last line tolerated at {where} (a killed process)", file=sys.stderr)
-    for where in report.unreadable[:10]:
-        print(f"apf-emu check: note: unreadable line at {where}", file=sys.stderr)
+    print_notes("check", report)
     if not checker.protocol_events:
         print(f"apf-emu check: nothing to check: {report.lines} lines read, {checker.events} apf-emu events, none "
               f"of them a protocol event an invariant reads ({len(report.unreadable)} unreadable lines)",
@@ -262,18 +267,53 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+def print_notes(command: str, report: ReadReport) -> None:
+    """What the log reader tolerated, on stderr: cut last lines (killed processes), unreadable lines and damage."""
+    for where in report.truncated:
+        print(f"apf-emu {command}: note: cut last line tolerated at {where} (a killed process)", file=sys.stderr)
+    for where in report.unreadable[:10]:
+        print(f"apf-emu {command}: note: unreadable: {where}", file=sys.stderr)
+    if len(report.unreadable) > 10:
+        print(f"apf-emu {command}: note: {len(report.unreadable) - 10} more unreadable lines", file=sys.stderr)
+
+
+def _nothing_read(command: str, report: ReadReport) -> int:
+    print(f"apf-emu {command}: nothing to read: {report.lines} lines, no apf-emu event among them "
+          f"({len(report.unreadable)} unreadable)", file=sys.stderr)
+    return config.EXIT_USAGE
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     report = ReadReport()
+    if args.output != "-":
+        out = Path(args.output).resolve()
+        try:
+            inputs = {Path(name).resolve() for name in expand(args.logs) if name != "-"}
+        except LogInputError as exc:
+            print(f"apf-emu trace: {exc}", file=sys.stderr)
+            return config.EXIT_USAGE
+        if out in inputs:
+            print(f"apf-emu trace: error: -o {args.output} is one of the logs to read (see apf-emu trace --help)",
+                  file=sys.stderr)
+            return config.EXIT_USAGE
     try:
         trace = build_trace(read_merged(args.logs, report))
     except LogInputError as exc:
         print(f"apf-emu trace: {exc}", file=sys.stderr)
-        return 2
+        return config.EXIT_USAGE
+    print_notes("trace", report)
+    if report.lines and not trace["traceEvents"]:
+        return _nothing_read("trace", report)
     data = orjson.dumps(trace)
-    if args.output == "-":
-        sys.stdout.buffer.write(data + b"\n")
-    else:
-        Path(args.output).write_bytes(data)
+    try:
+        if args.output == "-":
+            sys.stdout.buffer.write(data + b"\n")
+        else:
+            Path(args.output).write_bytes(data)
+    except OSError as exc:
+        print(f"apf-emu trace: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return config.EXIT_FAILED
+    if args.output != "-":
         print(f"apf-emu trace: {len(trace['traceEvents'])} trace events from {report.lines} log lines -> "
               f"{args.output}", file=sys.stderr)
     return 0
@@ -281,10 +321,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     try:
-        _v, stats, _r, _e = analyse(args.logs)
+        _v, stats, report, _checker = analyse(args.logs)
     except LogInputError as exc:
         print(f"apf-emu stats: {exc}", file=sys.stderr)
         return 2
+    print_notes("stats", report)
+    if not stats.events:
+        return _nothing_read("stats", report)
     if args.json:
         print(orjson.dumps(stats_json(stats)).decode())
     else:
@@ -336,6 +379,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.action == "prune" and args.keep is None:
         print("apf-emu logs: error: prune needs --keep N (see apf-emu logs --help)", file=sys.stderr)
         return config.EXIT_USAGE
+    if not args.root.is_dir():
+        print(f"apf-emu logs: error: --root {args.root}: not a directory (see apf-emu logs --help)", file=sys.stderr)
+        return config.EXIT_USAGE
     if args.action == "list":
         dirs = log_dirs(args.root)
         for d in dirs:
@@ -344,7 +390,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 0
     removed = prune(args.root, args.keep)
     for d in removed:
-        print(f"removed {d.line()}")
+        print(f"removed {d.line()}" + ("" if not d.path.exists() else "  (other files kept there)"))
     print(f"removed {len(removed)} log directories ({human_size(sum(d.size for d in removed))}), kept the "
           f"{args.keep} newest")
     return 0
@@ -356,6 +402,7 @@ def run_options(args: argparse.Namespace) -> tuple[HostOptions, GuestOptions]:
     (exit 2) otherwise."""
     try:
         options = config.from_args(HostOptions, args), config.from_args(GuestOptions, args)
+        check_socket_room()
         if args.log_dir is not None:
             config.make_dir(args.log_dir, "--log-dir")
         else:
@@ -398,7 +445,9 @@ def verdict_status(violations: list[Violation], checker: Checker, *, failed: boo
 def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], report: ReadReport,
                checker: Checker) -> dict[str, Any]:
     wake_all_retries = stats.interleavings["wake_all_raced_not_present"]
+    files, size = volume(result.log_dir)
     return {
+        "log_files": files, "log_bytes": size,
         "vm": result.vm, "log_dir": str(result.log_dir), "stopped_by": result.stopped_by,
         "schedule": [str(f) for f in result.schedule], "injected": [str(f) for f in result.injected],
         "ready_latency_limit_ms": checker.ready_latency_limit_ms,
@@ -438,6 +487,7 @@ def print_chaos(summary: dict[str, Any], violations: list[Violation], checker: C
     for line in summary["problems"]:
         print(f"  ! {line}")
     print(f"  left behind: {', '.join(summary['leftovers']) if summary['leftovers'] else 'nothing'}")
+    print(f"  logs                {human_size(summary['log_bytes'])} in {summary['log_files']} files")
     print_verdict(violations, checker)
 
 

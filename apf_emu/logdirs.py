@@ -1,14 +1,14 @@
 # `apf-emu logs`: the log directories that `run` and `chaos` leave under apf-emu-logs/ (one per VM), listed with
-# their size, or pruned to the newest N. Only a directory that holds apf-emu logs counts as one; nothing else
-# under the root is listed or removed.
+# their size, or pruned to the newest N. A directory counts only if it holds files named as apf-emu names its logs
+# (host*.jsonl[.gz], guest-N*.jsonl[.gz], harness.jsonl); pruning removes those files, and the directory only if
+# nothing else is left in it.
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.logfile import is_log_file
+from shared.logfile import log_files
 
 DEFAULT_ROOT = Path("apf-emu-logs")
 
@@ -16,13 +16,13 @@ DEFAULT_ROOT = Path("apf-emu-logs")
 @dataclass(frozen=True)
 class LogDir:
     path: Path
-    files: int
+    files: tuple[Path, ...]
     size: int  # bytes
     mtime: float  # the newest file's
 
     def line(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.mtime))
-        return f"{self.path.name:32} {human_size(self.size):>10} {self.files:6} files  {when}"
+        return f"{self.path.name:32} {human_size(self.size):>10} {len(self.files):6} files  {when}"
 
 
 def human_size(size: float) -> str:
@@ -34,30 +34,32 @@ def human_size(size: float) -> str:
 
 
 def volume(path: Path) -> tuple[int, int]:
-    """Log files and their bytes in one directory."""
-    files = [f for f in path.iterdir() if f.is_file() and is_log_file(f)]
+    """apf-emu's log files and their bytes in one directory."""
+    files = log_files(path, apf_emu_only=True)
     return len(files), sum(f.stat().st_size for f in files)
 
 
 def log_dirs(root: Path) -> list[LogDir]:
     """The apf-emu log directories under `root`, oldest first."""
     found: list[LogDir] = []
-    if not root.is_dir():
-        return found
     for d in root.iterdir():
         if not d.is_dir() or d.is_symlink():
             continue
-        files = [f for f in d.iterdir() if f.is_file() and is_log_file(f)]
+        files = log_files(d, apf_emu_only=True)
         if files:
             stats = [f.stat() for f in files]
-            found.append(LogDir(d, len(files), sum(s.st_size for s in stats), max(s.st_mtime for s in stats)))
+            found.append(LogDir(d, tuple(files), sum(s.st_size for s in stats), max(s.st_mtime for s in stats)))
     return sorted(found, key=lambda x: (x.mtime, x.path.name))
 
 
 def prune(root: Path, keep: int) -> list[LogDir]:
-    """Remove all but the `keep` newest log directories; returns those removed."""
+    """Remove the logs of all but the `keep` newest log directories (and each directory, if that empties it);
+    returns those pruned."""
     dirs = log_dirs(root)
     doomed = dirs[: max(0, len(dirs) - keep)]
     for d in doomed:
-        shutil.rmtree(d.path)
+        for f in d.files:
+            f.unlink(missing_ok=True)
+        if not any(d.path.iterdir()):
+            d.path.rmdir()
     return doomed

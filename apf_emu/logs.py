@@ -2,8 +2,8 @@
 #
 # Each process writes its own lines in order, so a k-way merge by mono_ns gives the global order. A process killed
 # mid-write leaves a cut last line: it is skipped and reported, never fatal. Compressed logs (`--log-compress gzip`,
-# shared/logfile.py) are read the same way, decompressed as they stream; a file whose compressed data is damaged is
-# reported and read up to the damage. Lines that are not apf-emu events
+# shared/logfile.py) are read the same way, decompressed as they stream; damaged compressed data is reported and
+# the file is read around it (from the next gzip member on). Lines that are not apf-emu events
 # (docker compose prefixes removed or not, stray prints) are counted as unreadable.
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from shared.logfile import CorruptLog, is_log_file, read_chunks
+from shared.logfile import log_files, read_chunks
 
 Event = dict[str, Any]
 
@@ -42,7 +42,7 @@ def expand(paths: Iterable[str]) -> list[str]:
             continue
         path = Path(p)
         if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.is_file() and is_log_file(f))
+            files = log_files(path)
             if not files:
                 raise LogInputError(f"{p}: no *.jsonl, *.jsonl.gz or *.log files in this directory")
             out.extend(str(f) for f in files)
@@ -117,15 +117,12 @@ def _file_events(name: str, report: ReadReport) -> Iterator[Event]:
 def _lines(name: str, report: ReadReport | None) -> Iterator[bytes]:
     """A file's lines, each with its newline (but perhaps the last), decompressed if need be."""
     rest = b""
-    try:
-        for chunk in read_chunks(name):
-            parts = (rest + chunk).split(b"\n")
-            rest = parts.pop()
-            for part in parts:
-                yield part + b"\n"
-    except CorruptLog as exc:
-        if report is not None:
-            report.unreadable.append(str(exc))
+    damage = report.unreadable if report is not None else None
+    for chunk in read_chunks(name, damage):
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part + b"\n"
     if rest:
         yield rest
 
@@ -137,18 +134,15 @@ def _in_order(name: str) -> bool:
     """Whether the file's mono_ns values never go back (a quick scan, without parsing JSON)."""
     last = -1
     rest = b""
-    try:
-        for chunk in read_chunks(name):
-            chunk = rest + chunk
-            cut = chunk.rfind(b"\n") + 1
-            rest = chunk[cut:]
-            for m in _MONO.finditer(chunk, 0, cut):
-                value = int(m.group(1))
-                if value < last:
-                    return False
-                last = value
-    except CorruptLog:
-        return False  # read it whole, and report the damage then
+    for chunk in read_chunks(name, []):  # (damage is reported by the read that follows)
+        chunk = rest + chunk
+        cut = chunk.rfind(b"\n") + 1
+        rest = chunk[cut:]
+        for m in _MONO.finditer(chunk, 0, cut):
+            value = int(m.group(1))
+            if value < last:
+                return False
+            last = value
     return True
 
 

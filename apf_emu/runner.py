@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import trio
 
-from shared.config import GuestOptions, HostOptions, with_
+from shared.config import MAX_SOCKET_PATH, ConfigError, GuestOptions, HostOptions, daemon_env, with_
 from shared.guest_ram import unlink, vm_shm_names
 
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
@@ -57,6 +57,15 @@ class RunResult:
     stopped_by: str = "duration"
     unexpected_exits: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)
+
+
+def check_socket_room() -> None:
+    """The run's socket goes into a fresh directory under TMPDIR: say now (ConfigError) if its path would be too
+    long for a Unix socket, rather than once the run has started."""
+    longest = Path(tempfile.gettempdir()) / ("apf-emu-" + "x" * 8) / f".apf-{'9' * 7}"  # mkdtemp's, the staging name
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"TMPDIR {tempfile.gettempdir()}: too long for the run's Unix socket under it (at most "
+                          f"{MAX_SOCKET_PATH} bytes in all); set TMPDIR to a shorter directory")
 
 
 def prepare(opts: RunOptions, prefix: str) -> tuple[str, Path, Path, Path]:
@@ -106,8 +115,11 @@ def write_harness_settings(log_dir: Path, vm: str, command: str, **settings: Any
 
 
 async def spawn(nursery: trio.Nursery, name: str, argv: Sequence[str]) -> trio.Process:
-    """Start a child in its own session; its stderr is copied to ours a line at a time, prefixed with `name`."""
-    proc = await trio.lowlevel.open_process(list(argv), start_new_session=True, stderr=-1)  # subprocess.PIPE
+    """Start a child in its own session; its stderr is copied to ours a line at a time, prefixed with `name`. Its
+    options are all on its command line: it gets no APF_EMU_* variable (the runner read those for its own options),
+    which would otherwise stand in for options left at their default."""
+    proc = await trio.lowlevel.open_process(list(argv), start_new_session=True, stderr=-1,  # stderr: a pipe
+                                            env=daemon_env())
     assert proc.stderr is not None
     nursery.start_soon(_pump_stderr, name, proc.stderr)
     return proc

@@ -61,6 +61,8 @@ class Stats:
     _unacked: dict[tuple[Any, Any], deque[int]] = field(default_factory=dict)  # vCPU -> ready times, oldest first
 
     def feed(self, ev: Event) -> None:
+        if ev.get("role") == "harness":  # the settings line of run or chaos: not an event of the VM
+            return
         name = ev["event"]
         t = ev["mono_ns"]
         if self.first_ns is None:

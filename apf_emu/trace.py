@@ -40,6 +40,7 @@ GUEST_INSTANTS = {
     "guest_shutdown": "shutdown",
     "guest_crash": "crash (panic)",
     "guest_reboot": "reboot",
+    "guest_abort": "abort (the host went away for good)",
     "guest_reconnect": "reconnect",
     "guest_panic": "panic",
     "guest_apf_reinit": "APF re-init",

@@ -40,7 +40,7 @@ from shared.abi import (
 )
 from shared.apf_data import KvmVcpuPvApfData
 from shared.blocking_channel import BlockingChannel
-from shared.config import HostOptions, PageInLatency
+from shared.config import HostOptions, PageInLatency, daemon_env
 from shared.guest_ram import GuestRam, RamLayout
 from shared.signals import SIG_PF, vector_signal
 from shared.views import CTL_CR2, CTL_PF_SEQ, GuestViews
@@ -183,7 +183,7 @@ def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
             command = [python, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(profile), module_flag, *rest]
         elif profile:
             command = [python, "-m", "cProfile", "-o", str(profile), module_flag, *rest]
-        host = subprocess.Popen(command, cwd=ROOT)
+        host = subprocess.Popen(command, cwd=ROOT, env=daemon_env())
         try:
             deadline = time.monotonic() + 10
             while not sock.exists():

@@ -240,8 +240,12 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
-def _stop_on_sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: each benchmark's `finally` stops its processes
+def _stop(_signum: int, _frame: Any) -> None:
+    """The first SIGINT or SIGTERM stops the benchmark (each one's `finally` stops its processes); later ones are
+    ignored, so that those `finally` blocks run to their end."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                    "the full run takes about 12)")
     p.add_argument("--json", type=config.typed(config.output_file, "json"), default=None, metavar="FILE",
                    help="write the results as one JSON object")
-    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write PNG plots here (needs matplotlib)")
+    p.add_argument("--plots", type=config.typed(config.output_dir, "plots"), default=None, metavar="DIR",
+                   help="write PNG plots here (needs matplotlib; made when they are written)")
     p.add_argument("--replot", type=config.typed(config.input_file, "replot"), default=None, metavar="FILE",
                    help="run nothing: draw the plots of an earlier --json FILE into --plots DIR")
     args = p.parse_args(argv)
@@ -265,11 +270,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("no scale, natapov_sweep or machine")
         except ValueError as exc:
             p.error(f"--replot {args.replot}: not the JSON of an apf-emu bench run ({exc})")
-    try:
-        if args.plots is not None:
-            config.make_dir(args.plots, "--plots")
-    except config.ConfigError as exc:
-        p.error(str(exc))
     if earlier is not None:
         try:
             paths = plot(earlier, args.plots)
@@ -278,14 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             print(f"bench: wrote {path}")
         return 0
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     result: dict[str, Any] = {}
     status = config.EXIT_OK
     try:
         run_all(args.quick, result=result)
         print(f"bench: {result['variant']} run took {result['seconds']} s")
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the writing of what we have
         result["interrupted"] = True
         done = [k for k in ("floor_us", "scale", "shared_pages", "natapov", "check_lines_per_s") if k in result]
         print(f"bench: interrupted; measured before that: {', '.join(done) or 'nothing'}", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from apf_emu.logs import read_merged
 from apf_emu.stats import Stats
-from shared.config import GuestOptions, HostOptions, PageInLatency, with_
+from shared.config import GuestOptions, HostOptions, PageInLatency, daemon_env, with_
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
     guest_opts = GuestOptions(vm=vm, socket=sock, boot=1, tasks=tasks, counting_tasks=counting_tasks,
                               duration=seconds, log_dir=log_dir, transport=transport, seed=seed,
                               shared_ratio=shared_ratio, no_apf=not apf)
-    host = subprocess.Popen(host_opts.argv(), cwd=ROOT, start_new_session=True)
+    host = subprocess.Popen(host_opts.argv(), cwd=ROOT, start_new_session=True, env=daemon_env())
     guests: list[subprocess.Popen[bytes]] = []
     try:
         deadline = time.monotonic() + 30
@@ -70,7 +70,8 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
                 raise RuntimeError("the host daemon did not start")
             time.sleep(0.01)
         for v in range(vcpus):
-            guests.append(subprocess.Popen(with_(guest_opts, vcpu=v).argv(), cwd=ROOT, start_new_session=True))
+            guests.append(subprocess.Popen(with_(guest_opts, vcpu=v).argv(), cwd=ROOT, start_new_session=True,
+                                           env=daemon_env()))
         time.sleep(seconds * 0.7)  # a benchmark sampling memory while the guests work, not synchronisation
         result.host_rss_kb = rss_kb(host.pid)
         result.guest_rss_kb = [rss_kb(g.pid) for g in guests]

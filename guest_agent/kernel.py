@@ -134,8 +134,9 @@ class GuestKernel:
                         self._reboot()
                     else:
                         self._shutdown()
-                except GuestError as exc:  # the host went away for good, or broke the protocol: this boot ends
-                    self.log.error("guest_abort", reason=str(exc), sleepers=self.apf.sleepers.sleepers)
+                except Exception as exc:  # the host went away for good or broke the protocol (or a bug): the boot ends
+                    self.log.error("guest_abort", reason=str(exc) or type(exc).__name__,
+                                   sleepers=self.apf.sleepers.sleepers)
                     raise
             finally:
                 self.mem.leave()

@@ -182,6 +182,24 @@ def input_file(text: str) -> Path:
     return path
 
 
+def output_dir(text: str) -> Path:
+    """A directory to be written into, made only when there is something to write: it is a writable directory, or
+    its nearest existing parent is."""
+    path = Path(text)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{path}: not writable")
+        return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot be made under {parent}")
+    return path
+
+
 def make_dir(path: Path, what: str) -> Path:
     """Create a directory to write into (with its parents) now, or say why not: ConfigError naming `what` and the
     path."""
@@ -427,6 +445,12 @@ def env_defaults(table: Sequence[Option], environ: dict[str, str] | None = None)
             except ValueError as exc:
                 raise ConfigError(f"environment variable {name}: {exc}") from None
     return out
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment for a host or guest that a supervisor (run, chaos, bench) starts with every option on its
+    command line: without APF_EMU_* variables, which would stand in for the options it leaves at their default."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("APF_EMU_")}
 
 
 def from_args(cls: type[OptionsT], args: argparse.Namespace, **fixed: Any) -> OptionsT:

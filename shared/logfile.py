@@ -3,29 +3,26 @@
 #
 # Every line must survive a SIGKILL of its writer, so a compressed line is flushed as soon as it is written
 # (zlib's Z_SYNC_FLUSH: the deflate stream is byte-aligned after each line and everything written so far can be
-# decompressed). A killed writer leaves a stream without its gzip trailer, which the reader takes as the end of that
-# file, exactly as it takes a cut last line of a plain file. A compressed file is never appended to by a second
-# process (a restarted host, a guest's next boot): that could not be read past the first stream's cut, so each
-# writer has a file of its own, named with its pid. The reader tells the formats apart by their first bytes.
+# decompressed). A killed writer leaves a member without its gzip trailer, which the reader takes as its end,
+# exactly as it takes a cut last line of a plain file. Each writer has a file of its own, named with its pid; should
+# a pid come again (a container's), the new writer appends a new gzip member, and the reader goes from a cut member
+# on to the next one. The reader tells the formats apart by their first bytes.
 #
 # The axis: COMPRESSIONS names the formats (`--log-compress`); adding one is a writer class here, its suffix and
 # magic bytes, and a branch in `read_chunks`.
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, BinaryIO, Final
 
 COMPRESSIONS: Final = ("none", "gzip")
 GZIP_MAGIC: Final = b"\x1f\x8b"
-READ_CHUNK: Final = 1 << 20
-PIECE: Final = 4096
-
-
-class CorruptLog(ValueError):
-    """A compressed log that cannot be decompressed where its data should be (not merely cut short)."""
+GZIP_MEMBER: Final = b"\x1f\x8b\x08"  # a member's start: magic and the deflate method
+READ_CHUNK: Final = 1 << 16
 
 
 def log_path(log_dir: Path, stem: str, compression: str) -> Path:
@@ -37,22 +34,53 @@ def log_path(log_dir: Path, stem: str, compression: str) -> Path:
     raise ValueError(f"unknown log compression {compression!r}")
 
 
+APF_EMU_LOG: Final = re.compile(r"(host|guest-\d+|harness)(\.\d+)?\.jsonl(\.gz)?")  # what apf-emu itself writes
+
+
 def is_log_file(path: Path) -> bool:
+    """A file the log tools read from a directory: any JSON-lines log, compressed or not, or a saved *.log."""
     return path.name.endswith((".jsonl", ".jsonl.gz", ".log"))
 
 
-class LineWriter:
-    """Writes whole lines to a file descriptor, each at once (one write(2)), plainly or through a compressor."""
+def log_files(directory: Path, *, apf_emu_only: bool = False) -> list[Path]:
+    """The log files in a directory, sorted: every one the tools read, or only those apf-emu writes."""
+    return sorted(f for f in directory.iterdir() if f.is_file() and
+                  (APF_EMU_LOG.fullmatch(f.name) if apf_emu_only else is_log_file(f)))
 
-    __slots__ = ("_z", "fd")
+
+class LineWriter:
+    """Writes whole lines to a file descriptor, each at once (one write(2)), plainly or through a compressor.
+
+    Compressed, a write that fails or is short (a full disk) would leave the file and the compressor out of step, and
+    every later line would decompress wrong: after one, the next line starts a new gzip member, which the reader
+    finds again (`read_chunks`); only that line is lost, as a plain file would lose it."""
+
+    __slots__ = ("_compression", "_z", "fd")
 
     def __init__(self, fd: int, compression: str = "none") -> None:
         self.fd = fd
-        self._z = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if compression == "gzip" else None
+        self._compression = compression
+        self._z = self._new_member()
+
+    def _new_member(self) -> Any:
+        if self._compression == "gzip":
+            return zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return None
 
     def write(self, line: bytes) -> None:
         z = self._z
-        os.write(self.fd, line if z is None else z.compress(line) + z.flush(zlib.Z_SYNC_FLUSH))
+        if z is None:
+            os.write(self.fd, line)
+            return
+        data = z.compress(line) + z.flush(zlib.Z_SYNC_FLUSH)
+        try:
+            written = os.write(self.fd, data)
+        except OSError:
+            self._z = self._new_member()
+            raise
+        if written != len(data):
+            self._z = self._new_member()
+            raise OSError(f"short write to a compressed log ({written} of {len(data)} bytes)")
 
     def finish(self) -> None:
         """A clean end: the compressed stream gets its trailer."""
@@ -61,26 +89,82 @@ class LineWriter:
             self._z = None
 
 
-def read_chunks(path: str) -> Iterator[bytes]:
-    """The bytes of a log file, decompressed if it is compressed. A stream cut by a killed writer ends where it
-    was cut; bytes that are not a valid stream raise CorruptLog."""
+def read_chunks(path: str, damage: list[str] | None = None) -> Iterator[bytes]:
+    """The bytes of a log file, decompressed if it is compressed (one gzip member after another). A member cut by a
+    killed writer ends where it was cut. Where the data is damaged, everything that decompresses before the damage
+    is kept, the damage is noted in `damage` ("file: ..."), and reading goes on at the next member, if any."""
     with open(path, "rb") as f:
-        first = f.read(READ_CHUNK)
-        if not first.startswith(GZIP_MAGIC):
-            while first:
-                yield first
-                first = f.read(READ_CHUNK)
+        data = f.read(READ_CHUNK)
+        if not data.startswith(GZIP_MAGIC):
+            while data:
+                yield data
+                data = f.read(READ_CHUNK)
             return
-        z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        data = first
-        while data:
-            for at in range(0, len(data), PIECE):  # in pieces, so that damage loses only what follows it
-                try:
-                    out = z.decompress(data[at:at + PIECE])
-                except zlib.error as exc:
-                    raise CorruptLog(f"{path}: not a readable gzip stream ({exc})") from None
-                if out:
-                    yield out
-                if z.eof:  # a clean end; a second stream would be another writer's, which never happens
-                    return
-            data = f.read(READ_CHUNK)
+        yield from _gzip_members(f, path, damage)
+
+
+def _gzip_members(f: BinaryIO, path: str, damage: list[str] | None) -> Iterator[bytes]:
+    pos = member_start = member_out = 0  # the next byte to feed; where this member began; what it gave so far
+    z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while True:
+        f.seek(pos)
+        piece = f.read(READ_CHUNK)
+        if not piece:
+            return
+        try:
+            out = z.decompress(piece)
+        except zlib.error as exc:
+            rest = _salvage(f, member_start, pos, piece)[member_out:]  # up to the damage, byte-exact
+            if rest or member_out:
+                yield rest + b"\n"  # a line cut by the damage stays a line of its own, apart from the next member
+            if damage is not None:
+                damage.append(f"{path}: damaged gzip data after byte {pos} ({exc}); read on from the next member")
+            nxt = _next_member(f, pos + 1)
+            if nxt is None:
+                return
+            pos = member_start = nxt
+            member_out = 0
+            z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            continue
+        if out:
+            member_out += len(out)
+            yield out
+        if z.eof:  # a member ended cleanly; another may follow (a writer that reopened the file)
+            pos += len(piece) - len(z.unused_data)
+            member_start, member_out = pos, 0
+            z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        else:
+            pos += len(piece)
+
+
+def _salvage(f: BinaryIO, start: int, pos: int, piece: bytes) -> bytes:
+    """What the member that starts at `start` decompresses to before the damage inside `piece` (at `pos`): the
+    member again up to `pos`, then `piece` a byte at a time. Only when there is damage."""
+    z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = bytearray()
+    f.seek(start)
+    left = pos - start
+    while left > 0:
+        chunk = f.read(min(READ_CHUNK, left))
+        left -= len(chunk)
+        out += z.decompress(chunk)
+    for i in range(len(piece)):
+        try:
+            out += z.decompress(piece[i:i + 1])
+        except zlib.error:
+            break
+    return bytes(out)
+
+
+def _next_member(f: BinaryIO, frm: int) -> int | None:
+    """The offset of the next gzip member's header at or after `frm`, if any."""
+    f.seek(frm)
+    offset, tail = frm, b""
+    while chunk := f.read(READ_CHUNK):
+        buf = tail + chunk
+        at = buf.find(GZIP_MEMBER)
+        if at >= 0:
+            return offset - len(tail) + at
+        tail = buf[-(len(GZIP_MEMBER) - 1):]
+        offset += len(chunk)
+    return None

@@ -275,3 +275,17 @@ def test_check_json_output_names_the_invariant_and_context(clean_logs, tmp_path)
     assert lines and all({"invariant", "message", "event", "context"} <= set(v) for v in lines)
     assert "wait_woken" in {v["invariant"] for v in lines}
     assert all(len(v["context"]) <= 6 for v in lines)
+
+
+def _ev(name: str, t: int, role: str, **fields: object) -> dict:
+    return {"event": name, "mono_ns": t, "role": role, "vm": "vm", "vcpu": 0, "boot": 1, **fields}
+
+
+def test_a_disconnect_ends_a_boot_unless_the_same_boot_comes_back():
+    """A guest killed under `run` leaves its waits behind: the host's vcpu_disconnect ends its boot, unjudged. The
+    same boot restored on a new host (a reconnect) is alive again, and its waits are judged at the end."""
+    killed = [_ev("guest_boot", 1, "guest"), _ev("guest_apf_wait", 2, "guest", token=0x1000, task=0),
+              _ev("vcpu_disconnect", 3, "host")]
+    assert check_events(copy.deepcopy(killed)) == []
+    back = [*killed, _ev("vcpu_connect", 4, "host", restored=True)]
+    assert {v.invariant for v in check_events(back)} == {"wait_woken"}

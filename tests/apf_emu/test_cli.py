@@ -49,6 +49,11 @@ CASES = [
     (["apf_emu", "logs", "prune"], {}, "--keep"),
     (["apf_emu", "logs", "prune", "--keep", "-1"], {}, "--keep"),
     (["apf_emu", "logs", "tidy"], {}, "action"),
+    (["apf_emu", "run", "--vm", VM], {"APF_EMU_LOG_COMPRESS": "bogus"}, "APF_EMU_LOG_COMPRESS"),
+    (["apf_emu", "chaos", "--vm", VM], {"APF_EMU_TASKS": "0"}, "APF_EMU_TASKS"),
+    (["apf_emu", "run", "--vm", VM], {"TMPDIR": "<LONG>"}, "TMPDIR"),
+    (["apf_emu", "logs", "list", "--root", A_FILE], {}, "--root"),
+    (["apf_emu", "trace", "<LOG>", "-o", "<LOG>"], {}, "is one of the logs"),
     (["host_daemon", "--vm", VM, "--socket", "/nonexistent/dir/h.sock"], {}, "/nonexistent/dir"),
     (["host_daemon", "--vm", VM, "--vcpus", "0"], {}, "--vcpus"),
     (["host_daemon", "--vm", VM, "--log-dir", "/proc/nope"], {}, "/proc/nope"),
@@ -60,11 +65,26 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Paths some cases need, outside each case's own (checked-empty) directory: a TMPDIR too long for a Unix
+    socket under it, and a log file."""
+    base = tmp_path_factory.mktemp("places")
+    long = base / ("t" * 100)
+    long.mkdir()
+    log = base / "host.jsonl"
+    log.write_text('{"event": "host_ready", "mono_ns": 1}\n')
+    return {"<LONG>": str(long), "<LOG>": str(log)}
+
+
 @pytest.mark.parametrize("words,env,names", CASES, ids=[" ".join(c[0][1:] or c[0]) + "".join(c[1]) for c in CASES])
-def test_a_wrong_input_is_one_line_and_exit_2_before_anything_starts(tmp_path, words, env, names):
+def test_a_wrong_input_is_one_line_and_exit_2_before_anything_starts(tmp_path, places, words, env, names):
+    words = [places.get(w, w) for w in words]
+    env = {k: places.get(v, v) for k, v in env.items()}
     shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.run([sys.executable, "-m", *words], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "TMPDIR": str(tmp_path), **env}, stdin=subprocess.DEVNULL)
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("APF_EMU_")},
+                               "TMPDIR": str(tmp_path), **env}, stdin=subprocess.DEVNULL)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and names in lines[0], proc.stderr

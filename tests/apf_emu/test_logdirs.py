@@ -24,11 +24,16 @@ def make(root: Path, name: str, age_s: int, files: tuple[str, ...] = ("host.json
 def test_prune_keeps_the_newest_log_directories_and_nothing_else_is_touched(tmp_path):
     old, mid, new = make(tmp_path, "run1", 300), make(tmp_path, "chaos2", 200, ("host.9.jsonl.gz",)), \
         make(tmp_path, "run3", 100)
-    other = make(tmp_path, "notes", 1000, ("README.txt",))
-    assert [d.path for d in log_dirs(tmp_path)] == [old, mid, new]
+    mixed = make(tmp_path, "run0", 400, ("host.jsonl", "guest-1.4.jsonl.gz", "harness.jsonl", "notes.txt"))
+    others = [make(tmp_path, "notes", 1000, ("README.txt",)), make(tmp_path, "proj", 900, ("build.log", "main.c")),
+              make(tmp_path, "data", 800, ("data.jsonl",))]
+    assert [d.path for d in log_dirs(tmp_path)] == [mixed, old, mid, new]
     removed = prune(tmp_path, keep=2)
-    assert [d.path for d in removed] == [old]
-    assert not old.exists() and mid.exists() and new.exists() and other.exists()
+    assert [d.path for d in removed] == [mixed, old]
+    assert not old.exists() and mid.exists() and new.exists()
+    assert sorted(p.name for p in mixed.iterdir()) == ["notes.txt"]  # not apf-emu's: kept, and so the directory
+    assert all(sorted(p.name for p in d.iterdir()) for d in others)  # untouched
+    assert (tmp_path / "proj" / "build.log").exists() and (tmp_path / "data" / "data.jsonl").exists()
     assert prune(tmp_path, keep=5) == []
 
 

@@ -101,18 +101,57 @@ def test_compressed_logs_give_exactly_what_plain_ones_give(clean_logs, tmp_path)
     assert results[0] == results[1]
 
 
-def test_a_damaged_gzip_log_is_reported_and_read_up_to_the_damage(tmp_path):
-    src = tmp_path / "src.jsonl"
-    src.write_bytes(b"".join(line(t, x=(t * 7919) % 1000003) for t in range(1, 20000)))
+def _write_gzip(path: Path, monos: range, *, finish: bool = True) -> list[int]:
+    """Lines written as a --log-compress gzip writer writes them; returns the file's size after each line."""
+    ends = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        writer = LineWriter(fd, "gzip")
+        for t in monos:
+            writer.write(line(t, x=(t * 7919) % 1000003))
+            ends.append(os.fstat(fd).st_size)
+        if finish:
+            writer.finish()
+    finally:
+        os.close(fd)
+    return ends
+
+
+def test_damaged_gzip_data_is_reported_and_what_precedes_it_kept(tmp_path):
     dst = tmp_path / "host.1.jsonl.gz"
-    _gzip_copy(src, dst, cut=False)
+    ends = _write_gzip(dst, range(1, 20000), finish=False)  # cut, as by a SIGKILL
+    _write_gzip(dst, range(20000, 21000))  # the same file written again by a later writer: a second member
     data = bytearray(dst.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 8] = b"\xff" * 8
+    at = ends[len(ends) // 2]
+    data[at:at + 8] = b"\xff" * 8
     dst.write_bytes(bytes(data))
     report = ReadReport()
-    evs = list(read_merged([str(dst)], report))
-    assert 0 < len(evs) < 19999 and [e["mono_ns"] for e in evs] == sorted(e["mono_ns"] for e in evs)
-    assert any("not a readable gzip stream" in u for u in report.unreadable)
+    monos = [e["mono_ns"] for e in read_merged([str(dst)], report)]
+    intact = sum(1 for end in ends if end <= at)  # lines written wholly before the damage
+    assert monos[:intact] == list(range(1, intact + 1))
+    assert monos[-1000:] == list(range(20000, 21000))  # the next member is found again
+    assert any("damaged gzip data" in u for u in report.unreadable)
+
+
+def test_a_failed_compressed_write_loses_only_its_own_line(tmp_path, monkeypatch):
+    """A full disk makes one write fail: the writer starts a new member, so every later line still reads right."""
+    dst = tmp_path / "guest-0.1.jsonl.gz"
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644)
+    writer = LineWriter(fd, "gzip")
+    real_write = os.write
+    for t in range(1, 100):
+        if t == 50:
+            monkeypatch.setattr(os, "write", lambda _fd, data: real_write(_fd, data[: len(data) // 2]))
+            with pytest.raises(OSError):
+                writer.write(line(t))
+            monkeypatch.setattr(os, "write", real_write)
+            continue
+        writer.write(line(t))
+    writer.finish()
+    os.close(fd)
+    report = ReadReport()
+    monos = [e["mono_ns"] for e in read_merged([str(dst)], report)]
+    assert monos == [t for t in range(1, 100) if t != 50]
 
 
 def test_a_run_with_compressed_logs_is_checked_like_any_other(tmp_path):

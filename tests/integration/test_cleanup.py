@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -60,28 +59,36 @@ def test_sigint_stops_a_run_cleanly(tmp_path, vm_id, transport):
     assert_nothing_left(tmp_path, vm_id)
 
 
-@pytest.mark.parametrize("delay,again", [(0.05, False), (0.3, False), (1.5, False), (1.5, True)])
-def test_sigint_at_any_moment_of_a_run_is_a_clean_stop(tmp_path, vm_id, delay, again):
-    """Ctrl-C while Python still imports, while the processes start, or while they work, and a second Ctrl-C during
-    the stop: no traceback, nothing left behind, and the documented status (130 when nothing could be judged yet,
-    else the verdict: 0)."""
+PHASES = {
+    "importing": lambda logs: True,  # at once: Python is still importing the tools
+    "starting": lambda logs: (logs / "harness.jsonl").exists(),  # the run has begun; its processes start
+    "working": lambda logs: any(e["event"] == "kvm_async_pf_ready" for e in read_events(logs / "host.jsonl")),
+}
+
+
+@pytest.mark.parametrize("phase,again", [("importing", False), ("starting", False), ("working", False),
+                                         ("working", True)])
+def test_sigint_at_any_moment_of_a_run_is_a_clean_stop(tmp_path, vm_id, phase, again):
+    """Ctrl-C while Python still imports, while the processes start, or while they work, and a second Ctrl-C right
+    after the first: no traceback, nothing left behind, and the documented status (130 when nothing could be judged
+    yet, else the verdict: 0)."""
     run_tmp = tmp_path / "tmp"
     run_tmp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "apf_emu", "run", "--vm", vm_id, "--log-dir", str(tmp_path / "logs"),
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, "-m", "apf_emu", "run", "--vm", vm_id, "--log-dir", str(logs),
                              "--duration", "60"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "TMPDIR": str(run_tmp)})
-    time.sleep(delay)  # the moment of the Ctrl-C is the test's parameter, not a wait for something
+    wait_until(lambda: PHASES[phase](logs), 30, f"the run {phase}")
     proc.send_signal(signal.SIGINT)
     if again:
-        time.sleep(0.2)  # the moment of the second Ctrl-C, during the stop: a parameter, not a wait
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err + out, err.decode()
-    # 130, or death by the SIGINT itself (a shell's 130 too) when the second one comes as the interpreter exits
-    assert proc.returncode in (0, 130) or (again and proc.returncode == -signal.SIGINT), (proc.returncode, err)
-    if proc.returncode == 0:
-        assert b"stopped by SIGINT" in out and b"invariants: all" in out
+    # 130, or death by the SIGINT itself, which a shell shows as 130 too: the interpreter is not yet (or no longer)
+    # there to handle it, at its very start or its very end
+    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err)
+    if phase == "working" and not again:
+        assert proc.returncode == 0 and b"stopped by SIGINT" in out and b"invariants: all" in out
     assert_nothing_left(tmp_path, vm_id)
 
 
