@@ -425,8 +425,11 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         print(orjson.dumps(summary).decode())
     else:
         print_chaos(summary, violations, checker)
-    return verdict_status(violations, checker, failed=bool(result.problems or result.leftovers),
-                          interrupted=result.stopped_by != "duration")
+    interrupted = result.stopped_by != "duration"
+    # What the harness had to remove is a failure, unless a stop cut a process short while it was still starting
+    # (its SIGTERM came before its handler): then the host could not clean up after itself.
+    failed = bool(result.problems) or (bool(result.leftovers) and not interrupted)
+    return verdict_status(violations, checker, failed=failed, interrupted=interrupted)
 
 
 def verdict_status(violations: list[Violation], checker: Checker, *, failed: bool, interrupted: bool) -> int:
