@@ -106,7 +106,8 @@ class Chaos:
         self.vm, self.log_dir, self.tmp, self.sock = prepare(opts, "chaos")
         place = {"vm": self.vm, "socket": self.sock, "log_dir": self.log_dir}
         self.host_opts = with_(opts.host, **place)
-        self.guest_opts = with_(opts.guest, **place, seed=opts.host.seed, log_compress=opts.host.log_compress)
+        self.guest_opts = with_(opts.guest, **place, seed=opts.host.seed, log_compress=opts.host.log_compress,
+                                abi=opts.host.abi)
         self.stopping = False
         self.host: trio.Process | None = None
         self.guests: dict[int, trio.Process] = {}

@@ -27,7 +27,8 @@ from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
 
 # The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
-RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "log_stdout", "log_compress", "enforce_pv_cpuid")
+RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "abi", "log_stdout", "log_compress",
+            "enforce_pv_cpuid")
 RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
              "apf_reinit_every", "online_clears_token")
 CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
@@ -526,7 +527,7 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation], 
     secs = stats.seconds or 1.0
     readies = stats.page_readies
     print(f"apf-emu run: VM {result.vm}, stopped by {result.stopped_by}, logs in {result.log_dir}")
-    print(f"  APFs delivered (not-present #PF)  {stats.apfs:9}   {stats.apfs / secs:8.0f}/s")
+    print(f"  APFs delivered (not-present)      {stats.apfs:9}   {stats.apfs / secs:8.0f}/s")
     print(f"  page-ready interrupts             {readies:9}   (wake-all {stats.events['guest_apf_wake_all']})")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.sync_reasons.items()))
     print(f"  artificial halts (KVM_REQ_APF_HALT) {stats.halts:7}   "

@@ -87,7 +87,7 @@ async def run(opts: RunOptions) -> RunResult:
     place = {"vm": vm, "socket": sock, "log_dir": log_dir}
     host = with_(opts.host, **place)
     guest = with_(opts.guest, **place, seed=opts.host.seed, log_stdout=opts.host.log_stdout,
-                  log_compress=opts.host.log_compress)
+                  log_compress=opts.host.log_compress, abi=opts.host.abi)
     procs: dict[str, trio.Process] = {}
     # SIGINT and SIGTERM are the runner's from here to the end: the first stops the run, later ones are ignored
     # (a second Ctrl-C must not cut the stop short and leave processes behind).

@@ -11,8 +11,10 @@
 # caller's too: the #PF path says whether the task sleeps, the interrupt and wake-all paths return the tasks they
 # woke. Nothing here is a choice of apf-emu's; where Linux panics, `Panic` says so and the caller runs its panic path.
 #
-# A not-present delivery other than the #PF (an ABI variant) plugs in here, beside `handle_async_pf`: the kernel
-# dispatches exceptions by vector (guest_agent/kernel.py) to this module.
+# A not-present delivery other than the #PF (an ABI variant, shared/abis.py) plugs in here, beside
+# `handle_async_pf`: the kernel dispatches exceptions by vector (guest_agent/kernel.py) to this module. `ve` is one:
+# `handle_ve` is apf-emu's design of a guest that takes not-presents as #VE (it follows `__kvm_handle_async_pf` in
+# everything but how the token arrives).
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,18 +23,24 @@ from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
 from shared.abi import (
+    APF_EMU_VE_INFO_ENABLED,
     KVM_APF_WAKE_ALL_TOKEN,
     KVM_FEATURE_ASYNC_PF_INT,
+    KVM_FEATURE_ASYNC_PF_VE,
     KVM_FEATURE_ASYNC_PF_VMEXIT,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
     async_pf_en_value,
 )
 from shared.apf_data import KvmVcpuPvApfData
+from shared.ve_info import EXIT_REASON_EPT_VIOLATION, VE_BUSY, VeInfo
 
 from .sleep_table import Queued, SleepTable
+
+VE_AREA_OFFSET = 16  # `ve`: the guest keeps its #VE information area in the unused padding of its APF area slot
 
 
 class Task(Protocol):
@@ -64,10 +72,12 @@ class Woken(Generic[T]):
 
 
 class GuestApf(Generic[T]):
-    def __init__(self, area: KvmVcpuPvApfData, log: Any) -> None:
+    def __init__(self, area: KvmVcpuPvApfData, log: Any, abi: str = "int") -> None:
         self.area = area  # this CPU's `apf_reason`
         self.log = log
+        self.abi = abi
         self.enabled = False  # this CPU's `async_pf_enabled`
+        self.ve: VeInfo | None = None  # `ve`: the #VE information area, once placed
         self.sleepers: SleepTable[T] = SleepTable()
         self._warned = False
 
@@ -84,6 +94,12 @@ class GuestApf(Generic[T]):
         if cpuid & KVM_FEATURE_ASYNC_PF_VMEXIT:
             value |= 1 << 2  # KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT
         wrmsr(MSR_KVM_ASYNC_PF_INT, vector)
+        if self.abi == "ve" and cpuid & KVM_FEATURE_ASYNC_PF_VE:
+            # `ve` (apf-emu's design): the #VE area is placed before APF is on, as the vector is; without the
+            # feature the kernel keeps taking not-presents as #PF.
+            self.ve = VeInfo(self.area.ram, self.area.gpa + VE_AREA_OFFSET)
+            self.ve.busy = 0
+            wrmsr(MSR_APF_EMU_VE_INFO, self.ve.gpa | APF_EMU_VE_INFO_ENABLED)
         wrmsr(MSR_KVM_ASYNC_PF_EN, value)
         self.enabled = True
         return True
@@ -122,11 +138,30 @@ class GuestApf(Generic[T]):
             if not user:
                 raise Panic("Host injected async #PF in kernel mode")
             return self._task_wait_schedule(token, task)
+        self._warn_once("guest_apf_warn", flags=flags, token=token, message=f"Unexpected async PF flags: {flags:x}")
+        return Pf.WARN
+
+    def handle_ve(self, task: T, *, user: bool, irq: bool) -> tuple[Pf, int]:
+        """`ve`: the #VE handler of a not-present (apf-emu's design, after `__kvm_handle_async_pf`): read the area,
+        write 0 to its busy word before anything that could fault again, then as a not-present #PF: panic with
+        interrupts off or in kernel mode, else sleep on the token. A #VE with the busy word clear, or of another
+        exit reason, is not an APF: WARN_ONCE. Returns what became of it and the token."""
+        ve = self.ve
+        if ve is None or ve.busy != VE_BUSY or ve.exit_reason != EXIT_REASON_EPT_VIOLATION:
+            self._warn_once("guest_apf_warn", message="unexpected #VE", busy=None if ve is None else ve.busy)
+            return Pf.WARN, 0
+        token = ve.guest_linear_address & 0xFFFF_FFFF
+        ve.busy = 0
+        if not irq:
+            raise Panic("Host injected async #VE in interrupt disabled region")
+        if not user:
+            raise Panic("Host injected async #VE in kernel mode")
+        return self._task_wait_schedule(token, task), token
+
+    def _warn_once(self, event: str, **fields: Any) -> None:
         if not self._warned:
             self._warned = True
-            self.log.warning("guest_apf_warn", flags=flags, token=token,
-                             message=f"Unexpected async PF flags: {flags:x}")
-        return Pf.WARN
+            self.log.warning(event, **fields)
 
     def _task_wait_schedule(self, token: int, task: T) -> Pf:
         """`kvm_async_pf_task_wait_schedule`: queue the task, or do not sleep at all."""

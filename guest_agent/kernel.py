@@ -43,6 +43,7 @@ from shared.abi import (
     MSR_NAMES,
     MSR_X2APIC_SPIV,
     SPURIOUS_APIC_VECTOR,
+    VE_VECTOR,
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.config import EXIT_CRASH, EXIT_REBOOT, GuestOptions
@@ -78,6 +79,7 @@ class GuestKernel:
         # The exception handlers by vector: where a not-present delivered otherwise than by #PF plugs in.
         self.exception_handlers: dict[int, Callable[[GuestTask, InjectException, PageAccess], None]] = {
             PF_VECTOR: self._exc_page_fault,
+            VE_VECTOR: self._exc_virtualization_exception,
         }
 
     # --- plumbing ------------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class GuestKernel:
             try:
                 self.mem = GuestMemoryAccess(ram, self.views, welcome.vcpus)
                 area = KvmVcpuPvApfData(ram.u32, self.vcpu * KVM_VCPU_PV_APF_DATA_SIZE)
-                self.apf: GuestApf[GuestTask] = GuestApf(area, self.log)
+                self.apf: GuestApf[GuestTask] = GuestApf(area, self.log, cfg.abi)
                 self.cpu = Cpu(self._interrupt, self.log)
                 self.transport.attach(self.cpu, self.views.ctl.u32)
                 shared = shared_pages(welcome.pages)
@@ -202,8 +204,8 @@ class GuestKernel:
     def _boot(self) -> None:
         cfg = self.cfg
         apf = cfg.apf and not (cfg.kind == "kdump" and cfg.kdump_no_kvmapf)
-        self.log.info("guest_boot", kind=cfg.kind, bsp=self.bsp, tasks=len(self.runq), vector=cfg.vector, apf=apf,
-                      send_always=cfg.send_always, transport=cfg.transport, shared_ratio=cfg.shared_ratio)
+        self.log.info("guest_boot", kind=cfg.kind, abi=cfg.abi, bsp=self.bsp, tasks=len(self.runq), vector=cfg.vector,
+                      apf=apf, send_always=cfg.send_always, transport=cfg.transport, shared_ratio=cfg.shared_ratio)
         self.cpu.enter("kernel")
         # The kernel's per-CPU data, the APF area among it, starts zeroed. Until APF is on, the area's page is
         # ordinary guest memory that may be swapped out, so the stores go through the EPT like any other access.
@@ -439,17 +441,31 @@ class GuestKernel:
             self._panic(str(panic), flags=flags, token=cr2, user=acc.user, irq=acc.irq, task=task.tid)
             self.runq.put_back(task)
             return
-        if result is Pf.SLEEP:
-            task.token = cr2
-            self.counts["apf_waits"] += 1
-            self.log.info("guest_apf_wait", token=cr2, task=task.tid)
-            if not len(self.runq):
-                self.log.info("guest_apf_halt", token=cr2)
-            return
         if result is Pf.GENUINE:
             self.log.error("guest_genuine_pf", cr2=cr2, task=task.tid)
             task.finish_access()
-        self.runq.put_back(task)  # NO_SLEEP, WARN: back to the task, which retries the access
+        self._after_not_present(task, result, cr2)
+
+    def _exc_virtualization_exception(self, task: GuestTask, exc: InjectException, acc: PageAccess) -> None:
+        """`ve` (apf-emu's design): the #VE of a not-present; the token is in the #VE information area."""
+        self.cpu.enter("ve")
+        try:
+            result, token = self.apf.handle_ve(task, user=acc.user, irq=acc.irq)
+        except Panic as panic:
+            self._panic(str(panic), vector=exc.vector, user=acc.user, irq=acc.irq, task=task.tid)
+            self.runq.put_back(task)
+            return
+        self._after_not_present(task, result, token)
+
+    def _after_not_present(self, task: GuestTask, result: Pf, token: int) -> None:
+        if result is Pf.SLEEP:
+            task.token = token
+            self.counts["apf_waits"] += 1
+            self.log.info("guest_apf_wait", token=token, task=task.tid)
+            if not len(self.runq):
+                self.log.info("guest_apf_halt", token=token)
+            return
+        self.runq.put_back(task)  # NO_SLEEP, WARN, GENUINE: back to the task, which retries (or ends) its access
 
     # --- interrupts (the handler runs with interrupts off) -------------------------------------------------------
     def _interrupt(self, vector: int) -> None:

@@ -30,9 +30,9 @@ from shared.abi import MAX_VCPUS
 from shared.guest_ram import PAGE_SIZE, page_align, swap_name, unlink
 
 MAGIC: Final = 0x41504653  # "APFS"
-VERSION: Final = 3  # 3: the SPIV register saved with each vCPU
+VERSION: Final = 4  # 3: the SPIV register saved with each vCPU; 4: and MSR_APF_EMU_VE_INFO
 VCPU_WORDS: Final = 16
-V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID, V_CONNECTED, V_PID, V_SPIV = range(9)
+V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID, V_CONNECTED, V_PID, V_SPIV, V_VE_LO, V_VE_HI = range(11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,7 @@ class SavedVcpu:
     msr_int: int
     apf_id: int
     spiv: int  # the LAPIC's spurious-interrupt vector register (its software enable)
+    msr_ve: int = 0  # the `ve` ABI's MSR_APF_EMU_VE_INFO
 
 
 class BackingStore:
@@ -108,7 +109,8 @@ class BackingStore:
         return self.state(gfn) >> 1 == generation
 
     # --- vCPU registers ------------------------------------------------------------------------------------------
-    def save_vcpu(self, vcpu: int, boot: int, msr_en: int, msr_int: int, apf_id: int, spiv: int) -> None:
+    def save_vcpu(self, vcpu: int, boot: int, msr_en: int, msr_int: int, apf_id: int, spiv: int,
+                  msr_ve: int = 0) -> None:
         base = self._vcpu0 + vcpu * VCPU_WORDS
         u32 = self.u32
         u32[base + V_VALID] = 0  # a torn save is never restored
@@ -118,6 +120,8 @@ class BackingStore:
         u32[base + V_INT] = msr_int
         u32[base + V_APF_ID] = apf_id
         u32[base + V_SPIV] = spiv
+        u32[base + V_VE_LO] = msr_ve & 0xFFFFFFFF
+        u32[base + V_VE_HI] = msr_ve >> 32
         u32[base + V_VALID] = 1
 
     def attach_guest(self, vcpu: int, pid: int) -> None:
@@ -148,7 +152,8 @@ class BackingStore:
         if not u32[base + V_VALID]:
             return None
         return SavedVcpu(int(u32[base + V_BOOT]), int(u32[base + V_EN_LO]) | int(u32[base + V_EN_HI]) << 32,
-                         int(u32[base + V_INT]), int(u32[base + V_APF_ID]), int(u32[base + V_SPIV]))
+                         int(u32[base + V_INT]), int(u32[base + V_APF_ID]), int(u32[base + V_SPIV]),
+                         int(u32[base + V_VE_LO]) | int(u32[base + V_VE_HI]) << 32)
 
     def forget_vcpu(self, vcpu: int) -> None:
         self.u32[self._vcpu0 + vcpu * VCPU_WORDS + V_VALID] = 0

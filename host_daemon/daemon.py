@@ -24,7 +24,8 @@ import posix_ipc
 import trio
 
 from shared import log as slog
-from shared.abi import APF_EMU_CPUID_FEATURES, AsyncPfEn
+from shared.abi import AsyncPfEn
+from shared.abis import CPUID as ABI_CPUID
 from shared.channel import MessageChannel
 from shared.config import HostOptions
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, check_vm_id
@@ -101,7 +102,8 @@ class Vm:
                         await self._pin_saved_areas()
                     self.log.info(
                         "host_ready", socket=str(cfg.socket), shm=ram.name, pages=cfg.pages, resident=cfg.resident,
-                        vcpus=cfg.vcpus, latency=str(cfg.page_in_latency), seed=cfg.seed, recovered=cfg.recover,
+                        vcpus=cfg.vcpus, latency=str(cfg.page_in_latency), seed=cfg.seed, abi=cfg.abi,
+                        cpuid=ABI_CPUID[cfg.abi], recovered=cfg.recover,
                         recovered_pages=self.memory.stats.recovered_pages, resident_now=self.memory.resident,
                         awaiting=self.memory.awaiting,
                     )
@@ -227,7 +229,7 @@ class Vm:
                 [self.ept.fd, ctl.fd],
                 Welcome(proto=PROTOCOL_VERSION, vm=self.config.vm, vcpu=vcpu_id, boot=boot, vcpus=self.config.vcpus,
                         pages=self.config.pages, page_size=self.memory.ram.layout.page_size, shm=self.memory.ram.name,
-                        cpuid=APF_EMU_CPUID_FEATURES),
+                        cpuid=ABI_CPUID[self.config.abi]),
             )
             ctl.forget_fd()
             await conn.serve()

@@ -52,6 +52,9 @@ from enum import Enum
 from typing import Any, Final
 
 from shared.abi import (
+    APF_EMU_VE_INFO_ADDR_MASK,
+    APF_EMU_VE_INFO_ENABLED,
+    APF_EMU_VE_INFO_RESERVED,
     APIC_SPIV_APIC_ENABLED,
     APIC_SPIV_RESET,
     ASYNC_PF_PER_VCPU,
@@ -59,19 +62,22 @@ from shared.abi import (
     KVM_ASYNC_PF_INT_VECTOR_MASK,
     KVM_ASYNC_PF_RESERVED,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
     MSR_NAMES,
     MSR_X2APIC_SPIV,
+    PF_VECTOR,
     U32_MAX,
     U64_MAX,
+    VE_VECTOR,
     AsyncPfEn,
     alloc_apf_token,
 )
 from shared.apf_data import KVM_VCPU_PV_APF_DATA_SIZE, KvmVcpuPvApfData
 from shared.guest_ram import PAGE_SIZE
-from shared.wire import PF_VECTOR
+from shared.ve_info import VE_INFO_SIZE, VeInfo
 
 APF_HALT: Final = "KVM_REQ_APF_HALT"
 APF_READY: Final = "KVM_REQ_APF_READY"
@@ -126,6 +132,8 @@ class VcpuApf:
     hva_base: int = 0  # where guest RAM is mapped in the host: kvm_async_pf_completed's `address`
     present: Callable[[int], bool] = _always_present  # the host's own residency of a gfn (for the prefault)
     enforce_pv_cpuid: bool = False  # KVM_CAP_ENFORCE_PV_FEATURE_CPUID, enabled by the VMM
+    abi: str = "int"  # the APF design this host runs (shared/abis.py)
+    msr_ve: int = 0  # `ve`: MSR_APF_EMU_VE_INFO, where the #VE information area is
     msr_en: int = 0  # vcpu->arch.apf.msr_en_val
     msr_int: int = 0  # vcpu->arch.apf.msr_int_val
     apf_id: int = 0  # vcpu->arch.apf.id, the next token id (alloc_apf_token)
@@ -155,6 +163,23 @@ class VcpuApf:
         return KvmVcpuPvApfData(self.ram_u32, AsyncPfEn(self.msr_en).gpa)
 
     @property
+    def ve_area(self) -> VeInfo | None:
+        """`ve`: the #VE information area the guest placed (None while it has placed none, or on another ABI)."""
+        if self.abi != "ve" or not self.msr_ve & APF_EMU_VE_INFO_ENABLED:
+            return None
+        return VeInfo(self.ram_u32, self.msr_ve & APF_EMU_VE_INFO_ADDR_MASK)
+
+    def area_gfns(self) -> set[int]:
+        """The pages the host writes for this vCPU (the areas in force): kept resident while in force."""
+        gfns = set()
+        if self.pv_enabled:
+            gfns.add(AsyncPfEn(self.msr_en).gpa // PAGE_SIZE)
+        ve = self.ve_area
+        if ve is not None:
+            gfns.add(ve.gpa // PAGE_SIZE)
+        return gfns
+
+    @property
     def lapic_enabled(self) -> bool:
         """`kvm_lapic_enabled`: the LAPIC is software-enabled (the in-kernel LAPIC is always present)."""
         return bool(self.spiv & APIC_SPIV_APIC_ENABLED)
@@ -174,7 +199,11 @@ class VcpuApf:
 
     # --- MSRs ----------------------------------------------------------------------------------------------------
     def area_gfn_enabled_by(self, msr: int, value: int) -> int | None:
-        """The page of the APF area if writing `value` to `msr` would turn APF on, else None."""
+        """The page of an area that writing `value` to `msr` would bring into use (APF turned on, or a #VE area
+        placed), else None."""
+        if msr == MSR_APF_EMU_VE_INFO:
+            gpa = self._ve_area_of(value)
+            return gpa // PAGE_SIZE if gpa is not None else None
         if msr != MSR_KVM_ASYNC_PF_EN or not 0 <= value <= U64_MAX:
             return None
         en = AsyncPfEn(value)
@@ -203,6 +232,8 @@ class VcpuApf:
                 self.pageready_pending = False
                 vectors = self.check_completion()
             result = MsrResult(True, vectors=tuple(vectors))
+        elif msr == MSR_APF_EMU_VE_INFO and self.abi == "ve":
+            result = self._set_ve_info(value)
         elif msr == MSR_X2APIC_SPIV:
             if value >> 32:
                 result = MsrResult(False, "bits 63:32 of the x2APIC SPIV register are reserved")
@@ -220,6 +251,8 @@ class VcpuApf:
         """`kvm_get_msr_common`: EN and INT read back as stored, ACK reads 0."""
         values = {MSR_KVM_ASYNC_PF_EN: self.msr_en, MSR_KVM_ASYNC_PF_INT: self.msr_int, MSR_KVM_ASYNC_PF_ACK: 0,
                   MSR_X2APIC_SPIV: self.spiv}
+        if self.abi == "ve":
+            values[MSR_APF_EMU_VE_INFO] = self.msr_ve
         if msr not in values:
             return MsrResult(False, "unknown MSR")
         return MsrResult(True, value=values[msr])
@@ -260,6 +293,25 @@ class VcpuApf:
         self.prefault = None
         self.gfn_hash.clear()
 
+    def _ve_area_of(self, value: int) -> int | None:
+        """The gpa of the #VE area a valid enabling MSR_APF_EMU_VE_INFO value names, else None."""
+        if self.abi != "ve" or not 0 <= value <= U64_MAX or value & APF_EMU_VE_INFO_RESERVED \
+                or not value & APF_EMU_VE_INFO_ENABLED:
+            return None
+        gpa = value & APF_EMU_VE_INFO_ADDR_MASK
+        return gpa if gpa + VE_INFO_SIZE <= self.ram_pages * PAGE_SIZE else None
+
+    def _set_ve_info(self, value: int) -> MsrResult:
+        """`ve` (apf-emu's design): bit 0 enables #VE delivery of not-presents into the 8-byte-aligned area at bits
+        63:3; bits 2:1 are reserved; an area outside guest RAM is a #GP, checked before anything is stored."""
+        if value & APF_EMU_VE_INFO_RESERVED:
+            return MsrResult(False, "bits 2:1 of MSR_APF_EMU_VE_INFO are reserved")
+        if value & APF_EMU_VE_INFO_ENABLED and self._ve_area_of(value) is None:
+            return MsrResult(False, f"#VE information area {value & APF_EMU_VE_INFO_ADDR_MASK:#x} is outside guest "
+                             "RAM")
+        self.msr_ve = value
+        return MsrResult(True)
+
     def _set_spiv(self, value: int) -> None:
         """`apic_set_spiv`: pending page-ready events are looked at again whenever the LAPIC is enabled."""
         self.spiv = value
@@ -276,13 +328,15 @@ class VcpuApf:
         self.done.append(item)
         self._present_queued()  # first: the list was empty
 
-    def restore(self, msr_en: int, msr_int: int, apf_id: int, spiv: int) -> None:
+    def restore(self, msr_en: int, msr_int: int, apf_id: int, spiv: int, msr_ve: int = 0) -> None:
         """Registers restored by a VMM after a host restart (KVM_SET_MSRS, KVM_SET_LAPIC): the enabling write
         queues a wake-all as `kvm_pv_enable_async_pf` does, which replaces the events in flight that died with
         the old host; an interrupt whose page-ready is still in the slot is raised again (the restored IRR)."""
         self.msr_int = msr_int
         self.apf_id = apf_id
         self._set_spiv(spiv)
+        if self._ve_area_of(msr_ve) is not None:
+            self.msr_ve = msr_ve
         self.msr_en = msr_en
         area = self.area
         if area is not None and self.area_gfn_enabled_by(MSR_KVM_ASYNC_PF_EN, msr_en) is not None:
@@ -291,7 +345,7 @@ class VcpuApf:
             self._wakeup_all()
         else:
             self.msr_en = 0
-        self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, spiv=spiv,
+        self.log.info("vcpu_restore", msr_en=msr_en, msr_int=msr_int, apf_id=apf_id, spiv=spiv, msr_ve=self.msr_ve,
                       apf_enabled=self.pv_enabled, slot=self.slot_token)
 
     # --- faults --------------------------------------------------------------------------------------------------
@@ -313,22 +367,37 @@ class VcpuApf:
             return FaultDecision(Fault.SYNC, reason="queue_full")
         item = AsyncPf(token, gfn, gva, hva)
         self.queue[token] = item
-        item.notpresent_injected = self._async_page_not_present(item, user=user)
-        if item.notpresent_injected:
-            return FaultDecision(Fault.INJECT, item, exception=(PF_VECTOR, item.token))  # #PF, CR2 = token
-        return FaultDecision(Fault.HALT, item, reason="apf_disabled" if not self.pv_enabled else "kernel_mode")
+        exception, reason = self._async_page_not_present(item, user=user)
+        item.notpresent_injected = exception is not None
+        if exception is not None:
+            return FaultDecision(Fault.INJECT, item, exception=exception)
+        return FaultDecision(Fault.HALT, item, reason=reason)
 
-    def _async_page_not_present(self, item: AsyncPf, *, user: bool) -> bool:
-        """`kvm_arch_async_page_not_present`: traced, hashed, and injected if it can be delivered; else the halt."""
+    def _async_page_not_present(self, item: AsyncPf, *, user: bool) -> tuple[tuple[int, int] | None, str]:
+        """`kvm_arch_async_page_not_present`: traced, hashed, and injected if it can be delivered; else the halt.
+        Returns the exception that delivers it (vector, CR2), or None and why it is not delivered.
+
+        `int`: #PF with CR2 = token after `flags` = PAGE_NOT_PRESENT. `ve` (apf-emu's design), once the guest has
+        placed its #VE area: #VE (no CR2) after the area is filled and its busy word set; while the busy word is
+        still set (the guest has not taken the last one) the vCPU halts instead, as a convertible EPT violation
+        is an ordinary VM exit then."""
         deliver = self._can_deliver(user=user)
-        self.log.info("kvm_async_pf_not_present", token=item.token, gva=item.gva, gfn=item.gfn, injected=deliver)
+        reason = "apf_disabled" if not self.pv_enabled else "kernel_mode"
+        ve = self.ve_area if deliver else None
+        if ve is not None and ve.busy != 0:
+            deliver, reason = False, "ve_busy"
+        self.log.info("kvm_async_pf_not_present", token=item.token, gva=item.gva, gfn=item.gfn, injected=deliver,
+                      **({"vector": VE_VECTOR} if ve is not None else {}))
         self.gfn_hash.add(item.gfn)  # kvm_add_async_pf_gfn
         area = self.area
+        if deliver and ve is not None:
+            ve.deliver(item.token, item.gva)
+            return (VE_VECTOR, 0), ""
         if deliver and area is not None:
             area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT  # apf_put_user_notpresent: a plain store, no read
-            return True
+            return (PF_VECTOR, item.token), ""  # #PF, CR2 = token
         self.requests.add(APF_HALT)
-        return False
+        return None, reason
 
     def _can_deliver(self, *, user: bool) -> bool:
         """`kvm_can_deliver_async_pf`: APF on, and CPL other than 0 unless SEND_ALWAYS (the wire's `user` is CPL 3;
@@ -437,7 +506,7 @@ class VcpuApf:
         """`kvm_vcpu_reset` (and destroy): MSRs cleared, queue eaten, gfn hash reset, halt ended; pageready_pending
         is not reset. The page-ins in flight are not waited for here (the guest is gone)."""
         self.clear_async_pf_completion_queue(reason)
-        self.msr_en = self.msr_int = 0
+        self.msr_en = self.msr_int = self.msr_ve = 0
         self.halted = False
         self.requests.clear()
         self.spiv = APIC_SPIV_RESET  # kvm_lapic_reset: apic_set_spiv(apic, 0xff), software-disabled

@@ -68,9 +68,9 @@ class VcpuConnection:
         self.boot = boot
         self.log = log
         self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log, vm.memory.ram.hva_base,
-                           present=vm.memory.present, enforce_pv_cpuid=vm.config.enforce_pv_cpuid,
+                           present=vm.memory.present, enforce_pv_cpuid=vm.config.enforce_pv_cpuid, abi=vm.config.abi,
                            pageready_pending=vm.pageready_pending.get(vcpu_id, False))
-        self.pinned: int | None = None
+        self.pinned: set[int] = set()  # the pages of the areas in force, each pinned once
         self.scope = trio.CancelScope()
         self.done = trio.Event()  # set once the connection is reset and its end logged
         self.in_exit = False  # the guest is in a VM exit (a request is being handled): entries happen at its end
@@ -84,7 +84,7 @@ class VcpuConnection:
     async def start(self, saved: SavedVcpu | None) -> None:
         """Continue the vCPU's token ids across boots; restore its registers if this boot is the one saved."""
         if saved is not None and saved.boot == self.boot:
-            self.apf.restore(saved.msr_en, saved.msr_int, saved.apf_id, saved.spiv)
+            self.apf.restore(saved.msr_en, saved.msr_int, saved.apf_id, saved.spiv, saved.msr_ve)
             await self._sync_pin()
         else:
             self.apf.apf_id = saved.apf_id if saved is not None else 0
@@ -92,7 +92,7 @@ class VcpuConnection:
 
     def _save(self) -> None:
         self.vm.memory.backing.save_vcpu(self.vcpu_id, self.boot, self.apf.msr_en, self.apf.msr_int,
-                                         self.apf.apf_id, self.apf.spiv)
+                                         self.apf.apf_id, self.apf.spiv, self.apf.msr_ve)
 
     async def first_entry(self) -> None:
         """The vCPU's first entry, made before `welcome` is sent: what it injects (a restored vCPU's wake-all, and
@@ -240,15 +240,13 @@ class VcpuConnection:
         self.vm.memory.pin(gfn)
 
     async def _sync_pin(self) -> None:
-        """Keep exactly one pin, on the page of the APF area in force (none while APF is off)."""
-        area = self.apf.area
-        area_gfn = area.gpa // PAGE_SIZE if area is not None else None
-        if area_gfn != self.pinned:
-            if area_gfn is not None:
-                await self._pin(area_gfn)
-            if self.pinned is not None:
-                self.vm.memory.unpin(self.pinned)
-            self.pinned = area_gfn
+        """Keep one pin on each page of the areas in force (none while APF is off and no #VE area is placed)."""
+        wanted = self.apf.area_gfns()
+        for gfn in wanted - self.pinned:
+            await self._pin(gfn)
+        for gfn in self.pinned - wanted:
+            self.vm.memory.unpin(gfn)
+        self.pinned = wanted
 
     # --- faults --------------------------------------------------------------------------------------------------
     async def _exit_mem(self, gpa: int, *, user: bool, irq: bool) -> None:
@@ -301,9 +299,9 @@ class VcpuConnection:
         self.apf.reset(reason)
         self.vm.pageready_pending[self.vcpu_id] = self.apf.pageready_pending
         self.notifier.close()
-        if self.pinned is not None:
-            self.vm.memory.unpin(self.pinned)
-            self.pinned = None
+        for gfn in self.pinned:
+            self.vm.memory.unpin(gfn)
+        self.pinned = set()
         self.vm.memory.detach(self.vcpu_id, self.ctl.u32)
         if not self.vm.stopping and self.vm.vcpus.get(self.vcpu_id) in (None, self):
             # The guest went away. When the host is the one ending (SIGTERM, or a failure that leaves the state for

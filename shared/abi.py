@@ -13,10 +13,18 @@ MSR_KVM_ASYNC_PF_EN: Final = 0x4B564D02
 MSR_KVM_ASYNC_PF_INT: Final = 0x4B564D06
 MSR_KVM_ASYNC_PF_ACK: Final = 0x4B564D07
 
+# apf-emu's own, for its `ve` ABI (shared/abis.py): where the #VE information area of this vCPU is. In KVM's range
+# (0x4b564d00-0x4b564dff), above every MSR KVM defines.
+MSR_APF_EMU_VE_INFO: Final = 0x4B564DF0
+APF_EMU_VE_INFO_ENABLED: Final = 1 << 0
+APF_EMU_VE_INFO_RESERVED: Final = 0x6  # bits 2:1
+APF_EMU_VE_INFO_ADDR_MASK: Final = ~0x7 & 0xFFFF_FFFF_FFFF_FFFF  # bits 63:3: the 8-byte-aligned area
+
 MSR_NAMES: Final = {
     MSR_KVM_ASYNC_PF_EN: "MSR_KVM_ASYNC_PF_EN",
     MSR_KVM_ASYNC_PF_INT: "MSR_KVM_ASYNC_PF_INT",
     MSR_KVM_ASYNC_PF_ACK: "MSR_KVM_ASYNC_PF_ACK",
+    MSR_APF_EMU_VE_INFO: "MSR_APF_EMU_VE_INFO",
     0x80F: "APIC_SPIV",
 }
 
@@ -47,7 +55,12 @@ SPURIOUS_APIC_VECTOR: Final = 0xFF  # the spurious vector Linux programs with th
 KVM_FEATURE_ASYNC_PF: Final = 1 << 4
 KVM_FEATURE_ASYNC_PF_VMEXIT: Final = 1 << 10  # not advertised: apf-emu has no nested guests
 KVM_FEATURE_ASYNC_PF_INT: Final = 1 << 14
-APF_EMU_CPUID_FEATURES: Final = KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT
+APF_EMU_CPUID_FEATURES: Final = KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT  # the `int` ABI's
+KVM_FEATURE_ASYNC_PF_VE: Final = 1 << 29  # apf-emu's, not KVM's: not-present as #VE (shared/abis.py)
+
+# --- exception vectors --------------------------------------------------------------------------------------------
+PF_VECTOR: Final = 14  # #PF
+VE_VECTOR: Final = 20  # #VE, the virtualization exception (a fault, no error code)
 
 # --- struct kvm_vcpu_pv_apf_data.flags ---------------------------------------------------------------------------
 KVM_PV_REASON_PAGE_NOT_PRESENT: Final = 1

@@ -54,6 +54,11 @@ class KvmVcpuPvApfData:
     def token(self, value: int) -> None:
         self._u32[self._token_ix] = value
 
+    @property
+    def ram(self) -> memoryview:
+        """The u32 view of guest RAM this area lies in (for other areas of the same vCPU)."""
+        return self._u32
+
     def read_and_reset_flags(self) -> int:
         """`kvm_read_and_reset_apf_flags`: the guest's #PF entry reads `flags` and writes 0."""
         flags = self.flags

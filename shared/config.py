@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
 from .abi import HYPERVISOR_CALLBACK_VECTOR, MAX_VCPUS
+from .abis import ABIS, DEFAULT_ABI
+from .abis import DESCRIPTIONS as ABI_DESCRIPTIONS
 from .guest_ram import MAX_PAGES, check_vm_id
 from .logfile import COMPRESSIONS
 from .transports import TRANSPORTS
@@ -249,6 +251,8 @@ COMMON_OPTIONS: Final = (
     Option("log_dir", Path, None, "directory for the JSON-lines log (host.jsonl, guest-<vcpu>.jsonl)",
            metavar="DIR"),
     Option("log_stdout", flag, False, "also write the JSON log lines to stdout", is_flag=True),
+    Option("abi", one_of(*ABIS), DEFAULT_ABI, "the APF design: " + "; ".join(f"{k}: {v}" for k, v in
+           ABI_DESCRIPTIONS.items()) + " (docs/PROTOCOL.md, section 11)"),
     Option("log_compress", one_of(*COMPRESSIONS), "none", "compress the log file: none (<name>.jsonl) or gzip "
            "(<name>.<pid>.jsonl.gz, each line flushed so that a SIGKILL loses nothing); every log tool reads both"),
 )
@@ -314,6 +318,7 @@ class ProcessOptions:
     seed: int = 0
     log_dir: Path | None = None
     log_stdout: bool = False
+    abi: str = "int"
     log_compress: str = "none"
 
     def prepare_paths(self) -> None:

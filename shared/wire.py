@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Final, TypeAlias
 
 import msgpack
 
+from .abi import PF_VECTOR as _PF_VECTOR
+
 # 2: EPT and control block with welcome; 3: `exception`, `msr_read`; 4: a restored vCPU's interrupts before welcome
 PROTOCOL_VERSION: Final = 4
 MAX_FRAME: Final = 64 * 1024
@@ -147,7 +149,7 @@ Schema: TypeAlias = dict[str, type]
 GUEST_TO_HOST: Final[Schema] = {c.TYPE: c for c in (Hello, MsrWrite, MsrRead, ExitMem)}
 HOST_TO_GUEST: Final[Schema] = {c.TYPE: c for c in (Welcome, MsrResult, InjectException, Resume, Interrupt,
                                                     ErrorReply)}
-PF_VECTOR: Final = 14
+PF_VECTOR: Final = _PF_VECTOR  # (shared/abi.py has the vectors)
 
 
 def _field_types(cls: type) -> dict[str, tuple[type, ...]]:

@@ -17,7 +17,9 @@ from shared.abi import (
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
     KVM_FEATURE_ASYNC_PF_INT,
+    KVM_FEATURE_ASYNC_PF_VE,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
+    MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
@@ -318,3 +320,41 @@ class GuestApfMachine(RuleBasedStateMachine):
 
 
 TestGuestApfMachine = GuestApfMachine.TestCase
+
+
+# --- the `ve` ABI (apf-emu's design of not-present as #VE) --------------------------------------------------------
+def make_ve_guest(cpuid: int = APF_EMU_CPUID_FEATURES | KVM_FEATURE_ASYNC_PF_VE):
+    log = EventLog()
+    area = KvmVcpuPvApfData(memoryview(bytearray(4096)).cast("I"), AREA)
+    apf: GuestApf[Task] = GuestApf(area, log, "ve")
+    msrs = Msrs()
+    assert apf.guest_cpu_init(msrs, cpuid=cpuid, vector=VECTOR)
+    return apf, area, msrs, log
+
+
+def test_a_ve_guest_places_its_area_before_enabling_apf_only_if_the_host_offers_it():
+    apf, _area, msrs, _ = make_ve_guest()
+    assert [m for m, _ in msrs.writes] == [MSR_KVM_ASYNC_PF_INT, MSR_APF_EMU_VE_INFO, MSR_KVM_ASYNC_PF_EN]
+    assert apf.ve is not None and msrs.writes[1][1] == (AREA + 16) | 1
+    plain, _area, msrs, _ = make_ve_guest(APF_EMU_CPUID_FEATURES)  # an `int` host: #PF it is
+    assert plain.ve is None and [m for m, _ in msrs.writes] == [MSR_KVM_ASYNC_PF_INT, MSR_KVM_ASYNC_PF_EN]
+
+
+def test_handle_ve_takes_the_token_from_the_area_and_releases_it_before_sleeping():
+    apf, _area, _msrs, _ = make_ve_guest()
+    assert apf.ve is not None
+    token = make_token(3, 2)
+    apf.ve.deliver(token, 0x5000)
+    assert apf.handle_ve(Task(1), user=True, irq=True) == (Pf.SLEEP, token)
+    assert apf.ve.busy == 0 and apf.sleepers.sleepers == 1
+
+
+def test_handle_ve_panics_where_linux_would_and_warns_on_a_ve_it_did_not_expect():
+    apf, _area, _msrs, log = make_ve_guest()
+    assert apf.ve is not None
+    assert apf.handle_ve(Task(1), user=True, irq=True) == (Pf.WARN, 0)  # busy clear: not an APF
+    assert "guest_apf_warn" in log.names()
+    for user, irq, message in ((False, True, "kernel mode"), (True, False, "interrupt disabled")):
+        apf.ve.deliver(make_token(4, 2), 0x6000)
+        with pytest.raises(Panic, match=message):
+            apf.handle_ve(Task(1), user=user, irq=irq)

@@ -72,7 +72,8 @@ def test_an_interrupted_page_in_is_redone_from_the_swap(vm):
 
 def test_saved_vcpu_registers_and_attachment_survive(vm):
     backing = vm.backing
-    backing.save_vcpu(3, boot=7, msr_en=(1 << 40) | 0x49, msr_int=0xF3, apf_id=1234, spiv=0x1FF)
+    backing.save_vcpu(3, boot=7, msr_en=(1 << 40) | 0x49, msr_int=0xF3, apf_id=1234, spiv=0x1FF,
+                      msr_ve=(1 << 36) | 0x51)
     backing.attach_guest(3, 4321)
     backing.attach_guest(4, 0)  # a guest the host cannot see (another PID namespace)
     backing.attach_guest(6, 99)
@@ -80,8 +81,8 @@ def test_saved_vcpu_registers_and_attachment_survive(vm):
     again = BackingStore(vm.vm_id, PAGES, recover=True)
     vm.extra.append(again)
     saved = again.saved_vcpu(3)
-    assert saved is not None and (saved.boot, saved.msr_en, saved.msr_int, saved.apf_id, saved.spiv) == (
-        7, (1 << 40) | 0x49, 0xF3, 1234, 0x1FF)
+    assert saved is not None and (saved.boot, saved.msr_en, saved.msr_int, saved.apf_id, saved.spiv,
+                                  saved.msr_ve) == (7, (1 << 40) | 0x49, 0xF3, 1234, 0x1FF, (1 << 36) | 0x51)
     assert again.saved_vcpu(4) is None
     assert again.connected_guests() == {3: 4321, 4: 0}
 

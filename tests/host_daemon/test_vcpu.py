@@ -9,6 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from host_daemon.vcpu import APF_HALT, APF_READY, AsyncPf, Fault, VcpuApf
 from shared.abi import (
+    APF_EMU_VE_INFO_ENABLED,
     APIC_SPIV_RESET,
     ASYNC_PF_PER_VCPU,
     KVM_APF_WAKE_ALL_TOKEN,
@@ -16,6 +17,7 @@ from shared.abi import (
     KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT,
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
+    MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
     MSR_KVM_ASYNC_PF_INT,
@@ -606,3 +608,72 @@ def _send_always(vcpu: VcpuApf) -> bool:
 
 
 TestKvmApfMachine = KvmApfMachine.TestCase
+
+
+# --- the `ve` ABI (shared/abis.py): apf-emu's design of not-present as #VE ----------------------------------------
+VE_AREA = AREA + 16
+
+
+def make_ve_vcpu() -> tuple[VcpuApf, EventLog]:
+    vcpu, log = make_vcpu()
+    vcpu.abi = "ve"
+    boot(vcpu)
+    assert vcpu.write_msr(MSR_APF_EMU_VE_INFO, VE_AREA | APF_EMU_VE_INFO_ENABLED).ok
+    return vcpu, log
+
+
+def test_msr_apf_emu_ve_info_exists_only_on_the_ve_abi_and_is_checked_before_it_is_stored():
+    plain, _ = make_vcpu()
+    assert not plain.write_msr(MSR_APF_EMU_VE_INFO, VE_AREA | 1).ok and plain.ve_area is None
+    assert not plain.read_msr(MSR_APF_EMU_VE_INFO).ok
+    vcpu, _ = make_vcpu()
+    vcpu.abi = "ve"
+    assert not vcpu.write_msr(MSR_APF_EMU_VE_INFO, VE_AREA | 0x2 | 1).ok  # bits 2:1 reserved
+    assert not vcpu.write_msr(MSR_APF_EMU_VE_INFO, (PAGES * 4096 - 32) | 1).ok  # the area would leave guest RAM
+    assert vcpu.msr_ve == 0
+    assert vcpu.area_gfn_enabled_by(MSR_APF_EMU_VE_INFO, (5 * 4096 + 8) | 1) == 5
+    assert vcpu.write_msr(MSR_APF_EMU_VE_INFO, (5 * 4096 + 8) | 1).ok
+    assert vcpu.read_msr(MSR_APF_EMU_VE_INFO).value == (5 * 4096 + 8) | 1
+    boot(vcpu)
+    assert vcpu.area_gfns() == {AREA // 4096, 5}
+    vcpu.reset("vcpu_reset")
+    assert vcpu.msr_ve == 0 and vcpu.ve_area is None
+
+
+def test_ve_delivers_a_not_present_as_ve_through_the_area():
+    """`_async_page_not_present` on `ve`: the area is filled (token as the guest linear address, the gpa), its busy
+    word set, and #VE (vector 20, no CR2) injected; `flags` is not touched."""
+    vcpu, log = make_ve_vcpu()
+    decision = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
+    assert decision.kind is Fault.INJECT and decision.item is not None
+    assert decision.exception == (20, 0)
+    ve = vcpu.ve_area
+    assert ve is not None and ve.busy == 0xFFFFFFFF and ve.guest_linear_address == decision.item.token
+    assert ve.guest_physical_address == 5 * 4096 and ve.exit_reason == 48
+    assert vcpu.area is not None and vcpu.area.flags == 0
+    assert events(log, "kvm_async_pf_not_present")[-1]["vector"] == 20
+
+
+def test_ve_halts_the_vcpu_while_the_guest_has_not_released_the_last_ve():
+    """While the busy word is still set, another #VE cannot be delivered: the fault halts the vCPU instead (as a
+    convertible EPT violation is then an ordinary VM exit), and its ready is traced without injection."""
+    vcpu, log = make_ve_vcpu()
+    first = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
+    second = vcpu.on_fault(6, 6 * 4096, user=True, irq=True)
+    assert first.kind is Fault.INJECT and second.kind is Fault.HALT and second.reason == "ve_busy"
+    assert second.item is not None and not second.item.notpresent_injected
+    assert events(log, "kvm_async_pf_not_present")[-1]["injected"] is False
+    ve = vcpu.ve_area
+    assert ve is not None
+    ve.busy = 0  # the guest's handler took the first
+    third = vcpu.on_fault(7, 7 * 4096, user=True, irq=True)
+    assert third.kind is Fault.INJECT and third.exception == (20, 0)
+
+
+def test_ve_without_its_area_placed_delivers_as_int_does():
+    """A `ve` host with a guest that never placed a #VE area (an `int` guest): not-present stays a #PF."""
+    vcpu, _ = make_vcpu()
+    vcpu.abi = "ve"
+    boot(vcpu)
+    decision = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
+    assert decision.item is not None and decision.exception == (14, decision.item.token)

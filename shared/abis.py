@@ -1,0 +1,30 @@
+# The ABIs: the designs of the APF protocol apf-emu runs side by side (the seed thread's). This module is the axis:
+# the registry of names, and what the host advertises for each in CPUID 0x40000001 EAX. The host runs one ABI
+# (`apf-host --abi`), and so does each guest (`apf-guest --abi`); a guest uses its design only if the host advertises
+# its feature bit, and otherwise falls back as a real guest of that design would (docs/PROTOCOL.md, section 11).
+#
+# - `int`: Linux 5.8+ and current KVM: not-present as #PF with `flags` = 1 and CR2 = token, page-ready as an
+#   interrupt with the token in the slot and an ACK.
+# - `ve`: not-present as #VE (vector 20) through a virtualization-exception information area that the guest places
+#   with MSR_APF_EMU_VE_INFO (shared/ve_info.py), as Vitaly Kuznetsov's "Grand Plan" and Paolo Bonzini proposed in
+#   2020; page-ready as in `int`. Never merged: the delivery rules are apf-emu's design, after the SDM's.
+#
+# Adding an ABI: its name and CPUID here, its delivery in host_daemon/vcpu.py (`_async_page_not_present`, and
+# page-ready where it differs), its handler in guest_agent/apf.py and its vector in guest_agent/kernel.py.
+from __future__ import annotations
+
+from typing import Final
+
+from .abi import APF_EMU_CPUID_FEATURES, KVM_FEATURE_ASYNC_PF_VE
+
+ABIS: Final = ("int", "ve")
+DEFAULT_ABI: Final = "int"
+CPUID: Final = {
+    "int": APF_EMU_CPUID_FEATURES,
+    "ve": APF_EMU_CPUID_FEATURES | KVM_FEATURE_ASYNC_PF_VE,
+}
+DESCRIPTIONS: Final = {
+    "int": "Linux 5.8+ and KVM today: not-present #PF (flags, CR2 = token), page-ready interrupt with ACK",
+    "ve": "not-present as #VE through an information area (apf-emu's design of the unmerged proposal), page-ready "
+          "as an interrupt",
+}
