@@ -21,6 +21,8 @@ from shared.abi import (
 
 from .logs import Event
 
+RETRY_LOOP_LIMIT: Final = 32
+
 INVARIANTS: Final = {
     "token_format": "a not-present token is (id << 12) | vcpu, nonzero and not 0xffffffff; a ready token is that "
     "or 0xffffffff",
@@ -45,6 +47,8 @@ INVARIANTS: Final = {
     "ready_latency": "a completed page-in is delivered as page-ready within the configured limit (default 1 s; "
     "`apf-emu check --ready-latency-limit MS`), counted from the prefault if its page had to be faulted in again",
     "stale_token": "no not-present or page-ready of an earlier boot reaches a later boot of the vCPU",
+    "retry_loop": f"no vCPU faults on one gfn more than {RETRY_LOOP_LIMIT} times in a row without completing an "
+    "access to it (the endless retry of a page-in that keeps failing, Vivek Goyal 2020); judged for guests that log",
 }
 DEFAULT_READY_LATENCY_LIMIT_MS: Final = 1000.0
 
@@ -72,6 +76,7 @@ class _HostVcpu:
     readied: set[int] = field(default_factory=set)
     unacked: int | None = None
     issued_boot: dict[int, Any] = field(default_factory=dict)  # token -> the guest boot it was issued to
+    faults_in_a_row: dict[int, int] = field(default_factory=dict)  # gfn -> not-presents since an access completed
 
 
 @dataclass
@@ -198,6 +203,11 @@ class Checker:
         st.issued_boot[token] = ev.get("boot")
         self._check_boot(ev, key, "not-present")
         st.outstanding[token] = injected
+        gfn = ev.get("gfn")
+        if isinstance(gfn, int) and key in self._current_boot:  # only where the guest logs its completed accesses
+            n = st.faults_in_a_row[gfn] = st.faults_in_a_row.get(gfn, 0) + 1
+            if n == RETRY_LOOP_LIMIT + 1:
+                self._violate("retry_loop", f"gfn {gfn} faulted {n} times in a row, no access to it completed", ev)
         if len(st.outstanding) > ASYNC_PF_PER_VCPU:
             self._violate("outstanding_limit", f"{len(st.outstanding)} async page faults outstanding", ev)
 
@@ -377,7 +387,14 @@ class Checker:
         if ev.get("slot") == 0:
             self._h(key).unacked = None
 
+    def _access_done(self, ev: Event, key: tuple[Any, Any]) -> None:
+        """An access to `gfn` completed (or its task died of it): the faults on it are no longer in a row."""
+        host = self._host.get(key)
+        if host is not None and isinstance(ev.get("gfn"), int):
+            host.faults_in_a_row.pop(ev["gfn"], None)
+
     def _data_check(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._access_done(ev, key)
         if not ev.get("ok"):
             self._violate("data_check", f"page {ev.get('gfn')} did not hold what task {ev.get('task')} wrote", ev)
 
@@ -409,6 +426,9 @@ _GUEST = {
     "guest_apf_ack": Checker._ack,
     "guest_apf_slot_cleared": Checker._slot_cleared,
     "guest_data_check": Checker._data_check,
+    "guest_data_torn": Checker._access_done,
+    "guest_sigbus": Checker._access_done,
+    "guest_mce_fixup": Checker._access_done,
     "guest_panic": Checker._panic,
 }
 

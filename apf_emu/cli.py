@@ -27,8 +27,8 @@ from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
 
 # The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
-RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "seed", "abi", "log_stdout", "log_compress",
-            "enforce_pv_cpuid")
+RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "page_in_errors", "seed", "abi", "log_stdout",
+            "log_compress", "enforce_pv_cpuid")
 RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
              "apf_reinit_every", "online_clears_token")
 CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",

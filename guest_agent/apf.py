@@ -25,9 +25,12 @@ from typing import Any, Generic, Protocol, TypeVar
 from shared.abi import (
     APF_EMU_VE_INFO_ENABLED,
     KVM_APF_WAKE_ALL_TOKEN,
+    KVM_ASYNC_PF_SEND_ERROR,
+    KVM_FEATURE_ASYNC_PF_ERROR,
     KVM_FEATURE_ASYNC_PF_INT,
     KVM_FEATURE_ASYNC_PF_VE,
     KVM_FEATURE_ASYNC_PF_VMEXIT,
+    KVM_PV_REASON_PAGE_ERROR,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
     MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
@@ -59,6 +62,7 @@ class Pf(Enum):
     SLEEP = "sleep"  # the task sleeps on the token until a page-ready (or a wake-all) unhashes its node
     NO_SLEEP = "no_sleep"  # kvm_async_pf_queue_task found a node: the task returns and retries the access
     WARN = "warn"  # flags other than PAGE_NOT_PRESENT: WARN_ONCE, and return
+    ERROR = "error"  # `int-error`: the page-ready came first and reported a page-in error: SIGBUS to the task
 
 
 class Panic(Exception):
@@ -69,6 +73,7 @@ class Panic(Exception):
 class Woken(Generic[T]):
     token: int
     task: T
+    error: bool = False  # `int-error`: its page-in failed and the page-ready said so: SIGBUS (handle_async_pf_error)
 
 
 class GuestApf(Generic[T]):
@@ -78,6 +83,7 @@ class GuestApf(Generic[T]):
         self.abi = abi
         self.enabled = False  # this CPU's `async_pf_enabled`
         self.ve: VeInfo | None = None  # `ve`: the #VE information area, once placed
+        self.send_error = False  # `int-error`: KVM_ASYNC_PF_SEND_ERROR was set (the host offered it)
         self.sleepers: SleepTable[T] = SleepTable()
         self._warned = False
 
@@ -91,6 +97,9 @@ class GuestApf(Generic[T]):
         if not (cpuid & KVM_FEATURE_ASYNC_PF_INT and kvmapf):
             return False
         value = async_pf_en_value(self.area.gpa, send_always=send_always)
+        self.send_error = self.abi == "int-error" and bool(cpuid & KVM_FEATURE_ASYNC_PF_ERROR)
+        if self.send_error:  # the RFC's kvm_guest_cpu_init
+            value |= KVM_ASYNC_PF_SEND_ERROR
         if cpuid & KVM_FEATURE_ASYNC_PF_VMEXIT:
             value |= 1 << 2  # KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT
         wrmsr(MSR_KVM_ASYNC_PF_INT, vector)
@@ -168,6 +177,9 @@ class GuestApf(Generic[T]):
         queued = self.sleepers.queue_task(token, task)
         if queued is Queued.SLEEP:
             return Pf.SLEEP
+        if queued is Queued.DUMMY_ERROR:
+            self.log.info("guest_apf_dummy", token=token, action="consumed", error=True)
+            return Pf.ERROR
         if queued is Queued.DUMMY:
             self.log.info("guest_apf_dummy", token=token, action="consumed")
         else:
@@ -184,21 +196,25 @@ class GuestApf(Generic[T]):
         if not self.enabled:
             return None
         token = self.area.token
-        woken = self._task_wake(token)
+        # `int-error` (the RFC's kvm_async_pf_intr): ready_flags is read after the token and never cleared (the
+        # host writes it with every token)
+        error = self.send_error and bool(self.area.ready_flags & KVM_PV_REASON_PAGE_ERROR)
+        woken = self._task_wake(token, error=error)
         self.log.info("guest_apf_ack", token=token)  # before the store that releases the slot (docs/LOGGING.md)
         self.area.token = 0
         wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
         return woken
 
-    def _task_wake(self, token: int) -> list[Woken[T]]:
-        """`kvm_async_pf_task_wake`."""
+    def _task_wake(self, token: int, *, error: bool = False) -> list[Woken[T]]:
+        """`kvm_async_pf_task_wake` (with the RFC's `is_err`)."""
         if token == KVM_APF_WAKE_ALL_TOKEN:
             return self._wake_all(reason="wake_all")
-        task, dummy_created = self.sleepers.wake(token)
+        task, dummy_created = self.sleepers.wake(token, error=error)
+        extra = {"error": True} if error else {}
         if task is not None:
-            self.log.info("guest_apf_wake", token=token, task=task.tid, all=False)
-            return [Woken(token, task)]
-        self.log.info("guest_apf_dummy", token=token, action="created" if dummy_created else "removed")
+            self.log.info("guest_apf_wake", token=token, task=task.tid, all=False, **extra)
+            return [Woken(token, task, error)]
+        self.log.info("guest_apf_dummy", token=token, action="created" if dummy_created else "removed", **extra)
         return []
 
     def _wake_all(self, *, reason: str) -> list[Woken[T]]:

@@ -74,6 +74,7 @@ class GuestKernel:
         self.drain_deadline = math.inf
         self.counts = {"accesses": 0, "shared_accesses": 0, "data_checks": 0, "data_check_failures": 0,
                        "apf_waits": 0, "exits": 0, "interrupts": 0, "torn_pages": 0, "slots_mid_write": 0,
+                       "sigbus": 0, "fixups": 0,
                        "count_work": 0, "count_ns": 0, "exit_ns": 0}
         self.shared_accept: dict[int, tuple[int, ...]] = {}  # shared gfn -> seqs this vCPU's slot may hold
         # The exception handlers by vector: where a not-present delivered otherwise than by #PF plugs in.
@@ -371,6 +372,8 @@ class GuestKernel:
                     handler(task, reply, acc)
             elif isinstance(reply, Resume):
                 self.runq.put_back(task)  # the access is retried
+            elif reply.code == "page_error":
+                self._memory_failure(task, acc)
             else:
                 self.log.error("guest_host_error", code=reply.code, message=reply.message)
                 task.finish_access()
@@ -458,6 +461,9 @@ class GuestKernel:
         self._after_not_present(task, result, token)
 
     def _after_not_present(self, task: GuestTask, result: Pf, token: int) -> None:
+        if result is Pf.ERROR:  # `int-error`: its page-ready came first and carried the error
+            self._sigbus(task, token, "the page-ready reported a page-in error")
+            return
         if result is Pf.SLEEP:
             task.token = token
             self.counts["apf_waits"] += 1
@@ -478,7 +484,31 @@ class GuestKernel:
             self.log.info("guest_apf_irq_ignored", token=self.apf.area.token, message="APF is off on this vCPU")
             return
         for w in woken:
-            self._resume(w.task)
+            if w.error:
+                self._sigbus(w.task, w.token, "the page-ready reported a page-in error")
+            else:
+                self._resume(w.task)
+
+    def _sigbus(self, task: GuestTask, token: int | None, reason: str) -> None:
+        """`int-error`'s handle_async_pf_error (and a memory failure the VMM reported): SIGBUS to the user task,
+        which dies of it (the kernel's default action). Its pages are not touched again."""
+        gfn = task.current.gfn if task.current is not None else None
+        self.counts["sigbus"] += 1
+        self.log.error("guest_sigbus", task=task.tid, token=token, gfn=gfn, reason=reason)
+        task.token = None
+        task.finish_access()
+
+    def _memory_failure(self, task: GuestTask, acc: PageAccess) -> None:
+        """The VMM could not give the vCPU the page (its page-in failed: `apf_error_exit`) and reports a memory
+        failure of this access: SIGBUS to a user task; an exception-table fixup in the kernel (the access fails,
+        the kernel goes on)."""
+        if acc.user:
+            self._sigbus(task, None, "the VMM reported a memory failure of the access")
+            return
+        self.counts["fixups"] += 1
+        self.log.error("guest_mce_fixup", task=task.tid, gfn=acc.gfn)
+        task.finish_access()
+        self.runq.put_back(task)
 
     def _resume(self, task: GuestTask) -> None:
         task.token = None

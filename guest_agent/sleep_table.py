@@ -17,6 +17,8 @@
 #   will ever consume.
 # - wake_all(): unhash every node of this CPU, sleepers and dummies alike (token 0xffffffff, and CPU offline);
 #   the dummies are not freed either.
+# `int-error` (Vivek Goyal's RFC): a wake can carry a page-in error; a dummy keeps it (`n->is_err`), and the #PF
+# that consumes such a dummy learns it (DUMMY_ERROR), as a woken sleeper does from `wake`'s caller.
 # A dummy whose not-present never comes is a leak (bugzilla 208081): `dummies` must be empty at shutdown. A dummy
 # unhashed by a second wake or a wake-all leaks its memory in Linux (apf_task_wake_one does not kfree it):
 # `leaked` counts those.
@@ -34,6 +36,7 @@ class Queued(Enum):
 
     SLEEP = "sleep"  # a node was added: the task sleeps
     DUMMY = "dummy"  # the page-ready came first: its dummy was deleted, the task goes on
+    DUMMY_ERROR = "dummy_error"  # the same, and that page-ready reported a page-in error (`int-error`)
     FREED_SLEEPER = "freed_sleeper"  # another task's node was taken for a dummy: freed; that task sleeps for good
 
 
@@ -41,6 +44,7 @@ class Queued(Enum):
 class SleepTable(Generic[T]):
     _nodes: dict[int, T | None] = field(default_factory=dict)  # token -> sleeping task, or None for a dummy
     lost: list[T] = field(default_factory=list)  # tasks whose node another task's #PF freed: asleep for good
+    _error_dummies: set[int] = field(default_factory=set)  # tokens whose dummy carries a page-in error
     leaked: int = 0  # dummies unhashed but never freed (by a second wake or a wake-all)
 
     def queue_task(self, token: int, task: T) -> Queued:
@@ -48,21 +52,27 @@ class SleepTable(Generic[T]):
         if token in self._nodes:
             found = self._nodes.pop(token)
             if found is None:
+                if token in self._error_dummies:
+                    self._error_dummies.discard(token)
+                    return Queued.DUMMY_ERROR
                 return Queued.DUMMY
             self.lost.append(found)
             return Queued.FREED_SLEEPER
         self._nodes[token] = task
         return Queued.SLEEP
 
-    def wake(self, token: int) -> tuple[T | None, bool]:
-        """`kvm_async_pf_task_wake` for one token. Returns (the task woken or None, whether a dummy was inserted);
-        (None, False) means a dummy was found and removed."""
+    def wake(self, token: int, *, error: bool = False) -> tuple[T | None, bool]:
+        """`kvm_async_pf_task_wake` for one token (`error`: the page-ready reported a page-in error). Returns (the
+        task woken or None, whether a dummy was inserted); (None, False) means a dummy was found and removed."""
         if token not in self._nodes:
             self._nodes[token] = None
+            if error:
+                self._error_dummies.add(token)
             return None, True
         task = self._nodes.pop(token)
         if task is None:
             self.leaked += 1
+            self._error_dummies.discard(token)
         return task, False
 
     def wake_all(self) -> tuple[list[tuple[int, T]], int]:
@@ -72,6 +82,7 @@ class SleepTable(Generic[T]):
         dummies = len(self._nodes) - len(woken)
         self.leaked += dummies
         self._nodes.clear()
+        self._error_dummies.clear()
         return woken, dummies
 
     def tokens(self) -> list[int]:

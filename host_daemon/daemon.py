@@ -81,7 +81,7 @@ class Vm:
         try:
             ept = self.ept = PublishedEpt(cfg.vm, cfg.pages)
             self.memory = GuestMemory(ram, ept.u32, backing, cfg.resident, self.log, recover=cfg.recover)
-            self.pager = Pager(self.memory, cfg.page_in_latency, random.Random(cfg.seed))
+            self.pager = Pager(self.memory, cfg.page_in_latency, random.Random(cfg.seed), cfg.page_in_errors)
             sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             # A stale socket of a killed host goes first; then bound and listening under a temporary name, and
             # renamed into place: whoever sees the socket file (a guest, a health check, a supervisor waiting for
@@ -102,7 +102,8 @@ class Vm:
                         await self._pin_saved_areas()
                     self.log.info(
                         "host_ready", socket=str(cfg.socket), shm=ram.name, pages=cfg.pages, resident=cfg.resident,
-                        vcpus=cfg.vcpus, latency=str(cfg.page_in_latency), seed=cfg.seed, abi=cfg.abi,
+                        vcpus=cfg.vcpus, latency=str(cfg.page_in_latency), errors=str(cfg.page_in_errors),
+                        seed=cfg.seed, abi=cfg.abi,
                         cpuid=ABI_CPUID[cfg.abi], recovered=cfg.recover,
                         recovered_pages=self.memory.stats.recovered_pages, resident_now=self.memory.resident,
                         awaiting=self.memory.awaiting,

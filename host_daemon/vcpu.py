@@ -61,6 +61,8 @@ from shared.abi import (
     KVM_APF_WAKE_ALL_TOKEN,
     KVM_ASYNC_PF_INT_VECTOR_MASK,
     KVM_ASYNC_PF_RESERVED,
+    KVM_ASYNC_PF_SEND_ERROR,
+    KVM_PV_REASON_PAGE_ERROR,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
     MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
@@ -93,6 +95,7 @@ class AsyncPf:
     hva: int = 0  # work->addr: the host virtual address of the page
     wakeup_all: bool = False
     notpresent_injected: bool = False
+    error: bool = False  # `int-error`: the page-in failed (work->error_code)
 
 
 class Fault(Enum):
@@ -134,6 +137,7 @@ class VcpuApf:
     enforce_pv_cpuid: bool = False  # KVM_CAP_ENFORCE_PV_FEATURE_CPUID, enabled by the VMM
     abi: str = "int"  # the APF design this host runs (shared/abis.py)
     msr_ve: int = 0  # `ve`: MSR_APF_EMU_VE_INFO, where the #VE information area is
+    error_gfn: int | None = None  # `int-error`: vcpu->arch.apf.error_gfn, a gfn whose failed page-in went unreported
     msr_en: int = 0  # vcpu->arch.apf.msr_en_val
     msr_int: int = 0  # vcpu->arch.apf.msr_int_val
     apf_id: int = 0  # vcpu->arch.apf.id, the next token id (alloc_apf_token)
@@ -161,6 +165,16 @@ class VcpuApf:
         if not self.pv_enabled:
             return None
         return KvmVcpuPvApfData(self.ram_u32, AsyncPfEn(self.msr_en).gpa)
+
+    @property
+    def send_error(self) -> bool:
+        """`int-error`: the guest asked for page-in errors with its page-ready (KVM_ASYNC_PF_SEND_ERROR)."""
+        return self.abi == "int-error" and bool(self.msr_en & KVM_ASYNC_PF_SEND_ERROR)
+
+    @property
+    def _reserved(self) -> int:
+        """Bits 5:4 of MSR_KVM_ASYNC_PF_EN, but bit 4 (SEND_ERROR) where the host offers error delivery."""
+        return KVM_ASYNC_PF_RESERVED & ~KVM_ASYNC_PF_SEND_ERROR if self.abi == "int-error" else KVM_ASYNC_PF_RESERVED
 
     @property
     def ve_area(self) -> VeInfo | None:
@@ -207,7 +221,7 @@ class VcpuApf:
         if msr != MSR_KVM_ASYNC_PF_EN or not 0 <= value <= U64_MAX:
             return None
         en = AsyncPfEn(value)
-        if value & KVM_ASYNC_PF_RESERVED or self._vmexit_refused(en) or not en.apf_enabled:
+        if value & self._reserved or self._vmexit_refused(en) or not en.apf_enabled:
             return None
         if en.gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
             return None
@@ -260,8 +274,9 @@ class VcpuApf:
     def _enable_async_pf(self, value: int) -> MsrResult:
         """`kvm_pv_enable_async_pf`: everything that makes it #GP is checked before the value is stored."""
         en = AsyncPfEn(value)
-        if value & KVM_ASYNC_PF_RESERVED:
-            return MsrResult(False, "bits 5:4 of MSR_KVM_ASYNC_PF_EN are reserved")
+        if value & self._reserved:
+            return MsrResult(False, "bits 5:4 of MSR_KVM_ASYNC_PF_EN are reserved" if self.abi != "int-error" else
+                             "bit 5 of MSR_KVM_ASYNC_PF_EN is reserved")
         if self._vmexit_refused(en):
             return MsrResult(False, "DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT")
         if en.apf_enabled and en.gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
@@ -354,6 +369,9 @@ class VcpuApf:
         if not irq:  # kvm_can_do_async_pf: "if interrupts are off we cannot even use an artificial halt state"
             self.log.info("apf_sync_fault", gfn=gfn, reason="irq_disabled")
             return FaultDecision(Fault.SYNC, reason="irq_disabled")
+        if gfn == self.error_gfn:  # `int-error`, the RFC's kvm_can_do_async_pf(vcpu, gfn): an unreported failure
+            self.log.info("apf_sync_fault", gfn=gfn, reason="error_gfn")
+            return FaultDecision(Fault.SYNC, reason="error_gfn")
         self.log.info("kvm_try_async_get_page", gva=gva, gfn=gfn)
         if gfn in self.gfn_hash:  # kvm_find_async_pf_gfn
             self.log.info("kvm_async_pf_repeated_fault", gva=gva, gfn=gfn)
@@ -405,11 +423,12 @@ class VcpuApf:
         return self.pv_enabled and (user or AsyncPfEn(self.msr_en).send_always)
 
     # --- completion and delivery ---------------------------------------------------------------------------------
-    def complete(self, item: AsyncPf) -> bool:
-        """`async_pf_execute` after the page-in: the item joins the done list. True if the vCPU is to be kicked
-        (it enters, and the entry delivers)."""
+    def complete(self, item: AsyncPf, *, error: bool = False) -> bool:
+        """`async_pf_execute` after the page-in (`error`: it failed; the item is notified all the same): the item
+        joins the done list. True if the vCPU is to be kicked (it enters, and the entry delivers)."""
         if self.queue.get(item.token) is not item:
             return False  # dropped meanwhile (APF disabled, vCPU reset): nothing to deliver
+        item.error = error
         first = not self.done
         self.done.append(item)
         kick = self._present_queued() if first else False
@@ -493,12 +512,18 @@ class VcpuApf:
         # Logged before the store that publishes it, so that its mono_ns precedes anything the guest logs after
         # reading the slot. `released`: the token this host had published and has now found cleared (the host's
         # own view of the guest's release, which is all the checker has for a guest that does not log).
+        report_error = item.error and inject and self.send_error
         self.log.info("kvm_async_pf_ready", token=item.token, gva=item.gva, gfn=item.gfn, injected=inject,
-                      vector=self.vector if inject else None, released=(self.slot_token or None) if inject else None)
+                      vector=self.vector if inject else None, released=(self.slot_token or None) if inject else None,
+                      **({"error": item.error, "error_reported": report_error} if self.abi == "int-error" else {}))
+        if self.abi == "int-error" and item.error and not report_error:
+            self.error_gfn = item.gfn  # the RFC: the next fault on it is synchronous, and its failure exits
         self.halted = False
         if not inject or area is None:
             return None
-        area.token = self.slot_token = item.token & U32_MAX  # apf_put_user_ready
+        area.token = self.slot_token = item.token & U32_MAX  # apf_put_user_ready: the token, then ready_flags
+        if self.abi == "int-error":
+            area.ready_flags = KVM_PV_REASON_PAGE_ERROR if report_error else 0
         self.pageready_pending = True
         return self.vector
 
@@ -507,6 +532,7 @@ class VcpuApf:
         is not reset. The page-ins in flight are not waited for here (the guest is gone)."""
         self.clear_async_pf_completion_queue(reason)
         self.msr_en = self.msr_int = self.msr_ve = 0
+        self.error_gfn = None
         self.halted = False
         self.requests.clear()
         self.spiv = APIC_SPIV_RESET  # kvm_lapic_reset: apic_set_spiv(apic, 0xff), software-disabled

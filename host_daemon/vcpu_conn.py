@@ -35,7 +35,7 @@ from shared.wire import ErrorReply, ExitMem, Hello, Message, MsrRead, MsrResult,
 from .backing_store import SavedVcpu
 from .guest_views import ControlBlock
 from .memory import GuestMemory
-from .pager import Pager
+from .pager import PageIn, Pager
 from .transports import Notifier
 from .vcpu import AsyncPf, Fault, VcpuApf
 
@@ -79,7 +79,7 @@ class VcpuConnection:
         self._completions.set()
         self._thread = trio.Lock()  # the vCPU thread: exits (with their entries) and kicks' entries
         self._entries = 0  # entries so far: a kick that waited for the thread is moot if one happened meanwhile
-        self._page_ins: dict[int, trio.Event] = {}  # token -> its page-in's event, until its completion
+        self._page_ins: dict[int, PageIn] = {}  # token -> its page-in, until its completion
 
     async def start(self, saved: SavedVcpu | None) -> None:
         """Continue the vCPU's token ids across boots; restore its registers if this boot is the one saved."""
@@ -225,15 +225,15 @@ class VcpuConnection:
         (async_pf_execute: the done list, `kvm_async_pf_completed`), on the vCPU thread's behalf, since this exit
         holds the completions that wait for its end."""
 
-        async def flush_one(item: AsyncPf, event: trio.Event) -> None:
-            await event.wait()
-            self.apf.complete(item)
+        async def flush_one(item: AsyncPf, page_in: PageIn) -> None:
+            await page_in.wait()
+            self.apf.complete(item, error=page_in.failed)
 
         async with trio.open_nursery() as nursery:
             for item in items:
-                event = self._page_ins.get(item.token)
-                if event is not None:
-                    nursery.start_soon(flush_one, item, event)
+                page_in = self._page_ins.get(item.token)
+                if page_in is not None:
+                    nursery.start_soon(flush_one, item, page_in)
 
     async def _pin(self, gfn: int) -> None:
         await self.vm.pager.fault_in(gfn, self.vm.nursery)
@@ -262,11 +262,17 @@ class VcpuConnection:
         decision = self.apf.on_fault(gfn, gpa, user=user, irq=irq, hva=memory.ram.hva_base + gfn * PAGE_SIZE)
         if decision.item is not None:
             memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
-            event = self.vm.pager.start_page_in(gfn, self.vm.nursery)
-            self._page_ins[decision.item.token] = event
-            self._nursery.start_soon(self._complete_when, decision.item, event)
+            page_in = self.vm.pager.start_page_in(gfn, self.vm.nursery)
+            self._page_ins[decision.item.token] = page_in
+            self._nursery.start_soon(self._complete_when, decision.item, page_in)
         if decision.kind is Fault.SYNC:
-            await self.vm.pager.fault_in(gfn, self.vm.nursery)  # on the vCPU thread, interrupts off
+            if not await self.vm.pager.fault_in(gfn, self.vm.nursery):  # on the vCPU thread, interrupts off
+                # The page cannot be had: KVM_RUN fails with -EFAULT and the VMM sees it (the RFC's "exit to user
+                # space"). apf-emu's VMM reports it to the guest as a memory failure of that access.
+                self.log.error("apf_error_exit", gfn=gfn, gpa=gpa, reason=decision.reason)
+                await self._enter()
+                await self.chan.send(ErrorReply("page_error", f"gpa {gpa:#x}: the page cannot be read in", False))
+                return
             await self._enter()
             await self.chan.send(Resume(gpa))
         elif decision.kind is Fault.INJECT:
@@ -277,16 +283,16 @@ class VcpuConnection:
             await self._halt(decision.reason)
             await self.chan.send(Resume(gpa))
 
-    async def _complete_when(self, item: AsyncPf, event: trio.Event) -> None:
+    async def _complete_when(self, item: AsyncPf, page_in: PageIn) -> None:
         """async_pf_execute once the page is in. A completion that comes while the vCPU is in an exit is applied
         when the exit's reply has gone: in KVM the entry that ends the exit sees every request made before it, and
         here the entry (the reply) cannot be made atomic with the check that precedes it; for the guest the two
         orders are the same (a page-in may finish at any moment)."""
-        await event.wait()  # the page may be evicted again before it is delivered: the prefault brings it back
+        await page_in.wait()  # the page may be evicted again before it is delivered: the prefault brings it back
         while not self._completions.is_set():
             await self._completions.wait()
         self._page_ins.pop(item.token, None)
-        kick = self.apf.complete(item)
+        kick = self.apf.complete(item, error=page_in.failed)
         self._events.set()  # __kvm_vcpu_wake_up: a halted vCPU looks at its events
         if kick and not self.in_exit:
             entries = self._entries

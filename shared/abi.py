@@ -34,6 +34,7 @@ KVM_ASYNC_PF_SEND_ALWAYS: Final = 1 << 1
 KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT: Final = 1 << 2
 KVM_ASYNC_PF_DELIVERY_AS_INT: Final = 1 << 3
 KVM_ASYNC_PF_RESERVED: Final = 0x30  # bits 5:4
+KVM_ASYNC_PF_SEND_ERROR: Final = 1 << 4  # `int-error` (Vivek Goyal's RFC, June 2020): bit 4 is no longer reserved
 KVM_ASYNC_PF_ADDR_MASK: Final = ~0x3F & 0xFFFF_FFFF_FFFF_FFFF  # bits 63:6
 
 # MSR_KVM_ASYNC_PF_INT: vector in bits 7:0, bits 63:8 must be zero.
@@ -57,6 +58,7 @@ KVM_FEATURE_ASYNC_PF_VMEXIT: Final = 1 << 10  # not advertised: apf-emu has no n
 KVM_FEATURE_ASYNC_PF_INT: Final = 1 << 14
 APF_EMU_CPUID_FEATURES: Final = KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_INT  # the `int` ABI's
 KVM_FEATURE_ASYNC_PF_VE: Final = 1 << 29  # apf-emu's, not KVM's: not-present as #VE (shared/abis.py)
+KVM_FEATURE_ASYNC_PF_ERROR: Final = 1 << 15  # Vivek Goyal's RFC: page-ready can report a failed page-in
 
 # --- exception vectors --------------------------------------------------------------------------------------------
 PF_VECTOR: Final = 14  # #PF
@@ -65,6 +67,8 @@ VE_VECTOR: Final = 20  # #VE, the virtualization exception (a fault, no error co
 # --- struct kvm_vcpu_pv_apf_data.flags ---------------------------------------------------------------------------
 KVM_PV_REASON_PAGE_NOT_PRESENT: Final = 1
 KVM_PV_REASON_PAGE_READY: Final = 2  # unused since page-ready became an interrupt; kept for the name
+# `int-error`: struct kvm_vcpu_pv_apf_data.ready_flags (@8), written by the host with every token
+KVM_PV_REASON_PAGE_ERROR: Final = 1
 
 # --- tokens (arch/x86/kvm/mmu/mmu.c kvm_arch_setup_async_pf) ------------------------------------------------------
 ASYNC_PF_PER_VCPU: Final = 64

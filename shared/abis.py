@@ -8,6 +8,10 @@
 # - `ve`: not-present as #VE (vector 20) through a virtualization-exception information area that the guest places
 #   with MSR_APF_EMU_VE_INFO (shared/ve_info.py), as Vitaly Kuznetsov's "Grand Plan" and Paolo Bonzini proposed in
 #   2020; page-ready as in `int`. Never merged: the delivery rules are apf-emu's design, after the SDM's.
+# - `int-error`: `int` with Vivek Goyal's RFC "kvm,x86: Report async page fault error" (June 2020): CPUID bit 15,
+#   MSR_KVM_ASYNC_PF_EN bit 4 SEND_ERROR, `ready_flags` @8 with PAGE_ERROR written with the token; a failed page-in
+#   that was not reported makes the next fault on its gfn synchronous (`error_gfn`), and that fault exits to the
+#   VMM. Never merged.
 #
 # Adding an ABI: its name and CPUID here, its delivery in host_daemon/vcpu.py (`_async_page_not_present`, and
 # page-ready where it differs), its handler in guest_agent/apf.py and its vector in guest_agent/kernel.py.
@@ -15,16 +19,19 @@ from __future__ import annotations
 
 from typing import Final
 
-from .abi import APF_EMU_CPUID_FEATURES, KVM_FEATURE_ASYNC_PF_VE
+from .abi import APF_EMU_CPUID_FEATURES, KVM_FEATURE_ASYNC_PF_ERROR, KVM_FEATURE_ASYNC_PF_VE
 
-ABIS: Final = ("int", "ve")
+ABIS: Final = ("int", "ve", "int-error")
 DEFAULT_ABI: Final = "int"
 CPUID: Final = {
     "int": APF_EMU_CPUID_FEATURES,
     "ve": APF_EMU_CPUID_FEATURES | KVM_FEATURE_ASYNC_PF_VE,
+    "int-error": APF_EMU_CPUID_FEATURES | KVM_FEATURE_ASYNC_PF_ERROR,
 }
 DESCRIPTIONS: Final = {
     "int": "Linux 5.8+ and KVM today: not-present #PF (flags, CR2 = token), page-ready interrupt with ACK",
     "ve": "not-present as #VE through an information area (apf-emu's design of the unmerged proposal), page-ready "
           "as an interrupt",
+    "int-error": "int, and a failed page-in reported with its page-ready (Vivek Goyal's RFC, June 2020), or else "
+                 "the next fault on it synchronous and an exit to the VMM",
 }

@@ -21,12 +21,13 @@ from typing import Final
 KVM_VCPU_PV_APF_DATA_SIZE: Final = 64
 FLAGS_OFFSET: Final = 0
 TOKEN_OFFSET: Final = 4
+READY_FLAGS_OFFSET: Final = 8  # `int-error` only (Vivek Goyal's RFC): u32 ready_flags, in the padding otherwise
 
 
 class KvmVcpuPvApfData:
     """The APF area of one vCPU, at guest-physical address `gpa` of a u32 view of guest RAM."""
 
-    __slots__ = ("_flags_ix", "_token_ix", "_u32", "gpa")
+    __slots__ = ("_flags_ix", "_ready_flags_ix", "_token_ix", "_u32", "gpa")
 
     def __init__(self, u32: memoryview, gpa: int) -> None:
         if gpa % KVM_VCPU_PV_APF_DATA_SIZE:
@@ -37,6 +38,7 @@ class KvmVcpuPvApfData:
         self._u32 = u32
         self._flags_ix = (gpa + FLAGS_OFFSET) // 4
         self._token_ix = (gpa + TOKEN_OFFSET) // 4
+        self._ready_flags_ix = (gpa + READY_FLAGS_OFFSET) // 4
 
     @property
     def flags(self) -> int:
@@ -53,6 +55,14 @@ class KvmVcpuPvApfData:
     @token.setter
     def token(self, value: int) -> None:
         self._u32[self._token_ix] = value
+
+    @property
+    def ready_flags(self) -> int:
+        return int(self._u32[self._ready_flags_ix])
+
+    @ready_flags.setter
+    def ready_flags(self, value: int) -> None:
+        self._u32[self._ready_flags_ix] = value
 
     @property
     def ram(self) -> memoryview:

@@ -14,7 +14,7 @@ import random
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
@@ -103,6 +103,55 @@ class PageInLatency:
         return f"{self.kind}:{self.a!r}s"
 
 
+@dataclass(frozen=True, slots=True)
+class PageInErrors:
+    """Which page-ins fail (a truncated file behind a virtiofs DAX window, a dead disk): `none`, `gfns:LO-HI` (every
+    page-in of those gfns), or `rate:P` (each page-in with probability P, from the host's seeded generator)."""
+
+    kind: str = "none"
+    lo: int = 0
+    hi: int = -1
+    rate: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str) -> PageInErrors:
+        text = spec.strip().lower()
+        try:
+            if text == "none":
+                return cls()
+            kind, _, arg = text.partition(":")
+            if kind == "gfns":
+                lo_s, _, hi_s = arg.partition("-")
+                lo, hi = int(lo_s, 0), int(hi_s or lo_s, 0)
+                if 0 <= lo <= hi:
+                    return cls("gfns", lo, hi)
+            elif kind == "rate":
+                rate = float(arg)
+                if 0.0 <= rate <= 1.0:
+                    return cls("rate", rate=rate)
+        except ValueError:
+            pass
+        raise ValueError(f"bad page-in errors {spec!r}: use none, gfns:LO-HI (e.g. gfns:100-119) or rate:P with P "
+                         "in [0, 1]")
+
+    def fails(self, gfn: int, rng: random.Random) -> bool:
+        if self.kind == "gfns":
+            return self.lo <= gfn <= self.hi
+        if self.kind == "rate":
+            return rng.random() < self.rate
+        return False
+
+    def spec(self) -> str:
+        if self.kind == "gfns":
+            return f"gfns:{self.lo}-{self.hi}"
+        if self.kind == "rate":
+            return f"rate:{self.rate!r}"
+        return "none"
+
+    def __str__(self) -> str:
+        return self.spec()
+
+
 def int_in(lo: int, hi: int, *, base: int = 10) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -131,6 +180,10 @@ def float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[str], 
 
 def latency(text: str) -> PageInLatency:
     return PageInLatency.parse(text)
+
+
+def page_in_errors(text: str) -> PageInErrors:
+    return PageInErrors.parse(text)
 
 
 def vm_id(text: str) -> str:
@@ -239,7 +292,7 @@ class Option:
             return []
         if isinstance(value, int) and self.dest == "vector":
             return [self.flag_name, hex(value)]
-        if isinstance(value, PageInLatency):
+        if isinstance(value, (PageInLatency, PageInErrors)):
             return [self.flag_name, value.spec()]
         return [self.flag_name, str(value)]
 
@@ -263,6 +316,9 @@ HOST_OPTIONS: Final = (
     Option("resident", int_in(2, MAX_PAGES - 1), 384, "the host's resident limit in pages, 2 .. --pages minus 1"),
     Option("page_in_latency", latency, PageInLatency("exp", 0.002),
            "page-in latency: 0, fixed:T, exp:MEAN or uniform:LO:HI, T like 2ms or 150us", metavar="SPEC"),
+    Option("page_in_errors", page_in_errors, PageInErrors(), "page-ins that fail: none, gfns:LO-HI or rate:P "
+           "(on `int-error` reported with the page-ready or else the next fault exits to the VMM; on `int` the guest "
+           "retries for ever, the loop Vivek Goyal reported)", metavar="SPEC"),
     Option("recover", flag, False, "take over the VM of a host that was killed: keep guest RAM, the swap and the "
            "saved vCPU registers, rebuild residency from them, and restore each vCPU when its guest reconnects",
            is_flag=True),
@@ -334,6 +390,7 @@ class HostOptions(ProcessOptions):
     pages: int = 512
     resident: int = 384
     page_in_latency: PageInLatency = PageInLatency("exp", 0.002)
+    page_in_errors: PageInErrors = field(default_factory=PageInErrors)
     recover: bool = False
     enforce_pv_cpuid: bool = False
 

@@ -146,6 +146,13 @@ def stale_boot_ready(evs: Events) -> Events:
     return evs
 
 
+def fault_again_and_again(evs: Events) -> Events:
+    i, _token = a_token(evs)
+    e = evs[i]
+    repeats = [at(evs, i, token=make_token(0x7000 + k, e["vcpu"]), mono_ns=e["mono_ns"] + 1 + k) for k in range(40)]
+    return evs[: i + 1] + repeats + evs[i + 1:]
+
+
 def ready_for_halted_fault(evs: Events) -> Events:
     """The not-present was not injected (the vCPU halted on it), yet its page-ready is injected: KVM's
     kvm_arch_async_page_present injects only when work->wakeup_all or work->notpresent_injected."""
@@ -170,6 +177,7 @@ MUTATIONS: dict[str, Callable[[Events], Events]] = {
     "ready_latency": late_ready,
     "stale_token": stale_boot_ready,
     "ready_for_injected_only": ready_for_halted_fault,
+    "retry_loop": fault_again_and_again,
 }
 
 

@@ -16,8 +16,11 @@ from shared.abi import (
     KVM_ASYNC_PF_DELIVERY_AS_INT,
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_ASYNC_PF_SEND_ERROR,
+    KVM_FEATURE_ASYNC_PF_ERROR,
     KVM_FEATURE_ASYNC_PF_INT,
     KVM_FEATURE_ASYNC_PF_VE,
+    KVM_PV_REASON_PAGE_ERROR,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
     MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
@@ -323,13 +326,17 @@ TestGuestApfMachine = GuestApfMachine.TestCase
 
 
 # --- the `ve` ABI (apf-emu's design of not-present as #VE) --------------------------------------------------------
-def make_ve_guest(cpuid: int = APF_EMU_CPUID_FEATURES | KVM_FEATURE_ASYNC_PF_VE):
+def make_abi_guest(abi: str, cpuid: int):
     log = EventLog()
     area = KvmVcpuPvApfData(memoryview(bytearray(4096)).cast("I"), AREA)
-    apf: GuestApf[Task] = GuestApf(area, log, "ve")
+    apf: GuestApf[Task] = GuestApf(area, log, abi)
     msrs = Msrs()
     assert apf.guest_cpu_init(msrs, cpuid=cpuid, vector=VECTOR)
     return apf, area, msrs, log
+
+
+def make_ve_guest(cpuid: int = APF_EMU_CPUID_FEATURES | KVM_FEATURE_ASYNC_PF_VE):
+    return make_abi_guest("ve", cpuid)
 
 
 def test_a_ve_guest_places_its_area_before_enabling_apf_only_if_the_host_offers_it():
@@ -358,3 +365,43 @@ def test_handle_ve_panics_where_linux_would_and_warns_on_a_ve_it_did_not_expect(
         apf.ve.deliver(make_token(4, 2), 0x6000)
         with pytest.raises(Panic, match=message):
             apf.handle_ve(Task(1), user=user, irq=irq)
+
+
+# --- the `int-error` ABI (Vivek Goyal's RFC, June 2020) ---------------------------------------------------------
+def make_error_guest(cpuid: int = APF_EMU_CPUID_FEATURES | KVM_FEATURE_ASYNC_PF_ERROR):
+    return make_abi_guest("int-error", cpuid)
+
+
+def test_an_int_error_guest_asks_for_errors_only_if_the_host_offers_them():
+    apf, _area, msrs, _ = make_error_guest()
+    assert apf.send_error and msrs.writes[-1][1] & KVM_ASYNC_PF_SEND_ERROR
+    plain, _area, msrs, _ = make_error_guest(APF_EMU_CPUID_FEATURES)
+    assert not plain.send_error and not msrs.writes[-1][1] & KVM_ASYNC_PF_SEND_ERROR
+
+
+def test_kvm_async_pf_intr_passes_the_error_to_the_task_it_wakes():
+    """The RFC's page-ready handler reads ready_flags after the token and hands is_err to the wake."""
+    apf, area, msrs, _ = make_error_guest()
+    token = make_token(1, 2)
+    not_present(apf, area, token, Task(7))
+    area.ready_flags = KVM_PV_REASON_PAGE_ERROR
+    area.token = token
+    woken = apf.asyncpf_interrupt(msrs)
+    assert woken is not None and [(w.task.tid, w.error) for w in woken] == [(7, True)]
+    assert area.token == 0 and area.ready_flags == KVM_PV_REASON_PAGE_ERROR  # never cleared by the guest
+
+
+def test_a_dummy_keeps_the_error_for_the_fault_that_consumes_it():
+    """The wake came first and carried an error: the dummy keeps it (n->is_err), and the #PF that finds the dummy
+    does not sleep, it gets the error (SIGBUS)."""
+    apf, area, msrs, _ = make_error_guest()
+    token = make_token(1, 2)
+    area.ready_flags = KVM_PV_REASON_PAGE_ERROR
+    area.token = token
+    assert apf.asyncpf_interrupt(msrs) == []
+    assert not_present(apf, area, token, Task(1)) is Pf.ERROR
+    other = make_token(2, 2)
+    area.ready_flags = 0
+    area.token = other
+    apf.asyncpf_interrupt(msrs)
+    assert not_present(apf, area, other, Task(2)) is Pf.NO_SLEEP  # a plain dummy: no error

@@ -6,7 +6,8 @@ import random
 import pytest
 import trio
 
-from host_daemon.pager import PageInLatency, Pager
+from host_daemon.pager import Pager
+from shared.config import PageInErrors, PageInLatency
 
 
 @pytest.mark.parametrize(
@@ -45,3 +46,19 @@ async def test_fault_in_waits_for_the_latency_only_when_the_page_is_out(make_vm,
     assert trio.current_time() == start and pager.memory.stats.page_ins == 0
     await pager.fault_in(9, nursery)
     assert trio.current_time() - start == pytest.approx(50) and pager.memory.present(9)
+
+
+@pytest.mark.parametrize("spec,bad", [("gfns:9-10", True), ("gfns:3", False), ("rate:1", True), ("none", False)])
+async def test_a_failed_page_in_leaves_the_page_out_and_says_so(make_vm, nursery, spec, bad):
+    vm = make_vm(16)
+    pager = Pager(vm.memory(4), PageInLatency.parse("0"), random.Random(0), PageInErrors.parse(spec))
+    page_in = pager.start_page_in(9, nursery)
+    await page_in.wait()
+    assert page_in.failed is bad and pager.memory.present(9) is not bad
+    assert await pager.fault_in(9, nursery) is not bad
+
+
+@pytest.mark.parametrize("spec", ["gfns:", "gfns:9-3", "rate:2", "sometimes", "rate:-0.1"])
+def test_bad_page_in_error_specs_are_refused(spec):
+    with pytest.raises(ValueError, match="page-in errors"):
+        PageInErrors.parse(spec)

@@ -17,6 +17,8 @@ from shared.abi import (
     KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT,
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
+    KVM_ASYNC_PF_SEND_ERROR,
+    KVM_PV_REASON_PAGE_ERROR,
     MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
@@ -677,3 +679,66 @@ def test_ve_without_its_area_placed_delivers_as_int_does():
     boot(vcpu)
     decision = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
     assert decision.item is not None and decision.exception == (14, decision.item.token)
+
+
+# --- the `int-error` ABI (Vivek Goyal's RFC "kvm,x86: Report async page fault error", June 2020) -------------------
+def make_error_vcpu(*, send_error: bool = True) -> tuple[VcpuApf, EventLog]:
+    vcpu, log = make_vcpu()
+    vcpu.abi = "int-error"
+    boot(vcpu, ON | (KVM_ASYNC_PF_SEND_ERROR if send_error else 0))
+    return vcpu, log
+
+
+def test_send_error_is_a_reserved_bit_except_where_the_host_offers_error_delivery():
+    plain, _ = make_vcpu()
+    assert not plain.write_msr(MSR_KVM_ASYNC_PF_EN, ON | KVM_ASYNC_PF_SEND_ERROR).ok  # bits 5:4 reserved
+    vcpu, _ = make_error_vcpu()
+    assert vcpu.send_error and vcpu.pv_enabled
+    assert not vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, ON | 0x20).ok  # bit 5 still reserved
+
+
+def test_a_failed_page_in_is_reported_with_its_page_ready_when_the_guest_asked():
+    """The RFC's kvm_arch_async_page_present: apf_put_user_ready writes the token, then ready_flags = PAGE_ERROR
+    (and 0 with every token that had no error); the gfn is not made synchronous, the guest was told."""
+    vcpu, log = make_error_vcpu()
+    bad = vcpu.on_fault(5, 5 * 4096, user=True, irq=True).item
+    assert bad is not None
+    vcpu.complete(bad, error=True)
+    assert vcpu.entry() == [VECTOR]
+    area = vcpu.area
+    assert area is not None and area.token == bad.token and area.ready_flags == KVM_PV_REASON_PAGE_ERROR
+    assert events(log, "kvm_async_pf_ready")[-1]["error_reported"] is True and vcpu.error_gfn is None
+    release_and_ack(vcpu)
+    good = vcpu.on_fault(6, 6 * 4096, user=True, irq=True).item
+    assert good is not None
+    vcpu.complete(good)
+    assert vcpu.entry() == [VECTOR] and area.ready_flags == 0
+
+
+def test_an_unreported_failure_makes_the_next_fault_on_its_gfn_synchronous():
+    """Without SEND_ERROR (or for a fault that was not injected) the RFC records `error_gfn`; the next fault on it
+    is refused async by kvm_can_do_async_pf(vcpu, gfn), so it is synchronous and its failure exits to the VMM."""
+    vcpu, _ = make_error_vcpu(send_error=False)
+    bad = vcpu.on_fault(5, 5 * 4096, user=True, irq=True).item
+    assert bad is not None
+    vcpu.complete(bad, error=True)
+    assert vcpu.entry() == [VECTOR]
+    assert vcpu.area is not None and vcpu.area.ready_flags == 0 and vcpu.error_gfn == 5
+    release_and_ack(vcpu)
+    again = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
+    assert again.kind is Fault.SYNC and again.reason == "error_gfn"
+    vcpu.reset("vcpu_reset")
+    assert vcpu.error_gfn is None
+
+
+def test_on_int_a_failed_page_in_is_delivered_as_if_it_had_worked():
+    """The `int` ABI has no error path: the page-ready goes out, the page is still out, the guest faults again on
+    it (the endless retry Vivek Goyal reported, which the checker's retry_loop flags)."""
+    vcpu, _ = make_vcpu()
+    boot(vcpu)
+    bad = vcpu.on_fault(5, 5 * 4096, user=True, irq=True).item
+    assert bad is not None
+    vcpu.complete(bad, error=True)
+    assert vcpu.entry() == [VECTOR] and vcpu.error_gfn is None
+    release_and_ack(vcpu)
+    assert vcpu.on_fault(5, 5 * 4096, user=True, irq=True).kind is Fault.INJECT

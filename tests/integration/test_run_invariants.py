@@ -42,6 +42,7 @@ EVIDENCE = {
     "ready_latency": ["kvm_async_pf_completed", "kvm_async_pf_ready"],
     "stale_token": ["guest_boot", "kvm_async_pf_ready"],
     "ready_for_injected_only": ["kvm_async_pf_ready"],  # and halts, in every config but deep_queue (below)
+    "retry_loop": ["kvm_async_pf_not_present", "guest_data_check"],
 }
 
 
