@@ -3,6 +3,10 @@
 #
 # This is the one implementation of each invariant: `apf-emu run` uses it for its exit status, the tests use it on
 # the logs of real runs. INVARIANTS documents them (docs/LOGGING.md lists the events they read).
+#
+# The ABI of each VM comes from the host's `host_ready` (shared/abis.py): on `pf` there is no token slot and no
+# ACK, so a guest wake must match a page-ready #PF the host delivered and that no wake consumed yet, and
+# one_unacked_ready does not apply.
 from __future__ import annotations
 
 from collections import deque
@@ -47,6 +51,12 @@ INVARIANTS: Final = {
     "ready_latency": "a completed page-in is delivered as page-ready within the configured limit (default 1 s; "
     "`apf-emu check --ready-latency-limit MS`), counted from the prefault if its page had to be faulted in again",
     "stale_token": "no not-present or page-ready of an earlier boot reaches a later boot of the vCPU",
+    "wait_matches_not_present": "every task that sleeps on a token sleeps on a not-present the host injected into "
+    "its vCPU (a genuine #PF taken for an APF sleeps on a token nobody will wake)",
+    "apf_as_genuine": "no APF #PF is taken for an ordinary page fault: no SIGSEGV or oops at an address that is a "
+    "token the host delivered",
+    "double_fault": "the host never queues a second #PF while one is pending (kvm_multiple_exception makes it a "
+    "double fault; `pf` without its historical fixes)",
     "retry_loop": f"no vCPU faults on one gfn more than {RETRY_LOOP_LIMIT} times in a row without completing an "
     "access to it (the endless retry of a page-in that keeps failing, Vivek Goyal 2020); judged for guests that log",
 }
@@ -77,6 +87,8 @@ class _HostVcpu:
     unacked: int | None = None
     issued_boot: dict[int, Any] = field(default_factory=dict)  # token -> the guest boot it was issued to
     faults_in_a_row: dict[int, int] = field(default_factory=dict)  # gfn -> not-presents since an access completed
+    injected_np: set[int] = field(default_factory=set)  # not-presents injected and not yet slept on
+    pf_ready: set[int] = field(default_factory=set)  # `pf`: page-ready #PFs delivered and not yet seen consumed
 
 
 @dataclass
@@ -102,6 +114,7 @@ class Checker:
         self._boots: dict[tuple[Any, Any, Any], _GuestBoot] = {}
         self._current_boot: dict[tuple[Any, Any], Any] = {}
         self._context: dict[tuple[Any, Any], deque[Event]] = {}
+        self._abi: dict[Any, str] = {}  # vm -> the ABI its host runs (host_ready)
 
     # --- driving -------------------------------------------------------------------------------------------------
     def check(self, events: Iterable[Event]) -> list[Violation]:
@@ -147,6 +160,27 @@ class Checker:
         self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx)))
 
     # --- host events ---------------------------------------------------------------------------------------------
+    def _pf(self, key: tuple[Any, Any]) -> bool:
+        return self._abi.get(key[0]) == "pf"
+
+    def _host_ready(self, ev: Event, key: tuple[Any, Any]) -> None:
+        abi = ev.get("abi")
+        self._abi[key[0]] = abi if isinstance(abi, str) else "int"
+
+    def _cancel(self, ev: Event, key: tuple[Any, Any]) -> None:
+        """`pf`: 5.7's cancel dropped a page-ready and the not-present still pending: neither reached the guest."""
+        st = self._h(key)
+        st.pf_ready.discard(ev.get("token"))
+        cancelled = ev.get("cancelled")
+        if isinstance(cancelled, int):
+            st.injected_np.discard(cancelled)
+            if cancelled in st.outstanding:
+                st.outstanding[cancelled] = False
+
+    def _multiple_exception(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._violate("double_fault", f"#PF {fmt_token(ev.get('cr2'))} queued while #PF "
+                      f"{fmt_token(ev.get('prev_cr2'))} is pending: {ev.get('result')}", ev)
+
     def _h(self, key: tuple[Any, Any]) -> _HostVcpu:
         st = self._host.get(key)
         if st is None:
@@ -180,7 +214,8 @@ class Checker:
     def _msr_write(self, ev: Event, key: tuple[Any, Any]) -> None:
         if ev.get("msr") == EN_NAME and ev.get("ok"):
             st = self._h(key)
-            st.enabled = AsyncPfEn(int(ev["value"])).apf_enabled
+            en = AsyncPfEn(int(ev["value"]))
+            st.enabled = en.enabled_bit if self._pf(key) else en.apf_enabled
             if not st.enabled:
                 # Outstanding events are eaten. A page-ready already delivered is not: its token stays in the
                 # slot until the guest clears it, and a guest that re-enables may still take it (the host delivers
@@ -203,6 +238,8 @@ class Checker:
         st.issued_boot[token] = ev.get("boot")
         self._check_boot(ev, key, "not-present")
         st.outstanding[token] = injected
+        if injected:
+            st.injected_np.add(token)
         gfn = ev.get("gfn")
         if isinstance(gfn, int) and key in self._current_boot:  # only where the guest logs its completed accesses
             n = st.faults_in_a_row[gfn] = st.faults_in_a_row.get(gfn, 0) + 1
@@ -219,12 +256,15 @@ class Checker:
             return
         if not st.enabled:
             self._violate("delivered_while_disabled", f"page-ready {fmt_token(token)} while APF is disabled", ev)
-        if st.unacked is not None and key not in self._current_boot and ev.get("released") == st.unacked:
+        if self._pf(key):  # a #PF, no slot, no ACK
+            st.pf_ready.add(token)  # type: ignore[arg-type]
+        elif st.unacked is not None and key not in self._current_boot and ev.get("released") == st.unacked:
             st.unacked = None  # a guest that does not log: the host found the slot cleared
         if st.unacked is not None:
             self._violate("one_unacked_ready",
                           f"page-ready {fmt_token(token)} while {st.unacked:#x} is not released", ev)
-        st.unacked = token if isinstance(token, int) else None
+        if not self._pf(key):
+            st.unacked = token if isinstance(token, int) else None
         self._check_boot(ev, key, "page-ready")
         if token == KVM_APF_WAKE_ALL_TOKEN:
             return
@@ -327,7 +367,16 @@ class Checker:
         task = ev.get("task", -1)
         if task in st.waits:
             self._violate("wait_woken", f"task {task} sleeps again while still asleep on {st.waits[task][0]:#x}", ev)
-        st.waits[task] = (ev.get("token", -1), ev)
+        token = ev.get("token", -1)
+        st.waits[task] = (token, ev)
+        host = self._host.get(key)
+        if host is not None and host.seen:  # judged where the host's log is there
+            if token in host.injected_np:
+                host.injected_np.discard(token)
+            else:
+                self._violate("wait_matches_not_present",
+                              f"task {task} sleeps on {fmt_token(token)}, which the host did not inject as not-present",
+                              ev)
 
     def _wake(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._g(ev, key)
@@ -350,6 +399,13 @@ class Checker:
 
     def _check_slot(self, ev: Event, key: tuple[Any, Any], token: Any) -> None:
         host = self._host.get(key)
+        if self._pf(key):  # `pf`: the wake's token is CR2 of a page-ready #PF
+            if host is None or token not in host.pf_ready:
+                self._violate("wake_matches_ready", f"guest woke for {fmt_token(token)}, which the host did not "
+                              "deliver as page-ready (its #PF read a page-ready's reason)", ev)
+            else:
+                host.pf_ready.discard(token)
+            return
         if host is None or host.unacked != token:
             slot = None if host is None else host.unacked
             if token == 0:
@@ -398,11 +454,23 @@ class Checker:
         if not ev.get("ok"):
             self._violate("data_check", f"page {ev.get('gfn')} did not hold what task {ev.get('task')} wrote", ev)
 
+    def _bad_address(self, ev: Event, key: tuple[Any, Any]) -> None:
+        """A SIGSEGV or an oops: the access is over; at a token the host delivered, an APF taken for a fault."""
+        self._access_done(ev, key)
+        host = self._host.get(key)
+        token = ev.get("token")
+        if host is not None and (token in host.seen or token in host.pf_ready):  # pf_ready: a wake-all's ~0 too
+            self._violate("apf_as_genuine", f"task {ev.get('task')} got {ev['event'].removeprefix('guest_')} at "
+                          f"{fmt_token(ev.get('address'))}: token {fmt_token(token)} taken for an address", ev)
+
     def _panic(self, ev: Event, key: tuple[Any, Any]) -> None:
         self._violate("guest_panic", str(ev.get("reason")), ev)
 
 
 _HOST = {
+    "host_ready": Checker._host_ready,
+    "apf_cancel": Checker._cancel,
+    "kvm_multiple_exception": Checker._multiple_exception,
     "vcpu_connect": Checker._host_reset,
     "vcpu_disconnect": Checker._host_reset,
     "msr_write": Checker._msr_write,
@@ -429,6 +497,8 @@ _GUEST = {
     "guest_data_torn": Checker._access_done,
     "guest_sigbus": Checker._access_done,
     "guest_mce_fixup": Checker._access_done,
+    "guest_sigsegv": Checker._bad_address,
+    "guest_oops": Checker._bad_address,
     "guest_panic": Checker._panic,
 }
 

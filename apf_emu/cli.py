@@ -15,11 +15,13 @@ import orjson
 import trio
 
 from shared import config
+from shared.abis import ABIS
 from shared.config import GuestOptions, HostOptions
 from shared.guest_ram import check_vm_id
 
 from .chaos import ChaosOptions, ChaosResult, chaos
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation, fmt_token
+from .compare import AbiRun, table
 from .logdirs import DEFAULT_ROOT, human_size, log_dirs, prune, volume
 from .logs import LogInputError, ReadReport, expand, read_merged
 from .runner import RunOptions, RunResult, check_socket_room, describe_exit, run
@@ -28,11 +30,11 @@ from .trace import build_trace
 
 # The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
 RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "page_in_errors", "seed", "abi", "log_stdout",
-            "log_compress", "enforce_pv_cpuid")
+            "log_compress", "enforce_pv_cpuid", "no_pending_check", "no_cancel_pending")
 RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
-             "apf_reinit_every", "online_clears_token")
+             "entry_fault_ratio", "guest_unmap_ratio", "apf_reinit_every", "online_clears_token")
 CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
-               "kdump_no_kvmapf")
+               "entry_fault_ratio", "guest_unmap_ratio", "kdump_no_kvmapf")
 DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=True), 10.0, "seconds to run")
 COUNT = config.int_in(0, 100_000)
 
@@ -82,6 +84,23 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     x.add_argument("--vm", type=config.typed(check_vm_id, "vm"), default=None, help="VM id (default chaos<pid>)")
     x.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    cm = sub.add_parser("compare", help="run the same seeded workload on each ABI and compare the designs",
+                        description="Run the native topology once per ABI (shared/abis.py: " + ", ".join(ABIS) +
+                        ") with the same options and seed, check each run's logs, and print one table: APFs "
+                        "delivered, synchronous faults, races seen and invariant violations by kind, events lost "
+                        "or misdirected, APF cycle and page-ready latency. The designs' flaws are the point, so "
+                        "violations do not fail it. Exit status: 0 every ABI ran, 2 bad usage, 3 a run checked "
+                        "nothing, 130 interrupted (the ABIs done so far are shown).")
+    config.add_options(cm, config.HOST_OPTIONS, only=[o for o in RUN_HOST if o != "abi"],
+                       defaults={"seed": 1, **env})
+    config.add_options(cm, config.GUEST_OPTIONS, only=RUN_GUEST, defaults=env)
+    config.add_options(cm, [DURATION], defaults={"duration": 5.0})
+    cm.add_argument("--abis", type=config.typed(_abi_list, "abis"), default=list(ABIS), metavar="LIST",
+                    help=f"comma-separated ABIs to run, in this order (default {','.join(ABIS)})")
+    cm.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
+                    help="where each ABI's logs go, in DIR/<abi> (default apf-emu-logs/compare<pid>)")
+    cm.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
     c = sub.add_parser("check", help="check protocol invariants over logs",
                        description="Merge host and guest logs by mono_ns and verify every invariant. Exit status: "
                        "0 clean, 1 violations, 2 unreadable input.")
@@ -128,6 +147,14 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _abi_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ABIS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"expected distinct ABIs out of {', '.join(ABIS)}, got {text!r}")
+    return names
+
+
 def _output(text: str) -> str:
     return text if text == "-" else str(config.output_file(text))
 
@@ -153,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_chaos(args)
         if args.command == "logs":
             return cmd_logs(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_stats(args)
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -364,6 +393,8 @@ def stats_json(stats: Stats) -> dict[str, Any]:
         "data_check_failures": stats.data_check_failures,
         "latency_us": {lat: stats.percentiles(lat) for lat in LATENCIES},
         "interleavings": {name: stats.interleavings[name] for name in INTERLEAVINGS},
+        "races": dict(stats.races),
+        "abis": sorted(stats.abis),
         "outstanding_max": dict(stats.outstanding_max),
         "seconds": stats.seconds,
     }
@@ -511,6 +542,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return verdict_status(violations, checker, failed=failed, interrupted=result.stopped_by in ("SIGINT", "SIGTERM"))
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    root: Path = args.log_dir if args.log_dir is not None else Path("apf-emu-logs") / f"compare{os.getpid()}"
+    runs: list[AbiRun] = []
+    interrupted = False
+    for abi in args.abis:
+        ns = argparse.Namespace(**{**vars(args), "abi": abi, "log_dir": root / abi})
+        host, guest = run_options(ns)
+        opts = RunOptions(host=host, guest=guest, duration=args.duration, log_dir=root / abi,
+                          vm=f"cmp{os.getpid()}-{abi}")
+        if not args.json:
+            print(f"apf-emu compare: {abi} ...", file=sys.stderr, flush=True)
+        result = trio.run(run, opts)
+        violations, stats, _report, checker = analyse_run(result.log_dir)
+        runs.append(AbiRun(abi, stats, violations, dict(result.exit_codes), list(result.unexpected_exits),
+                           str(result.log_dir)))
+        if result.stopped_by in ("SIGINT", "SIGTERM"):
+            interrupted = True
+            break
+        if not checker.protocol_events:
+            print(f"apf-emu compare: the {abi} run checked nothing (logs in {result.log_dir})", file=sys.stderr)
+            return config.EXIT_FAILED
+    if args.json:
+        print(orjson.dumps({"seed": args.seed, "duration": args.duration, "transport": args.transport,
+                            "vcpus": args.vcpus, "log_dir": str(root), "interrupted": interrupted,
+                            "abis": [r.as_dict() for r in runs]}).decode())
+    else:
+        print(f"apf-emu compare: seed {args.seed}, {args.duration:g} s per ABI, {args.vcpus} vCPUs, {args.transport} "
+              f"transport, logs in {root}")
+        print("\n".join(table(runs)))
+        if interrupted:
+            print("  (interrupted: the ABIs after the last column did not run)")
+    return config.EXIT_INTERRUPTED if interrupted else config.EXIT_OK
+
+
 def run_json(result: RunResult, stats: Stats, violations: list[Violation], checker: Checker) -> dict[str, Any]:
     files, size = volume(result.log_dir)
     return {
@@ -528,7 +593,8 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation], 
     readies = stats.page_readies
     print(f"apf-emu run: VM {result.vm}, stopped by {result.stopped_by}, logs in {result.log_dir}")
     print(f"  APFs delivered (not-present)      {stats.apfs:9}   {stats.apfs / secs:8.0f}/s")
-    print(f"  page-ready interrupts             {readies:9}   (wake-all {stats.events['guest_apf_wake_all']})")
+    kind = "#PFs (pf)      " if stats.abis == {"pf"} else "interrupts     "
+    print(f"  page-ready {kind}        {readies:9}   (wake-all {stats.events['guest_apf_wake_all']})")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.sync_reasons.items()))
     print(f"  artificial halts (KVM_REQ_APF_HALT) {stats.halts:7}   "
           + ", ".join(f"{k} {v}" for k, v in sorted(stats.halt_reasons.items())))
@@ -543,6 +609,9 @@ def print_summary(result: RunResult, stats: Stats, violations: list[Violation], 
         f"{k.replace('_', ' ')} {stats.interleavings[k]}" for k in list(INTERLEAVINGS)[:2]))
     print("                                    " + ", ".join(
         f"{k.replace('_', ' ')} {stats.interleavings[k]}" for k in list(INTERLEAVINGS)[2:]))
+    if stats.races:
+        print("  races (pf)                        " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                               for k, v in sorted(stats.races.items())))
     files, size = volume(result.log_dir)
     plain = not any(f.name.endswith(".gz") for f in result.log_dir.iterdir())
     print(f"  logs                              {human_size(size):>9}   in {files} files, {human_size(size / secs)}/s"

@@ -36,6 +36,11 @@ INTERLEAVINGS = {
 }
 
 
+# The `pf` ABI's races, as the logs name them: the guest's ground truth (guest_pf_race, by kind) and what the host
+# itself did with an unread `reason` (docs/LOGGING.md).
+RACE_EVENTS = ("reason_overwritten", "apf_cancel", "kvm_multiple_exception")
+
+
 def _histogram() -> HdrHistogram:
     return HdrHistogram(1, 60_000_000, 3)  # 1 µs .. 60 s
 
@@ -53,6 +58,8 @@ class Stats:
     data_checks: int = 0
     data_check_failures: int = 0
     interleavings: Counter[str] = field(default_factory=Counter)
+    races: Counter[str] = field(default_factory=Counter)  # `pf`: guest_pf_race kinds and the host's RACE_EVENTS
+    abis: set[str] = field(default_factory=set)  # the ABIs of the hosts whose logs these are (host_ready)
     outstanding: Counter[str] = field(default_factory=Counter)  # vCPU -> not-present events not yet settled
     outstanding_max: Counter[str] = field(default_factory=Counter)  # vCPU -> high-water mark
     first_ns: int | None = None
@@ -93,6 +100,12 @@ class Stats:
         elif name in ("vcpu_connect", "vcpu_disconnect"):
             self.outstanding[vkey] = 0
             self._unacked.pop(key, None)
+        if name == "guest_pf_race":
+            self.races[str(ev.get("kind"))] += 1
+        elif name in RACE_EVENTS:
+            self.races[name] += 1
+        elif name == "host_ready" and isinstance(ev.get("abi"), str):
+            self.abis.add(ev["abi"])
         if name == "apf_sync_fault":
             self.sync_reasons[str(ev.get("reason"))] += 1
         elif name == "apf_halt":
@@ -142,7 +155,7 @@ class Stats:
 
     @property
     def page_readies(self) -> int:
-        """Page-ready interrupts injected (wake-alls included)."""
+        """Page-readies injected (wake-alls included): interrupts, or #PFs on `pf`."""
         return self.events["kvm_async_pf_ready"] - self.readies_not_injected
 
     @property

@@ -11,6 +11,12 @@
 # caller's too: the #PF path says whether the task sleeps, the interrupt and wake-all paths return the tasks they
 # woke. Nothing here is a choice of apf-emu's; where Linux panics, `Panic` says so and the caller runs its panic path.
 #
+# `pf` is the guest of Linux 5.7 (arch/x86/kernel/kvm.c of that release): `kvm_guest_cpu_init` without the INT
+# MSR, and `do_async_page_fault`'s switch on `kvm_read_and_reset_pf_reason` (0: an ordinary #PF, 1: the task waits,
+# 2: a wake), with 5.7's `kvm_async_pf_task_wait` (no panics; a fault in kernel mode halts the CPU until its node
+# is unhashed, n.halted). When the reason is read is the kernel's business (guest_agent/kernel.py): that is where
+# the race of the seed thread lives.
+#
 # A not-present delivery other than the #PF (an ABI variant, shared/abis.py) plugs in here, beside
 # `handle_async_pf`: the kernel dispatches exceptions by vector (guest_agent/kernel.py) to this module. `ve` is one:
 # `handle_ve` is apf-emu's design of a guest that takes not-presents as #VE (it follows `__kvm_handle_async_pf` in
@@ -26,12 +32,14 @@ from shared.abi import (
     APF_EMU_VE_INFO_ENABLED,
     KVM_APF_WAKE_ALL_TOKEN,
     KVM_ASYNC_PF_SEND_ERROR,
+    KVM_FEATURE_ASYNC_PF,
     KVM_FEATURE_ASYNC_PF_ERROR,
     KVM_FEATURE_ASYNC_PF_INT,
     KVM_FEATURE_ASYNC_PF_VE,
     KVM_FEATURE_ASYNC_PF_VMEXIT,
     KVM_PV_REASON_PAGE_ERROR,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
+    KVM_PV_REASON_PAGE_READY,
     MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
@@ -63,6 +71,8 @@ class Pf(Enum):
     NO_SLEEP = "no_sleep"  # kvm_async_pf_queue_task found a node: the task returns and retries the access
     WARN = "warn"  # flags other than PAGE_NOT_PRESENT: WARN_ONCE, and return
     ERROR = "error"  # `int-error`: the page-ready came first and reported a page-in error: SIGBUS to the task
+    HALT = "halt"  # `pf`: a not-present in kernel mode: the CPU halts (sti; hlt) until the node is unhashed
+    WAKE = "wake"  # `pf`: reason 2, a page-ready: kvm_async_pf_task_wake
 
 
 class Panic(Exception):
@@ -94,6 +104,8 @@ class GuestApf(Generic[T]):
         then MSR_KVM_ASYNC_PF_EN; `async_pf_enabled` is set whatever the host answered (wrmsrq's #GP is only
         logged). The area is not zeroed, not even on re-online. `send_always` sets KVM_ASYNC_PF_SEND_ALWAYS as
         guests before 5.8 did; Linux 5.8+ never sets it. Returns whether APF was set up."""
+        if self.abi == "pf":
+            return self._guest_cpu_init_57(wrmsr, cpuid=cpuid, kvmapf=kvmapf, send_always=send_always)
         if not (cpuid & KVM_FEATURE_ASYNC_PF_INT and kvmapf):
             return False
         value = async_pf_en_value(self.area.gpa, send_always=send_always)
@@ -109,6 +121,19 @@ class GuestApf(Generic[T]):
             self.ve = VeInfo(self.area.ram, self.area.gpa + VE_AREA_OFFSET)
             self.ve.busy = 0
             wrmsr(MSR_APF_EMU_VE_INFO, self.ve.gpa | APF_EMU_VE_INFO_ENABLED)
+        wrmsr(MSR_KVM_ASYNC_PF_EN, value)
+        self.enabled = True
+        return True
+
+    def _guest_cpu_init_57(self, wrmsr: WrMsr, *, cpuid: int, kvmapf: bool, send_always: bool) -> bool:
+        """5.7's `kvm_guest_cpu_init`: with KVM_FEATURE_ASYNC_PF, MSR_KVM_ASYNC_PF_EN = the area | ENABLED
+        (| SEND_ALWAYS under CONFIG_PREEMPTION, | DELIVERY_AS_PF_VMEXIT with its feature), then
+        `apf_reason.enabled` = 1."""
+        if not (cpuid & KVM_FEATURE_ASYNC_PF and kvmapf):
+            return False
+        value = async_pf_en_value(self.area.gpa, send_always=send_always, delivery_as_int=False)
+        if cpuid & KVM_FEATURE_ASYNC_PF_VMEXIT:
+            value |= 1 << 2  # KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT
         wrmsr(MSR_KVM_ASYNC_PF_EN, value)
         self.enabled = True
         return True
@@ -149,6 +174,18 @@ class GuestApf(Generic[T]):
             return self._task_wait_schedule(token, task)
         self._warn_once("guest_apf_warn", flags=flags, token=token, message=f"Unexpected async PF flags: {flags:x}")
         return Pf.WARN
+
+    def do_async_page_fault(self, reason: int, address: int, task: T, *, user: bool) -> tuple[Pf, list[Woken[T]]]:
+        """`pf`: 5.7's `do_async_page_fault` after `kvm_read_and_reset_pf_reason` gave `reason`; `address` is CR2
+        as the entry read it. 1: `kvm_async_pf_task_wait((u32)address, !user_mode(regs))`; 2:
+        `kvm_async_pf_task_wake((u32)address)`; anything else: `do_page_fault` (GENUINE, the kernel's)."""
+        token = address & 0xFFFF_FFFF
+        if reason == KVM_PV_REASON_PAGE_NOT_PRESENT:
+            result = self._task_wait_schedule(token, task)
+            return (Pf.HALT if result is Pf.SLEEP and not user else result), []
+        if reason == KVM_PV_REASON_PAGE_READY:
+            return Pf.WAKE, self._task_wake(token)
+        return Pf.GENUINE, []
 
     def handle_ve(self, task: T, *, user: bool, irq: bool) -> tuple[Pf, int]:
         """`ve`: the #VE handler of a not-present (apf-emu's design, after `__kvm_handle_async_pf`): read the area,

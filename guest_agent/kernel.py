@@ -12,6 +12,16 @@
 #   an interrupt ends the halt.
 # - Exceptions are dispatched by vector (EXCEPTION_HANDLERS): #PF goes to `exc_page_fault`, which reads the APF
 #   flags and hands the fault to `__kvm_handle_async_pf`; where Linux panics, the kernel runs its panic path.
+# - Demand paging (every ABI): each task's user pages are mapped in its page table on first touch; a touch of a page
+#   it does not map is a genuine #PF, taken without any exit, that maps it (`handle_mm_fault`); `--guest-unmap-ratio`
+#   unmaps one again now and then (reclaim). A #PF entry may itself touch kernel memory this CPU does not map yet
+#   (`--entry-fault-ratio`, 5.7's vmalloc fault): a nested genuine #PF. Linux 5.8+ reads CR2 and the APF flags
+#   before anything of the entry runs, so that nested #PF reads flags 0 and is harmless; 5.7 (`pf`) reads `reason`
+#   after it, and the nested #PF takes the outer's reason (the race of the seed thread, `guest_pf_race`).
+# - `pf` (5.7): there is no page-ready interrupt, page-ready is a #PF that only an entry injects, so the vCPU exits
+#   on its timer tick (`exit_timer`, every TICK seconds while it runs with interrupts on) and idles with an HLT
+#   exit (`exit_hlt`); a not-present in kernel mode halts the CPU in `kvm_async_pf_task_wait` until its node is
+#   unhashed; #DF (a host without the historical fixes) panics.
 # - Interrupts: HYPERVISOR_CALLBACK_VECTOR (or --vector) runs `sysvec_kvm_asyncpf_interrupt` if APF was set up
 #   (Linux installs the handler only then); any other vector is spurious.
 # - Re-init (optional, `--apf-reinit-every`): CPU offline and online, as cpuhp runs kvm_cpu_down_prepare and
@@ -39,6 +49,7 @@ from typing import Any
 from shared import log as slog
 from shared.abi import (
     APIC_SPIV_APIC_ENABLED,
+    DF_VECTOR,
     KVM_FEATURE_ASYNC_PF_INT,
     MSR_NAMES,
     MSR_X2APIC_SPIV,
@@ -52,13 +63,28 @@ from shared.logfile import log_path
 from shared.views import GuestViews
 from shared.wire import PF_VECTOR, PROTOCOL_VERSION, ErrorReply, Hello, InjectException, MsrResult, Resume, Welcome
 
-from .apf import GuestApf, Panic, Pf
+from .apf import GuestApf, Panic, Pf, Woken
 from .cpu import Cpu
 from .memory import Access, GuestMemoryAccess, SlotCheck, shared_pages
 from .transports import GuestError, Transport, open_transport
 from .workload import GuestTask, PageAccess, RunQueue, count_quantum, task_pages
 
 __all__ = ["GuestError", "GuestKernel"]
+
+# The guest's virtual address space (x86-64 Linux's layout): a task's user page gfn is at USER_BASE + gfn * 4 KiB;
+# the vmalloc area starts at VMALLOC_START. A token is a u32: never a user address, so a token taken for an address
+# faults as a bad one (SIGSEGV, or an oops in the kernel).
+USER_BASE = 0x7F00_0000_0000
+VMALLOC_START = 0xFFFF_C900_0000_0000
+VMALLOC_PAGES = 4096
+ENTRY_STACK_OFFSET = 0xF48  # where in its page the entry's touch lands (a vmapped stack slot): never a token's low bits
+TICK = 0.004  # `pf`: the guest's timer tick (HZ=250), an exit at which a page-ready #PF can be injected
+HLT_SLICE = 0.05  # `pf`: the longest an HLT exit waits before the guest looks at its signals again
+
+class _Frozen(Exception):
+    """`pf`: a halted kvm_async_pf_task_wait that nothing will end (the kernel stops meanwhile): in Linux the CPU
+    would stay in it for ever, so nothing after it runs; the task stays asleep."""
+
 
 class GuestKernel:
     def __init__(self, config: GuestOptions) -> None:
@@ -74,14 +100,19 @@ class GuestKernel:
         self.drain_deadline = math.inf
         self.counts = {"accesses": 0, "shared_accesses": 0, "data_checks": 0, "data_check_failures": 0,
                        "apf_waits": 0, "exits": 0, "interrupts": 0, "torn_pages": 0, "slots_mid_write": 0,
-                       "sigbus": 0, "fixups": 0,
+                       "sigbus": 0, "fixups": 0, "genuine_pf": 0, "entry_faults": 0, "pf_races": 0,
+                       "sigsegv": 0, "oops": 0, "ticks": 0,
                        "count_work": 0, "count_ns": 0, "exit_ns": 0}
         self.shared_accept: dict[int, tuple[int, ...]] = {}  # shared gfn -> seqs this vCPU's slot may hold
         # The exception handlers by vector: where a not-present delivered otherwise than by #PF plugs in.
         self.exception_handlers: dict[int, Callable[[GuestTask, InjectException, PageAccess], None]] = {
             PF_VECTOR: self._exc_page_fault,
             VE_VECTOR: self._exc_virtualization_exception,
+            DF_VECTOR: self._exc_double_fault,
         }
+        self.halted_task: GuestTask | None = None  # `pf`: the task whose kernel-mode wait halts this CPU
+        self.next_tick = 0.0
+        self.stop_at = math.inf
 
     # --- plumbing ------------------------------------------------------------------------------------------------
     def run(self, stops_before_run: Sequence[int] = ()) -> None:
@@ -109,6 +140,9 @@ class GuestKernel:
                                else None, compression=cfg.log_compress,
                                stdout=cfg.log_stdout)
             self.log = slog.get_logger("guest", cfg.vm, vcpu=self.vcpu, boot=self.boot)
+            self.entry_rng = random.Random(f"{cfg.seed}/{self.vcpu}/{self.boot}/entry")
+            self.mm_rng = random.Random(f"{cfg.seed}/{self.vcpu}/{self.boot}/mm")
+            self.idle_task = GuestTask(-1, [], random.Random(0))  # `current` in the idle loop
             self.transport.on_reconnect = self._on_reconnect
             self.transport.on_welcome = self._on_welcome
             self.transport.give_up = lambda: self.stopping
@@ -285,7 +319,7 @@ class GuestKernel:
     # --- the vCPU ------------------------------------------------------------------------------------------------
     def _vcpu_loop(self) -> None:
         cpu, runq, transport = self.cpu, self.runq, self.transport
-        stop_at = time.monotonic() + self.cfg.duration if self.cfg.duration is not None else math.inf
+        stop_at = self.stop_at = time.monotonic() + self.cfg.duration if self.cfg.duration is not None else math.inf
         reinit_every = self.cfg.apf_reinit_every
         next_reinit = time.monotonic() + reinit_every if reinit_every else math.inf
         if self.stop_at_boot:
@@ -312,6 +346,12 @@ class GuestKernel:
                     self._cpu_offline_online()
                     continue
                 task = runq.pick()
+            if task is None and self.pf:  # `pf`: the idle HLT is an exit, which a page-ready #PF can end
+                cpu.enter("halt")
+                cpu.sti()
+                if (self.apf.sleepers.sleepers if self.stopping else not len(runq)):
+                    self._hlt_exit(self.idle_task, min(self.drain_deadline, stop_at, next_reinit) - time.monotonic())
+                continue
             if task is None:  # the idle loop: safe_halt (sti; hlt), an interrupt ends the halt
                 cpu.enter("halt")
                 cpu.sti()
@@ -321,12 +361,45 @@ class GuestKernel:
                 continue
             self._run_task(task)
 
+    @property
+    def pf(self) -> bool:
+        return self.cfg.abi == "pf"
+
+    def _hlt_exit(self, task: GuestTask, timeout: float) -> None:
+        """`pf`: HLT with interrupts on as an exit; a page-ready #PF that ends it is taken here (in `task`'s
+        context: the idle task, or the one whose wait halts the CPU)."""
+        with self.cpu.context("exit"):
+            reply = self.transport.hlt_exit(max(0.0, min(timeout, HLT_SLICE)))
+        self.cpu.cli()
+        if isinstance(reply, InjectException):
+            self._pf_dispatch(task, reply, user=False, irq=True)
+
+    def _tick(self, task: GuestTask, *, user: bool) -> bool:
+        """`pf`: the timer tick's exit, if one is due; a page-ready #PF it brings is taken at once, in `task`'s
+        context. True if the task goes on with what it was doing."""
+        now = time.monotonic()
+        if now < self.next_tick:
+            return True
+        self.next_tick = now + TICK
+        self.counts["ticks"] += 1
+        with self.cpu.context("exit"):
+            reply = self.transport.timer_exit(user=user, irq=True)
+        if not isinstance(reply, InjectException):
+            return True
+        self.cpu.cli()
+        self.cpu.enter("kernel")
+        if self._pf_dispatch(task, reply, user=user, irq=True):
+            self.runq.put_back(task)
+        return False
+
     def _run_task(self, task: GuestTask) -> None:
         cpu = self.cpu
         if task.counting:
             cpu.enter("user")
             cpu.sti()
             self.transport.poll()
+            if self.pf and not self._tick(task, user=True):
+                return
             t0 = time.monotonic_ns()
             self.counts["count_work"] += count_quantum()
             self.counts["count_ns"] += time.monotonic_ns() - t0
@@ -340,6 +413,15 @@ class GuestKernel:
             cpu.enter("user" if acc.user else "kernel_irq_on")
             cpu.sti()
             self.transport.poll()
+            if self.pf and not self._tick(task, user=acc.user):
+                return
+            if acc.user and acc.gfn not in task.mapped:  # the task's page table does not map it: a genuine #PF
+                cpu.cli()
+                cpu.enter("kernel")
+                self.counts["genuine_pf"] += 1
+                self.exception_handlers[PF_VECTOR](task, InjectException(PF_VECTOR, USER_BASE + acc.gfn * PAGE_SIZE),
+                                                   acc)
+                return
         else:
             cpu.enter("irq_off")  # a spin_lock_irqsave section in kernel mode
         cpu.push("instruction")
@@ -402,6 +484,8 @@ class GuestKernel:
                                message="another vCPU's slot holds a complete copy that does not match its seq")
             accept[acc.gfn] = (seq,)
             task.finish_access()
+            if self.cfg.guest_unmap_ratio and self.mm_rng.random() < self.cfg.guest_unmap_ratio:
+                task.mapped.discard(self.mm_rng.choice(task.pages or [acc.gfn]))  # reclaim
         else:
             prev = accept.get(acc.gfn)
             if prev is not None:
@@ -431,12 +515,17 @@ class GuestKernel:
 
     # --- exceptions (entered with interrupts off: interrupt gates) -----------------------------------------------
     def _exc_page_fault(self, task: GuestTask, exc: InjectException, acc: PageAccess) -> None:
-        """`exc_page_fault` -> kvm_handle_async_pf: the APF flags are read at the entry, then
-        `__kvm_handle_async_pf` decides. A genuine #PF (flags 0) has nothing to fix in apf-emu's guest: logged, and
-        the access is dropped."""
+        """`exc_page_fault` -> kvm_handle_async_pf: CR2 and the APF flags are read first (5.8+, noinstr), then the
+        entry's work (a nested genuine #PF there reads flags 0), then `__kvm_handle_async_pf` decides; a genuine #PF
+        (flags 0) goes on to the kernel's own handling (`_do_page_fault`). `pf`: 5.7's `do_async_page_fault`."""
+        if self.pf:
+            if self._pf_dispatch(task, exc, user=acc.user, irq=acc.irq):
+                self.runq.put_back(task)
+            return
         cpu, cr2 = self.cpu, exc.cr2
         cpu.enter("pf_entry")
         flags = self.apf.read_and_reset_flags()
+        self._entry_work(task)
         cpu.enter("pf")
         try:
             result = self.apf.handle_async_pf(flags, cr2, task, user=acc.user, irq=acc.irq)
@@ -445,9 +534,141 @@ class GuestKernel:
             self.runq.put_back(task)
             return
         if result is Pf.GENUINE:
-            self.log.error("guest_genuine_pf", cr2=cr2, task=task.tid)
-            task.finish_access()
+            if self._do_page_fault(task, cr2, user=acc.user):
+                self.runq.put_back(task)
+            return
         self._after_not_present(task, result, cr2)
+
+    # --- the guest's own page faults -----------------------------------------------------------------------------
+    def _do_page_fault(self, task: GuestTask, address: int, *, user: bool) -> bool:
+        """`handle_page_fault` for a #PF that is not an APF: a user address of one of the task's pages is mapped
+        (`handle_mm_fault`); anything else is a bad address: SIGSEGV to a user task, an oops in the kernel (the task
+        dies; in the idle task, a panic). True if the task goes on (it retries the access)."""
+        gfn = (address - USER_BASE) // PAGE_SIZE
+        if user and address >= USER_BASE and (gfn in task.pages or gfn in task.shared):
+            task.mapped.add(gfn)
+            return True
+        token = address & 0xFFFF_FFFF
+        if task is self.idle_task:
+            self._panic("Attempted to kill the idle task!", address=address)
+            return False
+        current = task.current.gfn if task.current is not None else None
+        if user:
+            self.counts["sigsegv"] += 1
+            self.log.error("guest_sigsegv", task=task.tid, address=address, token=token, gfn=current)
+        else:
+            self.counts["oops"] += 1
+            self.log.error("guest_oops", task=task.tid, address=address, token=token, gfn=current,
+                           message=f"BUG: unable to handle page fault for address: {address:#x}")
+        task.token = None
+        task.finish_access()
+        return False
+
+    def _entry_work(self, task: GuestTask) -> None:
+        """The #PF entry's work before the handler proper (5.7: TRACE_IRQS_OFF, enter_from_user_mode; and an NMI's
+        handler can land here too): now and then (`--entry-fault-ratio`) it touches vmalloc memory this CPU's page
+        table does not map yet, a nested genuine #PF whose handler runs `do_async_page_fault` in kernel mode. On
+        5.8+ the flags were read before: it reads 0 and `vmalloc_fault` maps the page. On `pf` it reads the
+        outer's `reason`: 1 makes the nested fault a not-present on the token (u32)address (the CPU halts for
+        good), 2 a wake of it (a dummy); the outer then reads 0 and takes its token for an address."""
+        if not self.cfg.entry_fault_ratio or self.entry_rng.random() >= self.cfg.entry_fault_ratio:
+            return
+        self.counts["entry_faults"] += 1
+        address = VMALLOC_START + self.entry_rng.randrange(VMALLOC_PAGES) * PAGE_SIZE + ENTRY_STACK_OFFSET
+        reason = self.apf.read_and_reset_flags()
+        self.log.info("guest_pf_nested", address=address, reason=reason, task=task.tid)
+        if reason == 0:
+            return  # vmalloc_fault: the page table gets the entry, the touch is retried
+        self.counts["pf_races"] += 1
+        kind = {1: "genuine_as_not_present", 2: "genuine_as_page_ready"}.get(reason, "bad_reason")
+        token = address & 0xFFFF_FFFF
+        self.log.error("guest_pf_race", kind=kind, reason=reason, address=address, token=token, task=task.tid,
+                       message="a nested genuine #PF read the reason of the APF #PF it interrupted")
+        self.cpu.push("pf_nested")
+        try:
+            result, woken = self.apf.do_async_page_fault(reason, address, task, user=False)
+            if not self._pf_outcome(task, result, woken, token, user=False) and result is Pf.HALT:
+                raise _Frozen  # halted on its own address: Linux never comes back from it
+        finally:
+            self.cpu.pop()
+        # The nested fault returns and its access is retried: `reason` is 0 now, vmalloc_fault maps the page.
+
+    # --- `pf`: 5.7's do_async_page_fault -------------------------------------------------------------------------
+    def _pf_dispatch(self, task: GuestTask, exc: InjectException, *, user: bool, irq: bool) -> bool:
+        """An exception on `pf`, in `task`'s context: #PF as 5.7 takes it (CR2 read by the asm entry, the entry's
+        work, then `kvm_read_and_reset_pf_reason` and do_async_page_fault's switch); #DF panics. True if the
+        interrupted task goes on (retries its access)."""
+        if exc.vector != PF_VECTOR:
+            handler = self.exception_handlers.get(exc.vector)
+            if exc.vector == DF_VECTOR or handler is None:
+                self._exc_double_fault(task, exc, None)
+                return False
+            self._panic("unexpected exception", vector=exc.vector, cr2=exc.cr2, task=task.tid)
+            return False
+        cpu = self.cpu
+        cpu.push("pf_entry")
+        try:
+            try:
+                self._entry_work(task)
+            except _Frozen:
+                return False
+            reason = self.apf.read_and_reset_flags()
+            cpu.enter("pf")
+            result, woken = self.apf.do_async_page_fault(reason, exc.cr2, task, user=user)
+            if result is Pf.GENUINE:
+                return self._do_page_fault(task, exc.cr2, user=user)
+            return self._pf_outcome(task, result, woken, exc.cr2 & 0xFFFF_FFFF, user=user)
+        finally:
+            cpu.pop()
+
+    def _pf_outcome(self, task: GuestTask, result: Pf, woken: list[Woken[GuestTask]], token: int, *,
+                    user: bool) -> bool:
+        """What do_async_page_fault's APF cases do to `task`. True if it goes on."""
+        if result is Pf.WAKE:
+            for w in woken:
+                if w.task is not self.halted_task and w.task is not task:
+                    self._resume(w.task)
+                else:
+                    w.task.token = None
+            return True
+        if result is Pf.SLEEP:
+            task.token = token
+            self.counts["apf_waits"] += 1
+            self.log.info("guest_apf_wait", token=token, task=task.tid)
+            return False
+        if result is Pf.HALT:
+            self.counts["apf_waits"] += 1
+            self.log.info("guest_apf_wait", token=token, task=task.tid, halted=True)
+            return self._pf_halted_wait(task, token)
+        return True  # NO_SLEEP: a dummy was there; WARN
+
+    def _pf_halted_wait(self, task: GuestTask, token: int) -> bool:
+        """5.7's `kvm_async_pf_task_wait` with n.halted: native_safe_halt until the node is unhashed, taking the
+        #PFs that come meanwhile. Gives up (False: the task stays asleep) only when the kernel stops or panics."""
+        prev, self.halted_task = self.halted_task, task
+        self.cpu.push("halt")
+        try:
+            while self.apf.sleepers.holds(token, task):
+                now = time.monotonic()
+                if self.cfg.duration is not None and now >= self.stop_at:
+                    self._request_stop()
+                if self.lifecycle is not None or (self.stopping and now >= self.drain_deadline):
+                    self.log.error("guest_apf_halt_stuck", token=token, task=task.tid,
+                                   message="the CPU halted in kvm_async_pf_task_wait and was never woken")
+                    return False
+                self.cpu.sti()
+                self._hlt_exit(task, self.drain_deadline - now)
+            task.token = None
+            return True
+        finally:
+            self.cpu.pop()
+            self.halted_task = prev
+
+    def _exc_double_fault(self, task: GuestTask, exc: InjectException, acc: PageAccess | None) -> None:
+        """`exc_double_fault`: die("double fault"), then panic."""
+        self._panic("double fault", vector=exc.vector, task=task.tid)
+        if task is not self.idle_task:
+            self.runq.put_back(task)
 
     def _exc_virtualization_exception(self, task: GuestTask, exc: InjectException, acc: PageAccess) -> None:
         """`ve` (apf-emu's design): the #VE of a not-present; the token is in the #VE information area."""

@@ -85,6 +85,11 @@ class SleepTable(Generic[T]):
         self._error_dummies.clear()
         return woken, dummies
 
+    def holds(self, token: int, task: T) -> bool:
+        """`hlist_unhashed(&n.link)` is false: `task`'s node for `token` is still in the table (5.7's halted wait
+        loops on it)."""
+        return token in self._nodes and self._nodes[token] is task
+
     def tokens(self) -> list[int]:
         return list(self._nodes)
 

@@ -39,6 +39,7 @@ class GuestTask:
     counting: bool = False  # a counting task: no pages, COUNT_QUANTUM increments per turn
     shared: range = range(0)  # the pages every vCPU shares
     shared_ratio: float = 0.0
+    mapped: set[int] = field(default_factory=set)  # the gfns this task's page table maps (demand paging)
 
     def next_access(self) -> PageAccess:
         if self.current is None:

@@ -43,6 +43,17 @@
 # other than the #PF changes this module and, in the guest, guest_agent/apf.py (its handler) and
 # guest_agent/kernel.py (`exception_handlers`, by vector): three files; the wire's `exception` already carries any
 # vector.
+#
+# `pf`, the ABI before 5.8, follows 5.7's code where it differs: MSR_KVM_ASYNC_PF_EN has no DELIVERY_AS_INT (bits 5:3
+# reserved) and there is no INT or ACK MSR; a not-present is queued as the pending exception (`exception`, KVM's
+# vcpu->arch.exception, kvm_inject_page_fault); there are no KVM_REQ_APF_READY and no kick: vcpu_run calls
+# `kvm_check_async_pf_completion` after every exit and every block, and it delivers while
+# `kvm_arch_can_inject_async_page_present` (APF off: consume; on: `kvm_can_do_async_pf`, interrupts allowed and no
+# exception pending); `kvm_arch_async_page_present` writes `reason` = 2 and queues a #PF with CR2 = token, unless
+# `reason` still holds a not-present that is still pending (both are then cancelled, commit 9a6e7c39810e); a second
+# #PF queued on a pending one is a double fault (`kvm_multiple_exception`). `--no-pending-check` and
+# `--no-cancel-pending` take the two historical fixes out. One deliberate difference from 5.7: page-ready is
+# injected only for injected not-presents (5.8's fix of bugzilla 208081, kept on every ABI; docs/PROTOCOL.md).
 from __future__ import annotations
 
 from collections import deque
@@ -58,12 +69,15 @@ from shared.abi import (
     APIC_SPIV_APIC_ENABLED,
     APIC_SPIV_RESET,
     ASYNC_PF_PER_VCPU,
+    DF_VECTOR,
     KVM_APF_WAKE_ALL_TOKEN,
     KVM_ASYNC_PF_INT_VECTOR_MASK,
     KVM_ASYNC_PF_RESERVED,
+    KVM_ASYNC_PF_RESERVED_PF,
     KVM_ASYNC_PF_SEND_ERROR,
     KVM_PV_REASON_PAGE_ERROR,
     KVM_PV_REASON_PAGE_NOT_PRESENT,
+    KVM_PV_REASON_PAGE_READY,
     MSR_APF_EMU_VE_INFO,
     MSR_KVM_ASYNC_PF_ACK,
     MSR_KVM_ASYNC_PF_EN,
@@ -138,6 +152,10 @@ class VcpuApf:
     abi: str = "int"  # the APF design this host runs (shared/abis.py)
     msr_ve: int = 0  # `ve`: MSR_APF_EMU_VE_INFO, where the #VE information area is
     error_gfn: int | None = None  # `int-error`: vcpu->arch.apf.error_gfn, a gfn whose failed page-in went unreported
+    no_pending_check: bool = False  # `pf`: kvm_arch_can_inject_async_page_present ignores a pending exception
+    no_cancel_pending: bool = False  # `pf`: no cancel of a pending not-present by a page-ready (before 9a6e7c39810e)
+    exception: tuple[int, int] | None = None  # `pf`: vcpu->arch.exception, queued for the next entry (vector, CR2)
+    entry_irq: bool = False  # `pf`: whether the guest can take an exception at the entry being made (RFLAGS.IF)
     msr_en: int = 0  # vcpu->arch.apf.msr_en_val
     msr_int: int = 0  # vcpu->arch.apf.msr_int_val
     apf_id: int = 0  # vcpu->arch.apf.id, the next token id (alloc_apf_token)
@@ -156,8 +174,14 @@ class VcpuApf:
     # --- state ---------------------------------------------------------------------------------------------------
     @property
     def pv_enabled(self) -> bool:
-        """`kvm_pv_async_pf_enabled`: ENABLED and DELIVERY_AS_INT."""
-        return AsyncPfEn(self.msr_en).apf_enabled
+        """`kvm_pv_async_pf_enabled`: ENABLED and DELIVERY_AS_INT. `pf` (5.7): ENABLED, with an area the gfn cache
+        could be set up for (5.7 stores the MSR value before it looks at the address)."""
+        return self._en_enabled(AsyncPfEn(self.msr_en))
+
+    def _en_enabled(self, en: AsyncPfEn) -> bool:
+        if self.abi == "pf":
+            return en.enabled_bit and en.gpa + KVM_VCPU_PV_APF_DATA_SIZE <= self.ram_pages * PAGE_SIZE
+        return en.apf_enabled
 
     @property
     def area(self) -> KvmVcpuPvApfData | None:
@@ -173,7 +197,10 @@ class VcpuApf:
 
     @property
     def _reserved(self) -> int:
-        """Bits 5:4 of MSR_KVM_ASYNC_PF_EN, but bit 4 (SEND_ERROR) where the host offers error delivery."""
+        """Bits 5:4 of MSR_KVM_ASYNC_PF_EN, but bit 4 (SEND_ERROR) where the host offers error delivery; bits 5:3
+        on `pf`."""
+        if self.abi == "pf":
+            return KVM_ASYNC_PF_RESERVED_PF
         return KVM_ASYNC_PF_RESERVED & ~KVM_ASYNC_PF_SEND_ERROR if self.abi == "int-error" else KVM_ASYNC_PF_RESERVED
 
     @property
@@ -221,7 +248,7 @@ class VcpuApf:
         if msr != MSR_KVM_ASYNC_PF_EN or not 0 <= value <= U64_MAX:
             return None
         en = AsyncPfEn(value)
-        if value & self._reserved or self._vmexit_refused(en) or not en.apf_enabled:
+        if value & self._reserved or self._vmexit_refused(en) or not self._en_enabled(en):
             return None
         if en.gpa + KVM_VCPU_PV_APF_DATA_SIZE > self.ram_pages * PAGE_SIZE:
             return None
@@ -231,6 +258,8 @@ class VcpuApf:
         """`kvm_set_msr_common` for the MSRs apf-emu has."""
         if not 0 <= value <= U64_MAX:
             result = MsrResult(False, "value is not a u64")
+        elif msr in (MSR_KVM_ASYNC_PF_INT, MSR_KVM_ASYNC_PF_ACK) and self.abi == "pf":
+            result = MsrResult(False, "unknown MSR")  # 5.7 has neither: kvm_set_msr_common's default
         elif msr == MSR_KVM_ASYNC_PF_EN:
             result = self._enable_async_pf(value)
         elif msr == MSR_KVM_ASYNC_PF_INT:
@@ -267,13 +296,18 @@ class VcpuApf:
                   MSR_X2APIC_SPIV: self.spiv}
         if self.abi == "ve":
             values[MSR_APF_EMU_VE_INFO] = self.msr_ve
+        if self.abi == "pf":
+            del values[MSR_KVM_ASYNC_PF_INT], values[MSR_KVM_ASYNC_PF_ACK]
         if msr not in values:
             return MsrResult(False, "unknown MSR")
         return MsrResult(True, value=values[msr])
 
     def _enable_async_pf(self, value: int) -> MsrResult:
-        """`kvm_pv_enable_async_pf`: everything that makes it #GP is checked before the value is stored."""
+        """`kvm_pv_enable_async_pf`: everything that makes it #GP is checked before the value is stored (5.8+;
+        5.7 stores the value before it looks at the area's address: `pf`)."""
         en = AsyncPfEn(value)
+        if self.abi == "pf":
+            return self._enable_async_pf_57(value)
         if value & self._reserved:
             return MsrResult(False, "bits 5:4 of MSR_KVM_ASYNC_PF_EN are reserved" if self.abi != "int-error" else
                              "bit 5 of MSR_KVM_ASYNC_PF_EN is reserved")
@@ -291,6 +325,26 @@ class VcpuApf:
         done = {id(item) for item in self.done}
         return MsrResult(True, flush=tuple(item for item in self.queue.values()
                                            if not item.wakeup_all and id(item) not in done))
+
+    def _enable_async_pf_57(self, value: int) -> MsrResult:
+        """5.7's `kvm_pv_enable_async_pf`: bits 5:3 reserved (#GP); the value is stored; turning APF off clears the
+        queue; an area outside guest RAM is a #GP after the store (kvm_gfn_to_hva_cache_init), and APF stays off
+        in effect (`pv_enabled`: the host cannot write it); else the wake-all."""
+        en = AsyncPfEn(value)
+        if value & KVM_ASYNC_PF_RESERVED_PF:
+            return MsrResult(False, "bits 5:3 of MSR_KVM_ASYNC_PF_EN are reserved")
+        if self._vmexit_refused(en):
+            return MsrResult(False, "DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT")
+        self.msr_en = value
+        if not en.enabled_bit:
+            done = {id(item) for item in self.done}
+            return MsrResult(True, flush=tuple(item for item in self.queue.values()
+                                               if not item.wakeup_all and id(item) not in done))
+        if not self.pv_enabled:
+            return MsrResult(False, f"APF area {en.gpa:#x} is outside guest RAM")
+        self._garbage_reported = False
+        self._wakeup_all()
+        return MsrResult(True)
 
     def _vmexit_refused(self, en: AsyncPfEn) -> bool:
         """DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT is a #GP only when the VMM enforces PV CPUID
@@ -412,7 +466,9 @@ class VcpuApf:
             ve.deliver(item.token, item.gva)
             return (VE_VECTOR, 0), ""
         if deliver and area is not None:
-            area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT  # apf_put_user_notpresent: a plain store, no read
+            area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT  # apf_put_user_notpresent (5.7: apf_put_user): no read
+            if self.abi == "pf":
+                self.exception = (PF_VECTOR, item.token)  # kvm_inject_page_fault: pending until the entry
             return (PF_VECTOR, item.token), ""  # #PF, CR2 = token
         self.requests.add(APF_HALT)
         return None, reason
@@ -436,13 +492,26 @@ class VcpuApf:
         return kick
 
     def _present_queued(self) -> bool:
-        """`kvm_arch_async_page_present_queued`: KVM_REQ_APF_READY, and a kick unless a page-ready is pending."""
+        """`kvm_arch_async_page_present_queued`: KVM_REQ_APF_READY, and a kick unless a page-ready is pending. `pf`
+        (5.7) has neither: async_pf_execute only wakes a vCPU that blocks (swake_up_one); a running one finds the
+        item at its next exit."""
+        if self.abi == "pf":
+            return False
         self.requests.add(APF_READY)
         return not self.pageready_pending
 
-    def entry(self) -> list[int]:
+    def entry(self, *, irq: bool = False) -> list[int]:
         """`vcpu_enter_guest`'s APF requests, in its order. Returns the vectors injected; `halted` says whether
-        the vCPU blocks instead of entering."""
+        the vCPU blocks instead of entering. `pf`: 5.7's vcpu_run loop, KVM_REQ_APF_HALT and then
+        `kvm_check_async_pf_completion` after every iteration; `irq` says whether the guest has interrupts on, and
+        what is to be injected is `take_exception`'s."""
+        if self.abi == "pf":
+            if APF_HALT in self.requests:
+                self.requests.discard(APF_HALT)
+                self.halted = True
+            self.entry_irq = irq
+            self.check_completion()
+            return []
         if APF_HALT in self.requests:
             self.requests.discard(APF_HALT)
             self.halted = True
@@ -451,6 +520,11 @@ class VcpuApf:
             self.requests.discard(APF_READY)
             return self.check_completion()
         return []
+
+    def take_exception(self) -> tuple[int, int] | None:
+        """`pf`: the exception the entry injects (vector, CR2), if any; it is then no longer pending."""
+        exception, self.exception = self.exception, None
+        return exception
 
     def unhalt(self) -> None:
         """`vcpu_block` woke up (the done list is not empty): the vCPU is runnable again."""
@@ -490,7 +564,13 @@ class VcpuApf:
 
     def _can_dequeue(self) -> bool:
         """`kvm_arch_can_dequeue_async_page_present`: APF off: yes (the event is consumed); on: the LAPIC is
-        enabled and the token slot is free (`apf_pageready_slot_free`)."""
+        enabled and the token slot is free (`apf_pageready_slot_free`). `pf`: 5.7's
+        `kvm_arch_can_inject_async_page_present`: APF off: yes; on: `kvm_can_do_async_pf`, interrupts allowed and
+        no exception pending (`--no-pending-check`: interrupts allowed)."""
+        if self.abi == "pf":
+            if not AsyncPfEn(self.msr_en).enabled_bit:
+                return True
+            return self.entry_irq and (self.exception is None or self.no_pending_check or self.no_cancel_pending)
         area = self.area
         if area is None:
             return True
@@ -513,12 +593,17 @@ class VcpuApf:
         # reading the slot. `released`: the token this host had published and has now found cleared (the host's
         # own view of the guest's release, which is all the checker has for a guest that does not log).
         report_error = item.error and inject and self.send_error
+        vector = PF_VECTOR if self.abi == "pf" else self.vector
         self.log.info("kvm_async_pf_ready", token=item.token, gva=item.gva, gfn=item.gfn, injected=inject,
-                      vector=self.vector if inject else None, released=(self.slot_token or None) if inject else None,
+                      vector=vector if inject else None, released=(self.slot_token or None) if inject else None,
                       **({"error": item.error, "error_reported": report_error} if self.abi == "int-error" else {}))
         if self.abi == "int-error" and item.error and not report_error:
             self.error_gfn = item.gfn  # the RFC: the next fault on it is synchronous, and its failure exits
         self.halted = False
+        if self.abi == "pf":
+            if inject and area is not None:
+                self._page_ready_pf(item, area)
+            return None
         if not inject or area is None:
             return None
         area.token = self.slot_token = item.token & U32_MAX  # apf_put_user_ready: the token, then ready_flags
@@ -527,12 +612,45 @@ class VcpuApf:
         self.pageready_pending = True
         return self.vector
 
+    def _page_ready_pf(self, item: AsyncPf, area: KvmVcpuPvApfData) -> None:
+        """5.7's `kvm_arch_async_page_present` after the trace: `reason` still PAGE_NOT_PRESENT with that #PF still
+        pending cancels both (reason = 0, the pending exception dropped; whichever token it was); else `reason` =
+        PAGE_READY and a #PF with CR2 = token (~0 for the wake-all) is queued."""
+        token = KVM_APF_WAKE_ALL_TOKEN if item.wakeup_all else item.token
+        reason = area.flags  # apf_get_user
+        pending = self.exception
+        if reason == KVM_PV_REASON_PAGE_NOT_PRESENT and pending is not None and pending[0] == PF_VECTOR \
+                and not self.no_cancel_pending:
+            area.flags = 0
+            self.exception = None
+            self.log.warning("apf_cancel", token=token, cancelled=pending[1],
+                             message="a page-ready met a pending not-present: both dropped (9a6e7c39810e)")
+            return
+        if reason != 0:
+            self.log.warning("reason_overwritten", token=token, old=reason,
+                             message="reason written over a value the guest has not read")
+        area.flags = KVM_PV_REASON_PAGE_READY
+        self._multiple_exception(PF_VECTOR, token)
+
+    def _multiple_exception(self, vector: int, cr2: int) -> None:
+        """`kvm_multiple_exception` for the #PFs `pf` queues: nothing pending, queued; a #PF pending (a page-fault
+        class exception, then one that is not benign), a double fault; a #DF pending, a triple fault (the VM
+        shuts down: apf-emu's guest sees the #DF again and is already panicking)."""
+        pending = self.exception
+        if pending is None:
+            self.exception = (vector, cr2)
+            return
+        self.log.error("kvm_multiple_exception", prev=pending[0], prev_cr2=pending[1], nr=vector, cr2=cr2,
+                       result="triple_fault" if pending[0] == DF_VECTOR else "double_fault")
+        self.exception = (DF_VECTOR, 0)
+
     def reset(self, reason: str) -> None:
         """`kvm_vcpu_reset` (and destroy): MSRs cleared, queue eaten, gfn hash reset, halt ended; pageready_pending
         is not reset. The page-ins in flight are not waited for here (the guest is gone)."""
         self.clear_async_pf_completion_queue(reason)
         self.msr_en = self.msr_int = self.msr_ve = 0
         self.error_gfn = None
+        self.exception = None
         self.halted = False
         self.requests.clear()
         self.spiv = APIC_SPIV_RESET  # kvm_lapic_reset: apic_set_spiv(apic, 0xff), software-disabled

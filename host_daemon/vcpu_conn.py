@@ -14,6 +14,11 @@
 # APF off waits for, `kvm_clear_async_pf_completion_queue`). Meanwhile the guest's next exit waits for its reply,
 # as a vCPU thread busy in KVM does not run the guest.
 #
+# On the `pf` ABI (5.7) what an entry injects is a pending exception (the not-present #PF, a page-ready #PF, or the
+# double fault of both), taken from the state machine after the entry and sent as the exit's reply in place of
+# `resume`; 5.7 kicks no running vCPU, so the guest's own exits (`exit_timer`, its timer tick; `exit_hlt`, its idle
+# HLT) are where page-readies reach a vCPU that does not fault.
+#
 # How an exception or an interrupt reaches the guest is the notifier's business (host_daemon/transports/). A bad
 # frame is answered with an `error` and logged; only a fatal one (oversized or truncated frame, a second hello)
 # closes the connection, and nothing here can take the daemon or other vCPUs down. The connection owns the vCPU's
@@ -22,6 +27,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Protocol
 
 import trio
@@ -30,7 +36,19 @@ from shared.abi import MSR_KVM_ASYNC_PF_ACK
 from shared.channel import MessageChannel
 from shared.config import HostOptions
 from shared.guest_ram import PAGE_SIZE
-from shared.wire import ErrorReply, ExitMem, Hello, Message, MsrRead, MsrResult, MsrWrite, Resume, WireError
+from shared.wire import (
+    ErrorReply,
+    ExitHlt,
+    ExitMem,
+    ExitTimer,
+    Hello,
+    Message,
+    MsrRead,
+    MsrResult,
+    MsrWrite,
+    Resume,
+    WireError,
+)
 
 from .backing_store import SavedVcpu
 from .guest_views import ControlBlock
@@ -56,6 +74,9 @@ class VmContext(Protocol):
     def stopping(self) -> bool: ...
 
 
+MAX_HLT_US = 3_600_000_000  # an hour: the longest a guest's HLT may ask to wait for its own timer
+
+
 class VcpuConnection:
     def __init__(self, vm: VmContext, chan: MessageChannel, notifier: Notifier, ctl: ControlBlock, vcpu_id: int,
                  boot: int, log: Any, peer_pid: int) -> None:
@@ -69,6 +90,7 @@ class VcpuConnection:
         self.log = log
         self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log, vm.memory.ram.hva_base,
                            present=vm.memory.present, enforce_pv_cpuid=vm.config.enforce_pv_cpuid, abi=vm.config.abi,
+                           no_pending_check=vm.config.no_pending_check, no_cancel_pending=vm.config.no_cancel_pending,
                            pageready_pending=vm.pageready_pending.get(vcpu_id, False))
         self.pinned: set[int] = set()  # the pages of the areas in force, each pinned once
         self.scope = trio.CancelScope()
@@ -150,6 +172,15 @@ class VcpuConnection:
                 await self.chan.send(MsrResult(msr, result.ok, result.error, result.value))
             case ExitMem(gpa=gpa, user=user, irq=irq):
                 await self._exit_mem(gpa, user=user, irq=irq)
+            case ExitTimer(irq=irq):
+                await self._enter(irq=irq)
+                await self._resume_or_exception(Resume(0))
+            case ExitHlt(timeout_us=timeout_us):
+                if not 0 <= timeout_us <= MAX_HLT_US:
+                    await self.reject(WireError("bad_field", f"exit_hlt: timeout_us {timeout_us} is outside "
+                                                f"0..{MAX_HLT_US}"))
+                    return
+                await self._hlt(timeout_us)
             case Hello():  # a second hello: the guest lost track of its connection; nothing it says counts now
                 await self.reject(WireError("unexpected", "a second hello on one connection", fatal=True))
                 raise trio.ClosedResourceError("second hello")
@@ -168,11 +199,33 @@ class VcpuConnection:
         for vector in vectors:
             await self.notifier.interrupt(vector)
 
-    async def _enter(self) -> None:
+    async def _enter(self, *, irq: bool = False) -> None:
         """The vCPU enters the guest (vcpu_enter_guest): pending APF requests are processed and what they inject
-        is raised. A halt requested by a fault is handled by `_halt`, not here."""
+        is raised. A halt requested by a fault is handled by `_halt`, not here. `irq`: the guest's RFLAGS.IF at
+        this entry (`pf` delivers page-ready only then; MSR exits come from code with interrupts off)."""
         self._entries += 1
-        await self._deliver(self.apf.entry())
+        await self._deliver(self.apf.entry(irq=irq))
+
+    async def _resume_or_exception(self, reply: Message) -> None:
+        """The exit's reply: the exception the entry injects (`pf`), else `reply`."""
+        exception = self.apf.take_exception()
+        if exception is not None:
+            await self.notifier.inject_exception(*exception)
+        else:
+            await self.chan.send(reply)
+
+    async def _hlt(self, timeout_us: int) -> None:
+        """HLT with interrupts on: kvm_vcpu_halt, vcpu_block until kvm_vcpu_has_events (a completed page-in) or the
+        guest's own timer; then the entry, which on `pf` may inject a page-ready #PF."""
+        if not self.apf.has_events():
+            self._completions.set()
+            with trio.move_on_after(timeout_us / 1e6 if timeout_us else math.inf):
+                while not self.apf.has_events():
+                    self._events = trio.Event()
+                    await self._events.wait()
+            self._completions = trio.Event()
+        await self._enter(irq=True)
+        await self._resume_or_exception(Resume(0))
 
     async def _deliver(self, vectors: list[int] | tuple[int, ...]) -> None:
         """Raise what kvm_check_async_pf_completion injected; where it stopped at an item whose page was evicted
@@ -183,13 +236,13 @@ class VcpuConnection:
             await self.vm.pager.fault_in(item.gfn, self.vm.nursery)
             await self._raise(self.apf.page_ready())
 
-    async def _halt(self, reason: str | None) -> None:
+    async def _halt(self, reason: str | None, *, irq: bool = True) -> None:
         """The artificial halt: block until the vCPU has events, then enter; repeat while it halts again. While
         blocked the vCPU is not in an exit that an entry ends: completions land at once."""
         self.log.info("apf_halt", reason=reason)
         start = trio.current_time()
         while True:
-            await self._enter()
+            await self._enter(irq=irq)
             if not self.apf.halted:
                 break
             self._completions.set()
@@ -256,8 +309,8 @@ class VcpuConnection:
             await self.reject(WireError("bad_address", f"gpa {gpa:#x} is outside guest RAM"))
             return
         if memory.present(gfn):  # raced with a page-in, or the guest's view was old: just re-enter
-            await self._enter()
-            await self.chan.send(Resume(gpa))
+            await self._enter(irq=irq)
+            await self._resume_or_exception(Resume(gpa))
             return
         decision = self.apf.on_fault(gfn, gpa, user=user, irq=irq, hva=memory.ram.hva_base + gfn * PAGE_SIZE)
         if decision.item is not None:
@@ -270,18 +323,21 @@ class VcpuConnection:
                 # The page cannot be had: KVM_RUN fails with -EFAULT and the VMM sees it (the RFC's "exit to user
                 # space"). apf-emu's VMM reports it to the guest as a memory failure of that access.
                 self.log.error("apf_error_exit", gfn=gfn, gpa=gpa, reason=decision.reason)
-                await self._enter()
+                await self._enter(irq=irq)
                 await self.chan.send(ErrorReply("page_error", f"gpa {gpa:#x}: the page cannot be read in", False))
                 return
-            await self._enter()
-            await self.chan.send(Resume(gpa))
+            await self._enter(irq=irq)
+            await self._resume_or_exception(Resume(gpa))
         elif decision.kind is Fault.INJECT:
             assert decision.exception is not None
-            await self._enter()
-            await self.notifier.inject_exception(*decision.exception)
+            await self._enter(irq=irq)
+            if self.apf.abi == "pf":  # the pending #PF, or what a page-ready made of it (cancel, #DF)
+                await self._resume_or_exception(Resume(gpa))
+            else:
+                await self.notifier.inject_exception(*decision.exception)
         else:
-            await self._halt(decision.reason)
-            await self.chan.send(Resume(gpa))
+            await self._halt(decision.reason, irq=irq)
+            await self._resume_or_exception(Resume(gpa))
 
     async def _complete_when(self, item: AsyncPf, page_in: PageIn) -> None:
         """async_pf_execute once the page is in. A completion that comes while the vCPU is in an exit is applied

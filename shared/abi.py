@@ -34,6 +34,7 @@ KVM_ASYNC_PF_SEND_ALWAYS: Final = 1 << 1
 KVM_ASYNC_PF_DELIVERY_AS_PF_VMEXIT: Final = 1 << 2
 KVM_ASYNC_PF_DELIVERY_AS_INT: Final = 1 << 3
 KVM_ASYNC_PF_RESERVED: Final = 0x30  # bits 5:4
+KVM_ASYNC_PF_RESERVED_PF: Final = 0x38  # `pf` (5.7's kvm_pv_enable_async_pf): bits 5:3, DELIVERY_AS_INT among them
 KVM_ASYNC_PF_SEND_ERROR: Final = 1 << 4  # `int-error` (Vivek Goyal's RFC, June 2020): bit 4 is no longer reserved
 KVM_ASYNC_PF_ADDR_MASK: Final = ~0x3F & 0xFFFF_FFFF_FFFF_FFFF  # bits 63:6
 
@@ -61,12 +62,13 @@ KVM_FEATURE_ASYNC_PF_VE: Final = 1 << 29  # apf-emu's, not KVM's: not-present as
 KVM_FEATURE_ASYNC_PF_ERROR: Final = 1 << 15  # Vivek Goyal's RFC: page-ready can report a failed page-in
 
 # --- exception vectors --------------------------------------------------------------------------------------------
+DF_VECTOR: Final = 8  # #DF: kvm_multiple_exception's verdict on a #PF queued while a #PF is pending
 PF_VECTOR: Final = 14  # #PF
 VE_VECTOR: Final = 20  # #VE, the virtualization exception (a fault, no error code)
 
-# --- struct kvm_vcpu_pv_apf_data.flags ---------------------------------------------------------------------------
+# --- struct kvm_vcpu_pv_apf_data.flags (`reason` of the pre-5.8 ABI, `pf`: the same u32 at offset 0) --------------
 KVM_PV_REASON_PAGE_NOT_PRESENT: Final = 1
-KVM_PV_REASON_PAGE_READY: Final = 2  # unused since page-ready became an interrupt; kept for the name
+KVM_PV_REASON_PAGE_READY: Final = 2  # `pf` only (the pre-5.8 ABI): page-ready as #PF, CR2 = token
 # `int-error`: struct kvm_vcpu_pv_apf_data.ready_flags (@8), written by the host with every token
 KVM_PV_REASON_PAGE_ERROR: Final = 1
 

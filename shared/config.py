@@ -325,6 +325,14 @@ HOST_OPTIONS: Final = (
     Option("enforce_pv_cpuid", flag, False, "as a VMM that enables KVM_CAP_ENFORCE_PV_FEATURE_CPUID: an "
            "MSR_KVM_ASYNC_PF_EN write with DELIVERY_AS_PF_VMEXIT is a #GP, since KVM_FEATURE_ASYNC_PF_VMEXIT is not "
            "advertised (without it, KVM's default, the bit is accepted and stored)", is_flag=True),
+    Option("no_pending_check", flag, False, "`pf` only: a host whose page-ready check ignores a pending exception "
+           "(kvm_arch_can_inject_async_page_present as `!kvm_event_needs_reinjection && interrupt_allowed`, before "
+           "5.7 called kvm_can_do_async_pf): a page-ready can meet a not-present still pending, which 5.7's cancel "
+           "then drops with it (docs/PROTOCOL.md section 11)", is_flag=True),
+    Option("no_cancel_pending", flag, False, "`pf` only: a host before commit 9a6e7c39810e (\"Fix #DF due to inject "
+           "'Page not Present' and 'Page Ready' exceptions simultaneously\"), which had no pending check either "
+           "(implies --no-pending-check): both #PFs are queued at one entry and kvm_multiple_exception makes a "
+           "double fault", is_flag=True),
 )
 GUEST_OPTIONS: Final = (
     *COMMON_OPTIONS,
@@ -343,6 +351,13 @@ GUEST_OPTIONS: Final = (
     Option("no_apf", flag, False, "do not enable APF (like the no-kvmapf kernel parameter)", is_flag=True),
     Option("kernel_ratio", float_in(0, 1), 0.1, "share of accesses made in kernel mode, 0..1"),
     Option("irq_off_ratio", float_in(0, 1), 0.05, "share of accesses that open an interrupts-off section, 0..1"),
+    Option("entry_fault_ratio", float_in(0, 1), 0.02, "share of #PF entries whose entry code touches kernel "
+           "memory this vCPU's page table does not map yet (5.7's vmalloc fault, as tracing or an NMI on the entry "
+           "can): a nested genuine #PF. On `pf` it comes before `reason` is read (5.7's do_async_page_fault), the "
+           "race of the seed thread; 5.8+ reads CR2 and the flags first, so on the other ABIs it is harmless"),
+    Option("guest_unmap_ratio", float_in(0, 1), 0.02, "share of completed accesses after which the guest unmaps "
+           "one of the task's pages from its own page table (reclaim): the next touch is a genuine #PF that the "
+           "guest's #PF path handles (demand paging, every ABI)"),
     Option("shared_ratio", float_in(0, 1), 0.2, "share of accesses to the pages every vCPU shares (a slot per "
            "vCPU in each), 0..1; 0 keeps each task on its own pages"),
     Option("apf_reinit_every", _duration, None, "take the vCPU offline and online again this often (APF disabled, "
@@ -393,6 +408,8 @@ class HostOptions(ProcessOptions):
     page_in_errors: PageInErrors = field(default_factory=PageInErrors)
     recover: bool = False
     enforce_pv_cpuid: bool = False
+    no_pending_check: bool = False
+    no_cancel_pending: bool = False
 
     TABLE: ClassVar[tuple[Option, ...]] = HOST_OPTIONS
     MODULE: ClassVar[str] = "host_daemon"
@@ -434,6 +451,8 @@ class GuestOptions(ProcessOptions):
     no_apf: bool = False
     kernel_ratio: float = 0.1
     irq_off_ratio: float = 0.05
+    entry_fault_ratio: float = 0.02
+    guest_unmap_ratio: float = 0.02
     shared_ratio: float = 0.2
     apf_reinit_every: float | None = None
     online_clears_token: bool = False

@@ -20,8 +20,9 @@ import msgpack
 
 from .abi import PF_VECTOR as _PF_VECTOR
 
-# 2: EPT and control block with welcome; 3: `exception`, `msr_read`; 4: a restored vCPU's interrupts before welcome
-PROTOCOL_VERSION: Final = 4
+# 2: EPT and control block with welcome; 3: `exception`, `msr_read`; 4: a restored vCPU's interrupts before welcome;
+# 5: `exit_hlt` and `exit_timer` (the `pf` ABI's exits at which a page-ready #PF can be injected)
+PROTOCOL_VERSION: Final = 5
 MAX_FRAME: Final = 64 * 1024
 HEADER: Final = struct.Struct(">I")
 
@@ -75,6 +76,26 @@ class ExitMem:
     irq: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ExitHlt:
+    """HLT with interrupts on (safe_halt): the vCPU blocks in the host until it has an event (a completed page-in)
+    or `timeout_us` passes (the guest's own timer; 0: none). Answered by exception (the `pf` ABI's page-ready #PF)
+    or resume (gpa 0)."""
+
+    TYPE: ClassVar[str] = "exit_hlt"
+    timeout_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExitTimer:
+    """An external-interrupt exit (the host's timer tick) while the guest runs: `user` and `irq` are the guest's
+    CPL and RFLAGS.IF at that moment. Answered by exception (the `pf` ABI's page-ready #PF) or resume (gpa 0)."""
+
+    TYPE: ClassVar[str] = "exit_timer"
+    user: bool
+    irq: bool
+
+
 # --- host to guest --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Welcome:
@@ -106,8 +127,9 @@ class MsrResult:
 
 @dataclass(frozen=True, slots=True)
 class InjectException:
-    """Exception injection at the vCPU's next entry: vector 14 (#PF) with CR2. For an APF "page not present", CR2 is
-    the token and `flags` = 1 is already in the APF area."""
+    """Exception injection at the vCPU's next entry: vector 14 (#PF) with CR2, 20 (#VE, `ve`) or 8 (#DF, `pf` with
+    the historical fixes off). For an APF "page not present", CR2 is the token and `flags` = 1 is already in the APF
+    area; on `pf` a page-ready is a #PF too (`reason` = 2)."""
 
     TYPE: ClassVar[str] = "exception"
     vector: int
@@ -141,12 +163,12 @@ class ErrorReply:
     fatal: bool
 
 
-GuestMessage: TypeAlias = Hello | MsrWrite | MsrRead | ExitMem
+GuestMessage: TypeAlias = Hello | MsrWrite | MsrRead | ExitMem | ExitHlt | ExitTimer
 HostMessage: TypeAlias = Welcome | MsrResult | InjectException | Resume | Interrupt | ErrorReply
 Message: TypeAlias = GuestMessage | HostMessage
 Schema: TypeAlias = dict[str, type]
 
-GUEST_TO_HOST: Final[Schema] = {c.TYPE: c for c in (Hello, MsrWrite, MsrRead, ExitMem)}
+GUEST_TO_HOST: Final[Schema] = {c.TYPE: c for c in (Hello, MsrWrite, MsrRead, ExitMem, ExitHlt, ExitTimer)}
 HOST_TO_GUEST: Final[Schema] = {c.TYPE: c for c in (Welcome, MsrResult, InjectException, Resume, Interrupt,
                                                     ErrorReply)}
 PF_VECTOR: Final = _PF_VECTOR  # (shared/abi.py has the vectors)

@@ -30,7 +30,9 @@ from typing import Any, TypeVar
 from shared.blocking_channel import BlockingChannel, ChannelClosed, NoHost, connect
 from shared.wire import (
     ErrorReply,
+    ExitHlt,
     ExitMem,
+    ExitTimer,
     Hello,
     InjectException,
     Interrupt,
@@ -237,8 +239,21 @@ class Transport:
 
     def exit_mem(self, gpa: int, *, write: bool, user: bool, irq: bool) -> ExitReply:
         """The EPT-violation exit. If the host goes away meanwhile: reconnect, and the exit ends with Resume."""
+        return self._exit(ExitMem(gpa, write, user, irq), gpa)
+
+    def hlt_exit(self, timeout: float) -> ExitReply:
+        """HLT with interrupts on, as an exit (the `pf` ABI's idle: its page-ready is an exception, which only an
+        entry injects): until the host has an event for this vCPU, or `timeout` seconds (inf: none)."""
+        us = 0 if math.isinf(timeout) else max(1, min(int(timeout * 1e6), 3_600_000_000))
+        return self._exit(ExitHlt(us), 0)
+
+    def timer_exit(self, *, user: bool, irq: bool) -> ExitReply:
+        """The exit of a timer tick while the guest runs (the `pf` ABI's chance of a page-ready)."""
+        return self._exit(ExitTimer(user, irq), 0)
+
+    def _exit(self, msg: ExitMem | ExitHlt | ExitTimer, gpa: int) -> ExitReply:
         try:
-            self.send(ExitMem(gpa, write, user, irq))
+            self.send(msg)
             return self._exit_reply()
         except HostGone:
             self._reconnect()

@@ -161,7 +161,33 @@ def ready_for_halted_fault(evs: Events) -> Events:
     return evs
 
 
+def wait_on_a_genuine_fault(evs: Events) -> Events:
+    """A task sleeps on a token no not-present carried: on `pf` a nested genuine #PF that read the outer's reason
+    sleeps on its own address, (u32)0x...f48."""
+    i = first(evs, "guest_apf_wait")
+    evs[i] = at(evs, i, token=0x00D7_1F48)
+    return evs
+
+
+def sigsegv_at_a_token(evs: Events) -> Events:
+    """The guest took an APF #PF for an ordinary fault at CR2 = token (`pf`, when a nested #PF ate the reason)."""
+    i, token = a_token(evs)
+    evs.insert(i + 1, {**at(evs, i, event="guest_sigsegv", role="guest", task=1, address=token, token=token,
+                            gfn=None, mono_ns=evs[i]["mono_ns"] + 1)})
+    return evs
+
+
+def double_fault(evs: Events) -> Events:
+    i, token = a_token(evs)
+    evs.insert(i + 1, at(evs, i, event="kvm_multiple_exception", prev=14, prev_cr2=token, nr=14, cr2=0xFFFF_FFFF,
+                         result="double_fault", mono_ns=evs[i]["mono_ns"] + 1))
+    return evs
+
+
 MUTATIONS: dict[str, Callable[[Events], Events]] = {
+    "wait_matches_not_present": wait_on_a_genuine_fault,
+    "apf_as_genuine": sigsegv_at_a_token,
+    "double_fault": double_fault,
     "token_format": malformed_token,
     "token_unique": duplicate_token,
     "ready_after_not_present": ready_without_not_present,

@@ -17,6 +17,7 @@ from shared.abi import (
     KVM_ASYNC_PF_ENABLED,
     KVM_ASYNC_PF_SEND_ALWAYS,
     KVM_ASYNC_PF_SEND_ERROR,
+    KVM_FEATURE_ASYNC_PF,
     KVM_FEATURE_ASYNC_PF_ERROR,
     KVM_FEATURE_ASYNC_PF_INT,
     KVM_FEATURE_ASYNC_PF_VE,
@@ -405,3 +406,116 @@ def test_a_dummy_keeps_the_error_for_the_fault_that_consumes_it():
     area.token = other
     apf.asyncpf_interrupt(msrs)
     assert not_present(apf, area, other, Task(2)) is Pf.NO_SLEEP  # a plain dummy: no error
+
+
+# --- the `pf` ABI: Linux 5.7's do_async_page_fault ------------------------------------------------------------
+def make_pf_guest(cpuid: int = KVM_FEATURE_ASYNC_PF):
+    return make_abi_guest("pf", cpuid)
+
+
+def test_a_5_7_guest_enables_apf_with_the_en_msr_alone():
+    """5.7's kvm_guest_cpu_init: KVM_FEATURE_ASYNC_PF is enough, no MSR_KVM_ASYNC_PF_INT, no DELIVERY_AS_INT."""
+    apf, _area, msrs, _ = make_pf_guest()
+    assert apf.enabled and msrs.writes == [(MSR_KVM_ASYNC_PF_EN, AREA | KVM_ASYNC_PF_ENABLED)]
+    log = EventLog()
+    always: GuestApf[Task] = GuestApf(KvmVcpuPvApfData(memoryview(bytearray(4096)).cast("I"), AREA), log, "pf")
+    assert always.guest_cpu_init(msrs, cpuid=KVM_FEATURE_ASYNC_PF, vector=VECTOR, send_always=True)
+    assert msrs.writes[-1][1] == AREA | KVM_ASYNC_PF_ENABLED | KVM_ASYNC_PF_SEND_ALWAYS  # CONFIG_PREEMPTION
+
+
+def test_do_async_page_fault_switches_on_the_reason():
+    """0 (or anything not 1 or 2): do_page_fault; 1: kvm_async_pf_task_wait, schedule in user mode, halt in kernel
+    mode (n.halted), no panic; 2: kvm_async_pf_task_wake, a dummy when nobody sleeps on the token."""
+    apf, _area, _msrs, _log = make_pf_guest()
+    user, kernel = Task(1), Task(2)
+    assert apf.do_async_page_fault(0, 0x7F00_0000_1000, user, user=True) == (Pf.GENUINE, [])
+    assert apf.do_async_page_fault(3, 0x1001, user, user=True) == (Pf.GENUINE, [])
+    assert apf.do_async_page_fault(1, make_token(1, 2), user, user=True) == (Pf.SLEEP, [])
+    assert apf.do_async_page_fault(1, make_token(2, 2), kernel, user=False) == (Pf.HALT, [])
+    result, woken = apf.do_async_page_fault(2, make_token(1, 2), Task(9), user=True)
+    assert result is Pf.WAKE and [w.task for w in woken] == [user]
+    assert apf.sleepers.holds(make_token(2, 2), kernel)
+    result, woken = apf.do_async_page_fault(2, make_token(3, 2), Task(9), user=True)
+    assert result is Pf.WAKE and woken == [] and apf.sleepers.dummy_tokens() == [make_token(3, 2)]
+    assert apf.do_async_page_fault(1, make_token(3, 2), user, user=True) == (Pf.NO_SLEEP, [])  # the dummy
+    wake_all, woken = apf.do_async_page_fault(2, 0xFFFF_FFFF_FFFF_FFFF, Task(9), user=False)  # CR2 = ~0 as u32
+    assert wake_all is Pf.WAKE and [w.task for w in woken] == [kernel] and not apf.sleepers.holds(make_token(2, 2),
+                                                                                                   kernel)
+
+
+class GuestPfMachine(RuleBasedStateMachine):
+    """A 5.7 guest's sleep table under #PFs in any order a 5.7 host can send them (page-ready before or after its
+    not-present, wake-alls), with the nested genuine #PF of the entry now and then reading the reason of the APF
+    #PF it interrupted. Without such a nested #PF every sleeper wakes and no dummy stays; each nested one that
+    read a reason leaves exactly 5.7's damage: a task halted on its own address, or a dummy for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.apf, self.area, _msrs, self.log = make_pf_guest()
+        self.next_id = 1
+        self.outstanding: set[int] = set()  # tokens the host sent a not-present for, and no page-ready yet
+        self.readied: set[int] = set()
+        self.stuck: dict[int, Task] = {}  # bogus token -> the task halted on it
+        self.bogus_dummies: set[int] = set()
+        self.lost: set[int] = set()  # tokens whose #PF a nested fault ate
+
+    def _take(self, reason: int, cr2: int, task: Task, *, nested: bool, user: bool = True) -> None:
+        """The #PF entry (reason written by the host just before), with or without the nested genuine #PF."""
+        self.area.flags = reason
+        if nested:
+            bogus = (0xFFFF_C900_0000_0000 + self.next_id * 4096 + 0xF48) & 0xFFFF_FFFF
+            self.next_id += 1
+            inner = self.apf.read_and_reset_flags()
+            result, _ = self.apf.do_async_page_fault(inner, bogus, Task(100 + len(self.stuck)), user=False)
+            if reason == 1:
+                assert result is Pf.HALT
+                self.stuck[bogus] = Task(100 + len(self.stuck))
+            else:
+                assert result is Pf.WAKE and bogus in self.apf.sleepers.dummy_tokens()
+                self.bogus_dummies.add(bogus)
+            self.lost.add(cr2)
+        outer = self.apf.read_and_reset_flags()
+        result, _woken = self.apf.do_async_page_fault(outer, cr2, task, user=user)
+        if nested:
+            assert outer == 0 and result is Pf.GENUINE  # the APF taken for an ordinary fault at CR2 = token
+        return None
+
+    @rule(nested=st.booleans())
+    def not_present(self, nested: bool) -> None:
+        token = make_token(self.next_id, 2)
+        self.next_id += 1
+        self.outstanding.add(token)
+        self._take(1, token, Task(token), nested=nested)
+
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data(), nested=st.booleans())
+    def page_ready(self, data: st.DataObject, nested: bool) -> None:
+        token = data.draw(st.sampled_from(sorted(self.outstanding)))
+        self.outstanding.discard(token)
+        self.readied.add(token)
+        self._take(2, token, Task(0), nested=nested)
+
+    @invariant()
+    def damage_is_5_7s(self) -> None:
+        for bogus, _task in self.stuck.items():
+            assert bogus in self.apf.sleepers.tokens()
+        honest = [t for t in self.apf.sleepers.tokens() if t not in self.stuck and t not in self.bogus_dummies]
+        for token in honest:  # a node for a real token: its page-ready or its not-present is still to come, or lost
+            assert token in self.outstanding or token in self.readied or token in self.lost
+
+    def teardown(self) -> None:
+        for token in sorted(self.outstanding):
+            self.page_ready_now(token)
+        leftover = set(self.apf.sleepers.tokens()) - set(self.stuck) - self.bogus_dummies
+        if not self.lost:
+            assert not leftover and self.apf.sleepers.sleepers == 0
+        else:  # an eaten not-present leaves its page-ready's dummy; an eaten page-ready, its sleeper
+            assert leftover <= self.lost
+
+    def page_ready_now(self, token: int) -> None:
+        self.outstanding.discard(token)
+        self.readied.add(token)
+        self._take(2, token, Task(0), nested=False)
+
+
+TestGuestPfMachine = GuestPfMachine.TestCase

@@ -742,3 +742,204 @@ def test_on_int_a_failed_page_in_is_delivered_as_if_it_had_worked():
     assert vcpu.entry() == [VECTOR] and vcpu.error_gfn is None
     release_and_ack(vcpu)
     assert vcpu.on_fault(5, 5 * 4096, user=True, irq=True).kind is Fault.INJECT
+
+
+# --- the `pf` ABI: KVM 5.7 (arch/x86/kvm/x86.c of that release) ---------------------------------------------------
+PF_ON = AREA | KVM_ASYNC_PF_ENABLED
+
+
+def make_pf_vcpu(*, no_pending_check: bool = False, no_cancel_pending: bool = False) -> tuple[VcpuApf, EventLog]:
+    """A 5.7 host after 5.7's kvm_guest_cpu_init (MSR_KVM_ASYNC_PF_EN only), whose wake-all the guest has taken."""
+    vcpu, log = make_vcpu()
+    vcpu.abi = "pf"
+    vcpu.no_pending_check, vcpu.no_cancel_pending = no_pending_check, no_cancel_pending
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, PF_ON).ok and vcpu.pv_enabled
+    vcpu.entry(irq=True)
+    assert vcpu.take_exception() == (14, KVM_APF_WAKE_ALL_TOKEN)  # the wake-all is a #PF with CR2 = ~0
+    assert vcpu.area is not None and vcpu.area.flags == 2
+    vcpu.area.flags = 0  # the guest's kvm_read_and_reset_pf_reason
+    return vcpu, log
+
+
+def completed_then_pending(vcpu: VcpuApf) -> tuple[AsyncPf, AsyncPf]:
+    """A not-present taken by the guest and its page-in done, then a second not-present still pending: the entry
+    that ends this exit meets both."""
+    first = vcpu.on_fault(5, 5 * 4096, user=True, irq=True).item
+    assert first is not None and vcpu.area is not None
+    vcpu.take_exception()
+    vcpu.area.flags = 0
+    vcpu.complete(first)
+    second = vcpu.on_fault(6, 6 * 4096, user=True, irq=True).item
+    assert second is not None
+    return first, second
+
+
+def test_pf_kvm_pv_enable_async_pf_of_5_7():
+    """5.7's kvm_pv_enable_async_pf: bits 5:3 reserved (DELIVERY_AS_INT is bit 3), no INT or ACK MSR (unknown:
+    #GP), the value stored before the area's address is looked at (kvm_gfn_to_hva_cache_init's #GP leaves it)."""
+    vcpu, _ = make_vcpu()
+    vcpu.abi = "pf"
+    assert not vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, PF_ON | KVM_ASYNC_PF_DELIVERY_AS_INT).ok and vcpu.msr_en == 0
+    for msr in (MSR_KVM_ASYNC_PF_INT, MSR_KVM_ASYNC_PF_ACK):
+        assert vcpu.write_msr(msr, 1).error == "unknown MSR" and not vcpu.read_msr(msr).ok
+    outside = (PAGES * 4096) | KVM_ASYNC_PF_ENABLED
+    assert not vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, outside).ok
+    assert vcpu.read_msr(MSR_KVM_ASYNC_PF_EN).value == outside and not vcpu.pv_enabled
+    assert vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, PF_ON).ok and vcpu.pv_enabled and vcpu.area_gfns() == {0}
+
+
+def test_pf_kvm_arch_async_page_not_present_queues_a_pending_pf_with_reason_1():
+    vcpu, _ = make_pf_vcpu()
+    decision = vcpu.on_fault(5, 5 * 4096, user=True, irq=True)
+    assert decision.kind is Fault.INJECT and decision.item is not None
+    token = decision.item.token
+    assert vcpu.exception == (14, token) and vcpu.area is not None and vcpu.area.flags == 1
+    kernel = vcpu.on_fault(6, 6 * 4096, user=False, irq=True)  # send_user_only: the halt
+    assert kernel.kind is Fault.HALT and kernel.reason == "kernel_mode"
+
+
+def test_pf_kvm_check_async_pf_completion_runs_after_every_exit_and_needs_kvm_can_do_async_pf():
+    """No KVM_REQ_APF_READY and no kick in 5.7: a completion waits for an entry; kvm_arch_can_inject_async_page_present
+    is kvm_can_do_async_pf: interrupts allowed and no exception pending, so one page-ready per entry."""
+    vcpu, _ = make_pf_vcpu()
+    items = [vcpu.on_fault(g, g * 4096, user=True, irq=True).item for g in (5, 6)]
+    for item in items:
+        assert item is not None
+        vcpu.take_exception()
+        assert vcpu.area is not None
+        vcpu.area.flags = 0
+    assert [vcpu.complete(item) for item in items if item is not None] == [False, False]  # async_pf_execute: no kick
+    assert vcpu.entry(irq=False) == [] and vcpu.take_exception() is None  # interrupts off: it waits
+    vcpu.entry(irq=True)
+    assert items[0] is not None and vcpu.take_exception() == (14, items[0].token)
+    assert vcpu.area is not None and vcpu.area.flags == 2 and len(vcpu.done) == 1  # the second waits for the next
+    vcpu.area.flags = 0
+    vcpu.entry(irq=True)
+    assert items[1] is not None and vcpu.take_exception() == (14, items[1].token)
+
+
+def test_pf_a_pending_not_present_keeps_page_ready_out_so_the_cancel_is_dead_code():
+    """2a266f23550b's exception.pending in kvm_can_do_async_pf: with a not-present pending, no page-ready is
+    injected at that entry, so kvm_arch_async_page_present's cancel (9a6e7c39810e) never runs: what Vitaly
+    Kuznetsov's 2020 revert says."""
+    vcpu, log = make_pf_vcpu()
+    _first, second = completed_then_pending(vcpu)
+    vcpu.entry(irq=True)
+    assert vcpu.take_exception() == (14, second.token) and vcpu.area.flags == 1 and len(vcpu.done) == 1
+    assert not events(log, "apf_cancel") and not events(log, "kvm_multiple_exception")
+
+
+def test_pf_without_the_pending_check_the_cancel_drops_both_events_whatever_their_tokens():
+    """9a6e7c39810e: reason still PAGE_NOT_PRESENT and that #PF pending: reason = 0 and the pending exception
+    dropped; the page-ready (of another token) is lost with it, as Vitaly Kuznetsov's revert points out."""
+    vcpu, log = make_pf_vcpu(no_pending_check=True)
+    first, second = completed_then_pending(vcpu)
+    vcpu.entry(irq=True)
+    assert vcpu.take_exception() is None and vcpu.area.flags == 0
+    assert events(log, "apf_cancel") == [{"token": first.token, "cancelled": second.token,
+                                          "message": events(log, "apf_cancel")[0]["message"]}]
+
+
+def test_pf_without_either_fix_two_pfs_at_one_entry_are_a_double_fault():
+    """kvm_multiple_exception: a #PF queued while a #PF is pending is #DF (vector 8, error code 0)."""
+    vcpu, log = make_pf_vcpu(no_cancel_pending=True)
+    _first, _second = completed_then_pending(vcpu)
+    vcpu.entry(irq=True)
+    assert vcpu.take_exception() == (8, 0)
+    assert events(log, "reason_overwritten")[0]["old"] == 1
+    assert events(log, "kvm_multiple_exception")[0]["result"] == "double_fault"
+
+
+def test_pf_apf_off_consumes_completions_even_with_interrupts_off():
+    """kvm_arch_can_inject_async_page_present: APF disabled, true: the event is eaten, nothing injected."""
+    vcpu, log = make_pf_vcpu()
+    item = vcpu.on_fault(5, 5 * 4096, user=True, irq=True).item
+    assert item is not None
+    vcpu.take_exception()
+    vcpu.complete(item)
+    vcpu.msr_en = 0  # as if the disable's clear had not run yet
+    vcpu.entry(irq=False)
+    assert not vcpu.done and vcpu.take_exception() is None
+    assert events(log, "kvm_async_pf_ready")[-1]["injected"] is False
+
+
+class PfMachine(RuleBasedStateMachine):
+    """KVM 5.7 (`pf`) against a 5.7 guest that reads and resets `reason` when it takes each #PF: faults in any mode,
+    page-ins completing in any order, entries with interrupts on or off, halts. Safety: every #PF the host injects
+    carries the reason that belongs to its CR2 (1 for a not-present token, 2 for a page-ready), nothing is ever
+    cancelled, overwritten or doubled (the pending check keeps page-ready out while a #PF is pending). Liveness
+    (teardown): every injected not-present gets exactly one page-ready."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vcpu, self.log = make_pf_vcpu()
+        self.in_flight: list[AsyncPf] = []
+        self.injected: set[int] = set()
+        self.readied: list[int] = []
+
+    def _take(self) -> None:
+        """The entry's injection, and the guest's #PF handler: kvm_read_and_reset_pf_reason."""
+        exception = self.vcpu.take_exception()
+        area = self.vcpu.area
+        assert area is not None
+        if exception is None:
+            return
+        vector, cr2 = exception
+        assert vector == 14
+        if cr2 in self.injected and cr2 not in self.readied and area.flags == 1:
+            pass  # the not-present itself
+        else:
+            assert area.flags == 2 and (cr2 == KVM_APF_WAKE_ALL_TOKEN or cr2 in self.injected)
+            if cr2 != KVM_APF_WAKE_ALL_TOKEN:
+                assert cr2 not in self.readied
+                self.readied.append(cr2)
+        area.flags = 0
+
+    def _enter(self, irq: bool) -> None:
+        self.vcpu.entry(irq=irq)
+        self._take()
+
+    @precondition(lambda self: not self.vcpu.halted)
+    @rule(gfn=st.integers(1, 12), user=st.booleans(), irq=st.booleans())
+    def fault(self, gfn: int, user: bool, irq: bool) -> None:
+        decision = self.vcpu.on_fault(gfn, gfn * 4096, user=user, irq=irq)
+        if decision.item is not None:
+            self.in_flight.append(decision.item)
+            if decision.kind is Fault.INJECT:
+                self.injected.add(decision.item.token)
+        self._enter(irq)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def page_in_done(self, data: st.DataObject) -> None:
+        item = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
+        assert self.vcpu.complete(item) is False  # 5.7 kicks nobody
+
+    @precondition(lambda self: self.vcpu.halted and self.vcpu.has_events())
+    @rule()
+    def halt_wakes(self) -> None:
+        self.vcpu.unhalt()
+        self._enter(True)
+
+    @precondition(lambda self: not self.vcpu.halted)
+    @rule(irq=st.booleans())
+    def other_exit(self, irq: bool) -> None:
+        self._enter(irq)
+
+    @invariant()
+    def nothing_cancelled_overwritten_or_doubled(self) -> None:
+        names = {e for e, _ in self.log.events}
+        assert not names & {"apf_cancel", "reason_overwritten", "kvm_multiple_exception"}
+
+    def teardown(self) -> None:
+        while self.in_flight:
+            self.vcpu.complete(self.in_flight.pop())
+        self.vcpu.unhalt()
+        for _ in range(2 * ASYNC_PF_PER_VCPU + 2):
+            self._enter(True)
+        assert not self.vcpu.done
+        halted = {kw["token"] for kw in events(self.log, "kvm_async_pf_ready") if kw["injected"] is False}
+        assert sorted(self.readied) == sorted(self.injected) and not halted & self.injected
+
+
+TestPfMachine = PfMachine.TestCase

@@ -174,8 +174,10 @@ def test_a_guest_stopped_across_a_host_restart_loses_nothing(tmp_path, vm_id):
         host = HostProcess(tmp_path, vm_id, *HOST_ARGS, "--recover")
         wait_for_events(guests[1].log, "guest_reconnect")
         # vCPU 1 works while vCPU 0 is away; nothing is evicted, so it soon has all its pages and stops faulting
+        new_pid = host.proc.pid  # host.jsonl holds the killed host's lines too
         wait_until(lambda: any(e["event"] == "kvm_async_pf_ready" and e["vcpu"] == 1 and e["token"] != 0xFFFFFFFF
-                               for e in host.events()), 10, "a page-in for vCPU 1 by the new host")
+                               and e["pid"] == new_pid for e in host.events()), 10,
+                   "a page-in for vCPU 1 by the new host")
         window = [e["awaiting"] for e in host.events() if e["event"] == "memory_recovery_window"]
         assert window == [[0, 1]], window  # still open: vCPU 0 is not back
         guests[0].signal(signal.SIGCONT)

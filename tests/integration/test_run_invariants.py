@@ -43,6 +43,9 @@ EVIDENCE = {
     "stale_token": ["guest_boot", "kvm_async_pf_ready"],
     "ready_for_injected_only": ["kvm_async_pf_ready"],  # and halts, in every config but deep_queue (below)
     "retry_loop": ["kvm_async_pf_not_present", "guest_data_check"],
+    "wait_matches_not_present": ["guest_apf_wait", "kvm_async_pf_not_present"],
+    "apf_as_genuine": ["guest_pf_nested"],  # the nested genuine #PFs of the entry, harmless on `int`
+    "double_fault": ["kvm_async_pf_ready"],
 }
 
 

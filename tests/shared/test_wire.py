@@ -27,6 +27,8 @@ SAMPLES = {
     "msr_write": dict(msr=0x4B564D02, value=(1 << 64) - 1),
     "msr_read": dict(msr=0x4B564D02),
     "exit_mem": dict(gpa=4096, write=True, user=False, irq=True),
+    "exit_hlt": dict(timeout_us=50_000),
+    "exit_timer": dict(user=True, irq=True),
     "welcome": dict(proto=1, vm="vm0", vcpu=0, boot=1, vcpus=2, pages=8, page_size=4096, shm="/x", cpuid=16400),
     "msr_result": dict(msr=1, ok=False, error="#GP", value=None),
     "exception": dict(vector=14, cr2=4096),
