@@ -371,7 +371,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
               f"({', '.join(f'{k} {v}' for k, v in sorted(stats.sync_reasons.items())) or 'none'})")
         print("outstanding APFs, high-water mark per vCPU: "
               + (", ".join(f"{k} {v}" for k, v in sorted(stats.outstanding_max.items())) or "none"))
-        print(f"data checks {stats.data_checks}, failed {stats.data_check_failures}\n")
+        print(f"data checks {stats.data_checks}, failed {stats.data_check_failures}")
+        if stats.races:
+            print("races (pf): " + ", ".join(f"{k} {v}" for k, v in sorted(stats.races.items())))
+        print()
         for lat in LATENCIES:
             print(f"{lat:32} {_pct(stats.percentiles(lat))}")
         for name in INTERLEAVINGS:

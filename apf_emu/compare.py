@@ -85,8 +85,9 @@ def table(runs: list[AbiRun]) -> list[str]:
         ("data checks failed / made", lambda r: f"{r.stats.data_check_failures} / {r.stats.data_checks}"),
     ]
     width = max(12, *(len(r.abi) + 2 for r in runs), *(len(f(r)) + 2 for _, f in rows for r in runs))
-    lines = [f"  {'':34}" + "".join(f"{r.abi:>{width}}" for r in runs)]
-    lines += [f"  {label:34}" + "".join(f"{f(r):>{width}}" for r in runs) for label, f in rows]
+    label_width = max(len(label) for label, _ in rows) + 1
+    lines = [f"  {'':{label_width}}" + "".join(f"{r.abi:>{width}}" for r in runs)]
+    lines += [f"  {label:{label_width}}" + "".join(f"{f(r):>{width}}" for r in runs) for label, f in rows]
     return lines
 
 

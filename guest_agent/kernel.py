@@ -50,6 +50,7 @@ from shared import log as slog
 from shared.abi import (
     APIC_SPIV_APIC_ENABLED,
     DF_VECTOR,
+    KVM_FEATURE_ASYNC_PF,
     KVM_FEATURE_ASYNC_PF_INT,
     MSR_NAMES,
     MSR_X2APIC_SPIV,
@@ -246,8 +247,10 @@ class GuestKernel:
         # ordinary guest memory that may be swapped out, so the stores go through the EPT like any other access.
         self._kernel_store(self.apf.area.gpa, 0)
         self._kernel_store(self.apf.area.gpa + 4, 0)
-        if apf and not self.cpuid & KVM_FEATURE_ASYNC_PF_INT:
-            self.log.warning("guest_no_apf", reason="host does not advertise KVM_FEATURE_ASYNC_PF_INT")
+        needed, name = ((KVM_FEATURE_ASYNC_PF, "KVM_FEATURE_ASYNC_PF") if self.pf
+                        else (KVM_FEATURE_ASYNC_PF_INT, "KVM_FEATURE_ASYNC_PF_INT"))
+        if apf and not self.cpuid & needed:
+            self.log.warning("guest_no_apf", reason=f"host does not advertise {name}")
         if self.bsp:
             # start_kernel: smp_prepare_boot_cpu (kvm_smp_prepare_boot_cpu -> kvm_guest_cpu_init) comes before
             # late_time_init (x86_late_time_init -> apic_intr_mode_init -> setup_local_APIC): APF is enabled while

@@ -188,3 +188,19 @@ def test_compose_signal_transport(stack_factory):
     assert {e["transport"] for e in connects} == {"signal"}
     stack.run("stop", "--timeout", "20")
     check_logs(stack)
+
+
+@pytest.mark.parametrize("abi", ["pf", "ve", "int-error"])
+@pytest.mark.parametrize("transport", ["socket", "signal"])
+def test_compose_runs_every_abi(stack_factory, abi, transport):
+    """Every ABI of shared/abis.py under compose, on both transports (`pf` without its nested #PFs, whose race the
+    checker flags by design): APF traffic on both vCPUs, the ABI in every boot, a clean verdict."""
+    files = ("docker-compose.yml", "docker-compose.signal.yml") if transport == "signal" else ("docker-compose.yml",)
+    stack = stack_factory(*files, APF_EMU_VCPUS="2", APF_EMU_ABI=abi, APF_EMU_ENTRY_FAULT_RATIO="0")
+    stack.run("up", "-d", "--build", timeout=600)
+    events = stack.wait_events(lambda evs: all(ready_on(evs, v) for v in range(2)), "page-ready on both vCPUs")
+    stack.run("stop", "--timeout", "20")
+    assert {e["transport"] for e in events if e.get("event") == "vcpu_connect"} == {transport}
+    boots = [e for e in stack.events("guest") if e.get("event") == "guest_boot"]
+    assert len(boots) >= 2 and {e["abi"] for e in boots} == {abi}
+    assert check_logs(stack)["abis"] == [abi]

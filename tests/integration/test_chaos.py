@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from apf_emu.chaos import ChaosOptions, make_schedule
+from apf_emu.logs import read_merged
 from shared.config import HostOptions
 
 from .helpers import ROOT, read_events, wait_until
@@ -81,3 +82,26 @@ def test_sigint_stops_chaos_early_and_judges_what_ran(tmp_path, vm_id, phase):
     assert phase == "starting" or summary["leftovers"] == []  # a host stopped while starting cannot clean up
     assert len(summary["injected"]) < len(summary["schedule"])
     assert processes_mentioning(vm_id) == []
+
+
+@pytest.mark.parametrize("abi", ["pf", "ve", "int-error"])
+@pytest.mark.parametrize("transport", ["socket", "signal"])
+def test_chaos_on_every_abi(tmp_path, vm_id, abi, transport):
+    """A short chaos run per ABI (shared/abis.py) on both transports: kills, a panic into kdump, a host kill with
+    --recover, pauses; every invariant the ABI promises holds (`pf` without its nested #PFs, whose race the checker
+    flags by design: tests/integration/test_abis.py)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "apf_emu", "chaos", "--json", "--seed", "2", "--duration", "10", "--vcpus", "2",
+         "--abi", abi, "--transport", transport, "--entry-fault-ratio", "0", "--guest-kills", "3",
+         "--guest-panics", "1", "--host-kills", "1", "--pauses", "2", "--vm", vm_id, "--log-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, timeout=300,
+    )
+    summary = orjson.loads(proc.stdout)
+    assert summary["violations"] == [], summary["violations"][:2]
+    assert summary["problems"] == [] and summary["leftovers"] == [] and proc.returncode == 0
+    applied = summary["faults_applied"]
+    assert applied.get("guest_kill", 0) >= 3 and applied.get("host_kill", 0) >= 1
+    assert summary["data_check_failures"] == 0 and summary["data_checks"] > 1000
+    events = list(read_merged([str(tmp_path)]))
+    assert {e["abi"] for e in events if e["event"] in ("host_ready", "guest_boot")} == {abi}
+    assert sum(e["event"] == "guest_apf_wake" for e in events) > 100
