@@ -6,7 +6,9 @@
 3. Natapov's 2010 benchmark shape: writers faulting over guest RAM 4x the host's resident limit and counting tasks,
    with APF and without (synchronous halt), the speedup of the counting work, and the ideal speedup derived from
    the measured fault rate and page-in latency (bench/natapov below);
-4. `apf-emu check` lines per second (bench/check_speed.py).
+4. what each APF design of shared/abis.py costs: the same seeded workload on one vCPU with page-in latency 0 on
+   every ABI, its cycles/s over `int`'s in the same run (bench/abis.py);
+5. `apf-emu check` lines per second (bench/check_speed.py).
 Every key of the JSON it writes is documented in bench/README.md. Output paths are checked before anything runs.
 Ctrl-C (or SIGTERM) stops it cleanly: the benchmark running then is cut, its processes are stopped, what was
 measured before is written (`"interrupted": true`) and it exits 130.
@@ -26,19 +28,20 @@ from typing import Any
 
 from shared import config
 
-from . import apf_cycle, check_speed, floor, topology
+from . import abis, apf_cycle, check_speed, floor, topology
 
 SHARED_RATIOS = (0.0, 0.2, 0.5)
 SHARED_VCPUS = 2
 QUICK: dict[str, Any] = {
     "floor_round_trips": 2000, "cycles": 800, "scale_vcpus": [1, 4, 16], "scale_seconds": 4.0,
     "natapov_seconds": 6.0, "natapov_sweep": [(1.0, 1)], "check_lines": 200_000,
-    "shared_rounds": 1, "shared_seconds": 4.0,
+    "shared_rounds": 1, "shared_seconds": 4.0, "abi_rounds": 1, "abi_seconds": 3.0,
 }
 FULL: dict[str, Any] = {
     "floor_round_trips": 20000, "cycles": 5000, "scale_vcpus": [1, 2, 4, 8, 16, 32, 64], "scale_seconds": 15.0,
     "natapov_seconds": 60.0, "natapov_sweep": [(lat, t) for lat in (0.1, 1.0, 10.0) for t in (1, 2, 4)],
     "sweep_seconds": 15.0, "check_lines": 1_000_000, "shared_rounds": 3, "shared_seconds": 10.0,
+    "abi_rounds": 3, "abi_seconds": 10.0,
 }
 NATAPOV_VCPUS = 4
 # Natapov's fault threads write at random over memory far larger than the host keeps resident, so that every write
@@ -183,6 +186,7 @@ def run_all(quick: bool, say: Any = print, result: dict[str, Any] | None = None)
     result["scale"] = bench_scale(cfg, say)
     result["shared_pages"] = bench_shared(cfg, say)
     result["natapov"], result["natapov_sweep"], result["natapov_at_cores"] = bench_natapov(cfg, say)
+    result["abis"] = abis.measure(cfg["abi_rounds"], cfg["abi_seconds"], say)
     check = check_speed.measure(cfg["check_lines"])
     result["check_lines_per_s"] = check["check_lines_per_s"]
     say(f"check   {result['check_lines_per_s']:,} lines/s")
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p = config.UsageParser(prog="apf-emu bench", description=__doc__.split("\n\n")[0] + " Exit status: 0 done, "
                            "2 bad usage, 130 interrupted (what was measured is kept).")
     p.add_argument("--quick", action="store_true", help="the quick variant of every benchmark (about a minute; "
-                   "the full run takes about 12)")
+                   "the full run takes about 14)")
     p.add_argument("--json", type=config.typed(config.output_file, "json"), default=None, metavar="FILE",
                    help="write the results as one JSON object")
     p.add_argument("--plots", type=config.typed(config.output_dir, "plots"), default=None, metavar="DIR",
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {result['variant']} run took {result['seconds']} s")
     except KeyboardInterrupt:
         result["interrupted"] = True
-        done = [k for k in ("floor_us", "scale", "shared_pages", "natapov", "check_lines_per_s") if k in result]
+        done = [k for k in ("floor_us", "scale", "shared_pages", "natapov", "abis", "check_lines_per_s") if k in result]
         print(f"bench: interrupted; measured before that: {', '.join(done) or 'nothing'}", file=sys.stderr)
         status = config.EXIT_INTERRUPTED
     if args.json and result.get("floor_us") is not None:

@@ -44,11 +44,13 @@ class TopologyResult:
     events: int = 0
     log_dir: Path | None = None
     clean: bool = True
+    stats: Stats | None = None  # everything apf-emu stats says of the run's logs
 
 
 def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, tasks: int = 4,
         counting_tasks: int = 0, apf: bool = True, transport: str = "socket", keep_logs: Path | None = None,
-        seed: int = 0, shared_ratio: float = 0.2) -> TopologyResult:
+        seed: int = 0, shared_ratio: float = 0.2, abi: str = "int",
+        entry_fault_ratio: float = GuestOptions.entry_fault_ratio) -> TopologyResult:
     vm = f"bench{os.getpid()}x{vcpus}"
     tmp = tempfile.TemporaryDirectory(prefix="apf-topo-")
     log_dir = keep_logs or Path(tmp.name)
@@ -56,11 +58,12 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
     sock = Path(tmp.name) / "host.sock"
     result = TopologyResult(vcpus, seconds, log_dir=log_dir)
     host_opts = HostOptions(vm=vm, socket=sock, vcpus=vcpus, pages=pages, resident=resident,
-                            page_in_latency=PageInLatency.parse(latency), log_dir=log_dir, seed=seed)
+                            page_in_latency=PageInLatency.parse(latency), log_dir=log_dir, seed=seed, abi=abi)
     host_opts.validate()
     guest_opts = GuestOptions(vm=vm, socket=sock, boot=1, tasks=tasks, counting_tasks=counting_tasks,
                               duration=seconds, log_dir=log_dir, transport=transport, seed=seed,
-                              shared_ratio=shared_ratio, no_apf=not apf)
+                              shared_ratio=shared_ratio, no_apf=not apf, abi=abi,
+                              entry_fault_ratio=entry_fault_ratio)
     host = subprocess.Popen(host_opts.argv(), cwd=ROOT, start_new_session=True, env=daemon_env())
     guests: list[subprocess.Popen[bytes]] = []
     try:
@@ -103,6 +106,7 @@ def run(vcpus: int, seconds: float, *, pages: int, resident: int, latency: str, 
     result.apfs = stats.apfs
     result.sync_faults = stats.sync_faults
     result.halts = stats.halts
+    result.stats = stats
     if keep_logs is None:
         tmp.cleanup()
     return result

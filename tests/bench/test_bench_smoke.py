@@ -41,6 +41,11 @@ def test_quick_bench_writes_well_formed_results(tmp_path):
     assert n["work_apf"] > 0 and n["work_sync"] > 0 and n["apfs"] > 0 and n["faults_sync"] > 0
     assert n["speedup"] == round(n["work_apf"] / n["work_sync"], 3)
     assert n["efficiency"] == round(n["speedup"] / n["ideal_speedup"], 3) and n["ideal_speedup"] >= 1
+    assert [row["abi"] for row in r["abis"]] == ["int", "pf", "ve", "int-error"]
+    for row in r["abis"]:
+        assert positive(row["cycles_per_s"]) and row["apfs"] > 0 and row["clean"] is True, row
+        assert row["vs_int"] == round(row["cycles_per_s"] / r["abis"][0]["cycles_per_s"], 3)
+        assert row["cycle_p50_us"] <= row["cycle_p99_us"] and row["ready_p50_us"] <= row["cycle_p50_us"], row
     assert positive(r["check_lines_per_s"])
     for key in ("not_present", "ready", "ack"):
         assert f"{key} " in proc.stdout, "the ratios are printed"
