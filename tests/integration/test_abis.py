@@ -65,10 +65,11 @@ def run_json(tmp_path, *args: str) -> tuple[int, dict, list[dict]]:
     return proc.returncode, orjson.loads(proc.stdout), list(read_merged([str(tmp_path)]))
 
 
-def test_int_error_reports_a_failed_page_in_to_the_sleeping_task_as_sigbus(tmp_path):
+@pytest.mark.parametrize("transport", ["socket", "signal"])
+def test_int_error_reports_a_failed_page_in_to_the_sleeping_task_as_sigbus(tmp_path, transport):
     """Vivek Goyal's RFC end to end: the page-ready of a failed page-in carries PAGE_ERROR in ready_flags; the
     woken task gets SIGBUS and dies; nothing loops and nothing exits to the VMM."""
-    rc, summary, events = run_json(tmp_path, "--abi", "int-error", *ERROR_ARGS)
+    rc, summary, events = run_json(tmp_path, "--abi", "int-error", "--transport", transport, *ERROR_ARGS)
     assert rc == 0, summary["violations"][:3]
     reported = {e["token"] for e in events if e["event"] == "kvm_async_pf_ready" and e.get("error_reported")}
     sigbus = [e for e in events if e["event"] == "guest_sigbus"]
