@@ -57,6 +57,8 @@ INVARIANTS: Final = {
     "token the host delivered",
     "double_fault": "the host never queues a second #PF while one is pending (kvm_multiple_exception makes it a "
     "double fault; `pf` without its historical fixes)",
+    "halt_spin": "a halted vCPU is not woken again and again with nothing to deliver (the host's kvm_hlt_spin: HLTs "
+    "in a row that return at once because kvm_vcpu_has_events sees a done list that cannot be dequeued)",
     "retry_loop": f"no vCPU faults on one gfn more than {RETRY_LOOP_LIMIT} times in a row without completing an "
     "access to it (the endless retry of a page-in that keeps failing, Vivek Goyal 2020); judged for guests that log",
 }
@@ -180,6 +182,10 @@ class Checker:
     def _multiple_exception(self, ev: Event, key: tuple[Any, Any]) -> None:
         self._violate("double_fault", f"#PF {fmt_token(ev.get('cr2'))} queued while #PF "
                       f"{fmt_token(ev.get('prev_cr2'))} is pending: {ev.get('result')}", ev)
+
+    def _hlt_spin(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self._violate("halt_spin", f"vCPU {key[1]} spins: {ev.get('count')} HLTs in a row returned at once with "
+                      f"nothing injected ({ev.get('done')} page-ready events queued that cannot be delivered)", ev)
 
     def _h(self, key: tuple[Any, Any]) -> _HostVcpu:
         st = self._host.get(key)
@@ -471,6 +477,7 @@ _HOST = {
     "host_ready": Checker._host_ready,
     "apf_cancel": Checker._cancel,
     "kvm_multiple_exception": Checker._multiple_exception,
+    "kvm_hlt_spin": Checker._hlt_spin,
     "vcpu_connect": Checker._host_reset,
     "vcpu_disconnect": Checker._host_reset,
     "msr_write": Checker._msr_write,

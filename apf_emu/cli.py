@@ -18,6 +18,8 @@ from shared import config
 from shared.abis import ABIS
 from shared.config import GuestOptions, HostOptions
 from shared.guest_ram import check_vm_id
+from shared.snapshot import DEFAULT_MSR_LIST, MSR_LISTS, parse_msr_list
+from shared.transports import TRANSPORTS
 
 from .chaos import ChaosOptions, ChaosResult, chaos
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation, fmt_token
@@ -25,18 +27,23 @@ from .compare import AbiRun, table
 from .logdirs import DEFAULT_ROOT, human_size, log_dirs, prune, volume
 from .logs import LogInputError, ReadReport, expand, read_merged
 from .runner import RunOptions, RunResult, check_socket_room, describe_exit, run
+from .scenarios import BY_NAME as SCENARIO_BY_NAME
+from .scenarios import SCENARIOS, Verdict, run_scenario
 from .stats import INTERLEAVINGS, LATENCIES, Stats
 from .trace import build_trace
+from .verdict import analyse, analyse_run
+from .vmm import VmmError, exec_restore, snapshot
 
 # The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
 RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "page_in_errors", "seed", "abi", "log_stdout",
-            "log_compress", "enforce_pv_cpuid", "no_pending_check", "no_cancel_pending")
+            "log_compress", "enforce_pv_cpuid", "no_pending_check", "no_cancel_pending", "bugs")
 RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
              "entry_fault_ratio", "guest_unmap_ratio", "apf_reinit_every", "online_clears_token")
 CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
                "entry_fault_ratio", "guest_unmap_ratio", "kdump_no_kvmapf")
 DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=True), 10.0, "seconds to run")
 COUNT = config.int_in(0, 100_000)
+SCENARIO_NAMES = tuple(SCENARIO_BY_NAME)
 
 
 def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -142,6 +149,54 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     lg.add_argument("--root", type=Path, default=DEFAULT_ROOT, metavar="DIR",
                     help=f"where the log directories are (default {DEFAULT_ROOT})")
 
+    sc = sub.add_parser("scenario", help="reproduce a known failure of the protocol, and run its fix",
+                        description="Each scenario (docs/SCENARIOS.md) is a real failure of KVM, Linux or a VMM: a "
+                        "seeded native run with the switches that make it happen (the buggy variant) and one "
+                        "without them (the fixed variant). `list` names them; `run NAME` runs both variants and "
+                        "passes when the buggy one is flagged by the scenario's named check and the fixed one is "
+                        "clean (`--buggy` or `--fixed`: one variant only); `run --all` runs every scenario, on the "
+                        "signal transport too where it is about timing. Exit status: 0 every scenario passed, 1 one "
+                        "did not, 2 bad usage, 130 interrupted.")
+    sc.add_argument("action", choices=("list", "run"), help="list, or run")
+    sc.add_argument("name", nargs="?", choices=[*SCENARIO_NAMES, None], metavar="NAME",
+                    help="with run: the scenario (" + ", ".join(SCENARIO_NAMES) + ")")
+    sc.add_argument("--all", action="store_true", help="with run: every scenario")
+    which = sc.add_mutually_exclusive_group()
+    which.add_argument("--buggy", action="store_true", help="run the buggy variant only")
+    which.add_argument("--fixed", action="store_true", help="run the fixed variant only")
+    sc.add_argument("--seed", type=config.typed(config.int_in(0, 2**63 - 1), "seed"), default=1,
+                    help="random seed of both variants (default 1)")
+    sc.add_argument("--transport", type=config.typed(config.one_of(*TRANSPORTS), "transport"), default=None,
+                    help="socket or signal (default: socket; with --all, also signal where the scenario is about "
+                    "timing)")
+    sc.add_argument("--log-dir", type=Path, default=None, metavar="DIR",
+                    help="where the runs' logs go, in DIR/<scenario>/<variant>-<transport> (default "
+                    "apf-emu-logs/scenario<pid>)")
+    sc.add_argument("--json", action="store_true", help="print one JSON line per scenario run")
+
+    sn = sub.add_parser("snapshot", help="pause a running VM and save it to a directory, as a VMM snapshot does",
+                        description="Ask the host on --socket to pause every vCPU (SIGSTOP its guest), save guest "
+                        "RAM, the backing store and each vCPU's registers, read with RDMSR of the MSRs in --msrs, and "
+                        "its interrupt state into DIR (shared/snapshot.py), then stop, leaving the guests paused for "
+                        "`apf-emu restore DIR`. Exit status: 0 saved, 2 bad usage, 3 the host refused or did not "
+                        "answer.")
+    sn.add_argument("directory", type=Path, metavar="DIR", help="where the snapshot goes (made if missing)")
+    sn.add_argument("--socket", type=Path, default=HostOptions.socket, metavar="PATH",
+                    help=f"the host's socket (default {HostOptions.socket})")
+    sn.add_argument("--msrs", type=config.typed(_msr_list, "msrs"), default=DEFAULT_MSR_LIST, metavar="LIST",
+                    help="the MSRs the VMM saves: " + ", ".join(MSR_LISTS) + f" (default {DEFAULT_MSR_LIST}: "
+                    "0x4b564d00-0x4b564dff), or names, numbers and LO-HI ranges, comma-separated; an MSR left out "
+                    "comes back as 0 (docs/SCENARIOS.md)")
+    rs = sub.add_parser("restore", help="start a host from a snapshot and resume its paused guests",
+                        description="Become the host daemon of the VM saved in DIR (`apf-host --restore DIR` with "
+                        "the options the snapshot recorded; host options given after DIR override them, e.g. "
+                        "--socket, --log-dir, --log-stdout): guest RAM, the swap and the saved registers are put "
+                        "back, the paused guests resumed; they reconnect as the same boots. Runs until SIGTERM, "
+                        "as apf-host does.")
+    rs.add_argument("directory", type=Path, metavar="DIR", help="a directory written by `apf-emu snapshot`")
+    rs.add_argument("host_options", nargs=argparse.REMAINDER, metavar="HOST OPTION",
+                    help="apf-host options that override the recorded ones")
+
     sub.add_parser("bench", help="run the benchmarks in bench/ (needs a source checkout); "
                    "`apf-emu bench --help` for their options", add_help=False)
     return p
@@ -153,6 +208,11 @@ def _abi_list(text: str) -> list[str]:
     if not names or unknown or len(set(names)) != len(names):
         raise ValueError(f"expected distinct ABIs out of {', '.join(ABIS)}, got {text!r}")
     return names
+
+
+def _msr_list(text: str) -> str:
+    parse_msr_list(text)  # ValueError: a usage error naming --msrs
+    return text
 
 
 def _output(text: str) -> str:
@@ -182,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_logs(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "scenario":
+            return cmd_scenario(args)
+        if args.command == "snapshot":
+            return cmd_snapshot(args)
+        if args.command == "restore":
+            return cmd_restore(args)
         return cmd_stats(args)
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -206,25 +272,6 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 # --- check and stats --------------------------------------------------------------------------------------------
-def analyse(paths: Sequence[str], **checker_options: Any) -> tuple[list[Violation], Stats, ReadReport, Checker]:
-    report = ReadReport()
-    checker = Checker(**checker_options)
-    stats = Stats()
-    for ev in read_merged(paths, report):
-        checker.feed(ev)
-        stats.feed(ev)
-    return checker.finish(), stats, report, checker
-
-
-def analyse_run(log_dir: Path) -> tuple[list[Violation], Stats, ReadReport, Checker]:
-    """The verdict on a run's own logs, judged with the settings it recorded. Logs that are not there yet (a run
-    stopped before anything logged) check nothing, which the verdict says."""
-    try:
-        return analyse([str(log_dir)])
-    except LogInputError:
-        return [], Stats(), ReadReport(), Checker()
-
-
 def print_violations(violations: list[Violation], *, as_json: bool, out: Any = sys.stdout) -> None:
     for v in violations:
         if as_json:
@@ -577,6 +624,77 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if interrupted:
             print("  (interrupted: the ABIs after the last column did not run)")
     return config.EXIT_INTERRUPTED if interrupted else config.EXIT_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    try:
+        done = snapshot(args.socket, args.directory, args.msrs)
+    except VmmError as exc:
+        print(f"apf-emu snapshot: {exc}", file=sys.stderr)
+        return config.EXIT_FAILED
+    print(f"apf-emu snapshot: {done.vcpus} vCPUs saved in {done.directory}; their guests are paused, the host has "
+          f"stopped: `apf-emu restore {done.directory}` resumes them")
+    return config.EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        exec_restore(args.directory, list(args.host_options))
+    except VmmError as exc:
+        print(f"apf-emu restore: error: {exc}", file=sys.stderr)
+        return config.EXIT_USAGE
+    return config.EXIT_FAILED  # not reached: exec
+
+
+def cmd_scenario(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        if args.name or args.all:
+            print("apf-emu scenario: error: list takes no scenario", file=sys.stderr)
+            return config.EXIT_USAGE
+        for scn in SCENARIOS:
+            print(f"{scn.name:22} {scn.title}")
+        return config.EXIT_OK
+    if bool(args.name) == bool(args.all):
+        print("apf-emu scenario: error: run takes one NAME or --all", file=sys.stderr)
+        return config.EXIT_USAGE
+    try:
+        check_socket_room()
+        root = args.log_dir if args.log_dir is not None else Path("apf-emu-logs") / f"scenario{os.getpid()}"
+        config.make_dir(root, "--log-dir")
+    except config.ConfigError as exc:
+        print(f"apf-emu scenario: error: {exc}", file=sys.stderr)
+        return config.EXIT_USAGE
+    variants = ("buggy",) if args.buggy else ("fixed",) if args.fixed else ("buggy", "fixed")
+    cases = [(scn, t) for scn in (SCENARIOS if args.all else [SCENARIO_BY_NAME[args.name]])
+             for t in ([args.transport] if args.transport else ["socket", "signal"] if args.all and scn.timing
+                       else ["socket"])]
+    say = (lambda _line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    failed = 0
+    for scn, transport in cases:
+        verdict = run_scenario(scn, transport=transport, seed=args.seed, root=root, variants=variants, say=say)
+        failed += not verdict.passed
+        if args.json:
+            print(orjson.dumps(verdict.as_dict()).decode(), flush=True)
+        else:
+            print_scenario_verdict(verdict)
+        if any(r.result.stopped_by in ("SIGINT", "SIGTERM") for r in verdict.runs):
+            return config.EXIT_INTERRUPTED
+    if not args.json:
+        print(f"apf-emu scenario: {len(cases) - failed} of {len(cases)} passed; logs in {root}")
+    return config.EXIT_VIOLATIONS if failed else config.EXIT_OK
+
+
+def print_scenario_verdict(verdict: Verdict) -> None:
+    scn = verdict.scenario
+    print(f"{'PASS' if verdict.passed else 'FAIL'} {scn.name} ({verdict.transport}): {scn.title}")
+    for r in verdict.runs:
+        variant = scn.buggy if r.variant == "buggy" else scn.fixed
+        found = ", ".join(f"{k} {v}" for k, v in sorted(r.invariants.items())) or "clean"
+        print(f"  {r.variant:5} {variant.what}: {found}")
+    if verdict.flagged_by:
+        print(f"  flagged by {', '.join(verdict.flagged_by)}")
+    for problem in verdict.problems:
+        print(f"  ! {problem}")
 
 
 def run_json(result: RunResult, stats: Stats, violations: list[Violation], checker: Checker) -> dict[str, Any]:

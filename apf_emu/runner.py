@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +30,9 @@ import trio
 
 from shared.config import MAX_SOCKET_PATH, ConfigError, GuestOptions, HostOptions, daemon_env, with_
 from shared.guest_ram import unlink, vm_shm_names
+from shared.snapshot import DEFAULT_MSR_LIST
 
+from . import vmm
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
 
 GUEST_GRACE_S = 15.0
@@ -47,6 +49,8 @@ class RunOptions:
     duration: float = 10.0
     log_dir: Path | None = None
     vm: str | None = None
+    snapshot_at: float | None = None  # seconds in: `apf-emu snapshot` of the VM, then `apf-emu restore` of it
+    snapshot_msrs: str = DEFAULT_MSR_LIST  # the MSR list of that snapshot (shared/snapshot.py)
 
 
 @dataclass
@@ -97,7 +101,22 @@ async def run(opts: RunOptions) -> RunResult:
                 procs["host"] = await spawn(pumps, "host", host.argv())
                 for i in range(host.vcpus):
                     procs[f"guest-{i}"] = await spawn(pumps, f"guest-{i}", with_(guest, vcpu=i).argv())
-                await _wait_for_stop(opts.duration, procs, result, signals)
+                async def snapshot_and_restore() -> trio.Process:
+                    """The VMM's snapshot into <log dir>/snapshot, the old host's stop, the restoring host."""
+                    directory = log_dir / "snapshot"
+                    await trio.to_thread.run_sync(vmm.snapshot, sock, directory, opts.snapshot_msrs,
+                                                  abandon_on_cancel=True)
+                    old = procs["host"]
+                    with trio.move_on_after(HOST_GRACE_S):
+                        await old.wait()
+                    result.exit_codes["host-before-snapshot"] = old.returncode
+                    if old.returncode != 0:
+                        raise vmm.VmmError(f"the host did not stop after the snapshot: {describe_exit(old.returncode)}")
+                    return await spawn(pumps, "host", vmm.restore_command(directory, []))
+
+                await _wait_for_stop(opts.duration, procs, result, signals,
+                                     snapshot=snapshot_and_restore if opts.snapshot_at is not None else None,
+                                     snapshot_at=opts.snapshot_at)
             finally:
                 with trio.CancelScope(shield=True):
                     await _stop(procs, result)
@@ -185,7 +204,11 @@ def remove_leftovers(vm: str, tmp: Path, sock: Path, remover: str) -> list[str]:
 
 
 async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result: RunResult,
-                         signals: AsyncIterator[int]) -> None:
+                         signals: AsyncIterator[int], *,
+                         snapshot: Callable[[], Awaitable[trio.Process]] | None = None,
+                         snapshot_at: float | None = None) -> None:
+    """Until `duration`, a stop signal or a process's unexpected end; `snapshot` at `snapshot_at` replaces the
+    host (its end is then expected) by the one it returns."""
     async with trio.open_nursery() as nursery:
 
         async def on_signal() -> None:
@@ -194,16 +217,31 @@ async def _wait_for_stop(duration: float, procs: dict[str, trio.Process], result
                 nursery.cancel_scope.cancel()
                 return
 
-        async def on_exit(name: str, proc: trio.Process) -> None:
-            await proc.wait()
-            result.unexpected_exits.append(f"{name} ended before the run did: {describe_exit(proc.returncode)}")
-            result.stopped_by = f"{name} exit"
-            nursery.cancel_scope.cancel()
+        async def on_exit(name: str, proc: trio.Process,
+                          task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                await proc.wait()
+                result.unexpected_exits.append(f"{name} ended before the run did: {describe_exit(proc.returncode)}")
+                result.stopped_by = f"{name} exit"
+                nursery.cancel_scope.cancel()
 
         nursery.start_soon(on_signal)
-        for name, proc in procs.items():
-            nursery.start_soon(on_exit, name, proc)
-        await trio.sleep(duration)
+        watchers = {name: await nursery.start(on_exit, name, proc) for name, proc in procs.items()}
+        if snapshot is not None and snapshot_at is not None and snapshot_at < duration:
+            await trio.sleep(snapshot_at)
+            watchers["host"].cancel()
+            try:
+                procs["host"] = await snapshot()
+            except vmm.VmmError as exc:
+                result.unexpected_exits.append(f"snapshot: {exc}")
+                result.stopped_by = "snapshot failure"
+                nursery.cancel_scope.cancel()
+                return
+            watchers["host"] = await nursery.start(on_exit, "host", procs["host"])
+            await trio.sleep(duration - snapshot_at)
+        else:
+            await trio.sleep(duration)
         nursery.cancel_scope.cancel()
 
 
@@ -220,6 +258,7 @@ async def terminate(procs: dict[str, trio.Process], grace: float, exit_codes: di
     for proc in procs.values():
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # one paused by a snapshot that was never restored
                 proc.send_signal(signal.SIGTERM)
     async with trio.open_nursery() as nursery:
         for name, proc in procs.items():

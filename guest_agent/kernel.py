@@ -18,10 +18,12 @@
 #   (`--entry-fault-ratio`, 5.7's vmalloc fault): a nested genuine #PF. Linux 5.8+ reads CR2 and the APF flags
 #   before anything of the entry runs, so that nested #PF reads flags 0 and is harmless; 5.7 (`pf`) reads `reason`
 #   after it, and the nested #PF takes the outer's reason (the race of the seed thread, `guest_pf_race`).
-# - `pf` (5.7): there is no page-ready interrupt, page-ready is a #PF that only an entry injects, so the vCPU exits
-#   on its timer tick (`exit_timer`, every TICK seconds while it runs with interrupts on) and idles with an HLT
-#   exit (`exit_hlt`); a not-present in kernel mode halts the CPU in `kvm_async_pf_task_wait` until its node is
-#   unhashed; #DF (a host without the historical fixes) panics.
+# - Idle: with nothing to run and no interrupt pending, the HLT exit (`exit_hlt`, at most HLT_SLICE long): the host
+#   blocks the vCPU until it has an event, as KVM's kvm_emulate_halt does.
+# - `pf` (5.7): there is no page-ready interrupt, page-ready is a #PF that only an entry injects, so the vCPU also
+#   exits on its timer tick (`exit_timer`, every TICK seconds while it runs with interrupts on); a not-present in
+#   kernel mode halts the CPU in `kvm_async_pf_task_wait` until its node is unhashed; #DF (a host without the
+#   historical fixes) panics.
 # - Interrupts: HYPERVISOR_CALLBACK_VECTOR (or --vector) runs `sysvec_kvm_asyncpf_interrupt` if APF was set up
 #   (Linux installs the handler only then); any other vector is spurious.
 # - Re-init (optional, `--apf-reinit-every`): CPU offline and online, as cpuhp runs kvm_cpu_down_prepare and
@@ -80,7 +82,7 @@ VMALLOC_START = 0xFFFF_C900_0000_0000
 VMALLOC_PAGES = 4096
 ENTRY_STACK_OFFSET = 0xF48  # where in its page the entry's touch lands (a vmapped stack slot): never a token's low bits
 TICK = 0.004  # `pf`: the guest's timer tick (HZ=250), an exit at which a page-ready #PF can be injected
-HLT_SLICE = 0.05  # `pf`: the longest an HLT exit waits before the guest looks at its signals again
+HLT_SLICE = 0.05  # the longest an HLT exit waits before the guest looks at its signals again
 
 class _Frozen(Exception):
     """`pf`: a halted kvm_async_pf_task_wait that nothing will end (the kernel stops meanwhile): in Linux the CPU
@@ -102,7 +104,7 @@ class GuestKernel:
         self.counts = {"accesses": 0, "shared_accesses": 0, "data_checks": 0, "data_check_failures": 0,
                        "apf_waits": 0, "exits": 0, "interrupts": 0, "torn_pages": 0, "slots_mid_write": 0,
                        "sigbus": 0, "fixups": 0, "genuine_pf": 0, "entry_faults": 0, "pf_races": 0,
-                       "sigsegv": 0, "oops": 0, "ticks": 0,
+                       "sigsegv": 0, "oops": 0, "ticks": 0, "hlt_exits": 0,
                        "count_work": 0, "count_ns": 0, "exit_ns": 0}
         self.shared_accept: dict[int, tuple[int, ...]] = {}  # shared gfn -> seqs this vCPU's slot may hold
         # The exception handlers by vector: where a not-present delivered otherwise than by #PF plugs in.
@@ -146,6 +148,7 @@ class GuestKernel:
             self.idle_task = GuestTask(-1, [], random.Random(0))  # `current` in the idle loop
             self.transport.on_reconnect = self._on_reconnect
             self.transport.on_welcome = self._on_welcome
+            self.transport.on_lost_exit = self._on_lost_exit
             self.transport.give_up = lambda: self.stopping
             ram = GuestRam.open(cfg.vm, RamLayout(welcome.pages))
             try:
@@ -206,6 +209,16 @@ class GuestKernel:
         self.mem.rebind(self.views)
         self.transport.attach_ctl(self.views.ctl.u32)
         old.close()
+
+    def _on_lost_exit(self) -> None:
+        """An exit whose reply died with its host (killed, or stopped by a snapshot) ends as if the access had not
+        been tried: its VM entry never happened. A not-present the host injected in that reply wrote `flags` first,
+        which in KVM is one with the injection; the emulated CPU takes the write back, or the next genuine #PF would
+        read it (docs/PROTOCOL.md section 10). Not on `pf`: its `reason` may hold a restored host's page-ready."""
+        if self.cfg.abi != "pf" and self.apf.enabled:
+            flags = self.apf.read_and_reset_flags()
+            if flags:
+                self.log.info("guest_exit_lost", flags=flags)
 
     def _on_reconnect(self, count: int, seconds: float) -> None:
         self.log.info("guest_reconnect", reconnects=count, seconds=round(seconds, 3))
@@ -349,18 +362,13 @@ class GuestKernel:
                     self._cpu_offline_online()
                     continue
                 task = runq.pick()
-            if task is None and self.pf:  # `pf`: the idle HLT is an exit, which a page-ready #PF can end
-                cpu.enter("halt")
-                cpu.sti()
-                if (self.apf.sleepers.sleepers if self.stopping else not len(runq)):
-                    self._hlt_exit(self.idle_task, min(self.drain_deadline, stop_at, next_reinit) - time.monotonic())
-                continue
-            if task is None:  # the idle loop: safe_halt (sti; hlt), an interrupt ends the halt
+            if task is None:  # the idle loop: safe_halt (sti; hlt), an exit that an event of the host ends
                 cpu.enter("halt")
                 cpu.sti()
                 # (taking pending interrupts may have made a task runnable; while draining, none is picked)
-                if (self.apf.sleepers.sleepers if self.stopping else not len(runq)):
-                    transport.halt(min(self.drain_deadline, stop_at, next_reinit) - time.monotonic())
+                if (self.apf.sleepers.sleepers if self.stopping else not len(runq)) \
+                        and not (transport.poll() or cpu.pending):
+                    self._hlt_exit(self.idle_task, min(self.drain_deadline, stop_at, next_reinit) - time.monotonic())
                 continue
             self._run_task(task)
 
@@ -369,8 +377,11 @@ class GuestKernel:
         return self.cfg.abi == "pf"
 
     def _hlt_exit(self, task: GuestTask, timeout: float) -> None:
-        """`pf`: HLT with interrupts on as an exit; a page-ready #PF that ends it is taken here (in `task`'s
-        context: the idle task, or the one whose wait halts the CPU)."""
+        """HLT with interrupts on as an exit (`kvm_emulate_halt`): the host blocks the vCPU until it has an event.
+        Interrupts it raises meanwhile are pending when the exit ends, and taken at the next `sti`; a page-ready
+        #PF (`pf`) that ends it is taken here (in `task`'s context: the idle task, or the one whose wait halts the
+        CPU)."""
+        self.counts["hlt_exits"] += 1
         with self.cpu.context("exit"):
             reply = self.transport.hlt_exit(max(0.0, min(timeout, HLT_SLICE)))
         self.cpu.cli()
@@ -401,6 +412,7 @@ class GuestKernel:
             cpu.enter("user")
             cpu.sti()
             self.transport.poll()
+            cpu.boundary()  # what the poll raised (a reconnect's wake-all, raised while in `reconnect`) is taken now
             if self.pf and not self._tick(task, user=True):
                 return
             t0 = time.monotonic_ns()
@@ -416,6 +428,7 @@ class GuestKernel:
             cpu.enter("user" if acc.user else "kernel_irq_on")
             cpu.sti()
             self.transport.poll()
+            cpu.boundary()  # what the poll raised (a reconnect's wake-all, raised while in `reconnect`) is taken now
             if self.pf and not self._tick(task, user=acc.user):
                 return
             if acc.user and acc.gfn not in task.mapped:  # the task's page table does not map it: a genuine #PF

@@ -35,6 +35,11 @@ VCPU_WORDS: Final = 16
 V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID, V_CONNECTED, V_PID, V_SPIV, V_VE_LO, V_VE_HI = range(11)
 
 
+def store_size(pages: int) -> int:
+    """The size of the backing store of a `pages`-page VM (the layout above)."""
+    return PAGE_SIZE + 2 * page_align(pages * 4) + page_align(MAX_VCPUS * VCPU_WORDS * 4) + pages * 2 * PAGE_SIZE
+
+
 @dataclass(frozen=True, slots=True)
 class SavedVcpu:
     boot: int
@@ -56,6 +61,7 @@ class BackingStore:
         self.vcpu_off = self.state_off + page_align(pages * 4)
         self.slots_off = self.vcpu_off + page_align(MAX_VCPUS * VCPU_WORDS * 4)
         size = self.slots_off + pages * 2 * PAGE_SIZE
+        assert size == store_size(pages)
         if recover:
             shm = posix_ipc.SharedMemory(self.name, 0)
             found = shm.size

@@ -27,25 +27,48 @@ from shared import log as slog
 from shared.abi import AsyncPfEn
 from shared.abis import CPUID as ABI_CPUID
 from shared.channel import MessageChannel
-from shared.config import HostOptions
+from shared.config import HostOptions, vmm_socket, with_
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, check_vm_id
+from shared.snapshot import Manifest, parse_msr_list
 from shared.transports import TRANSPORTS
-from shared.wire import BOOT_MAX, GUEST_TO_HOST, HELLO_RANGES, PROTOCOL_VERSION, ErrorReply, Hello, Welcome, WireError
+from shared.wire import (
+    BOOT_MAX,
+    GUEST_TO_HOST,
+    HELLO_RANGES,
+    PROTOCOL_VERSION,
+    ErrorReply,
+    Hello,
+    VmmDone,
+    VmmSnapshot,
+    Welcome,
+    WireError,
+)
 
 from .backing_store import BackingStore
 from .guest_views import ControlBlock, PublishedEpt
 from .memory import GuestMemory
 from .pager import Pager
 from .processes import pid_alive
+from .snapshot import SnapshotError, check_directory, pause, resume, save
 from .transports import make_notifier
 from .vcpu_conn import VcpuConnection
 
 HANDSHAKE_TIMEOUT_S = 5.0
 
 
-def staging_socket(opts: HostOptions) -> Path:
-    """Where the socket is bound before it is renamed to `socket`."""
-    return opts.socket.with_name(f".apf-{os.getpid()}")
+def staging_socket(opts: HostOptions, suffix: str = "") -> Path:
+    """Where the socket is bound before it is renamed to `socket` (`suffix` for the VMM socket's)."""
+    return opts.socket.with_name(f".apf-{os.getpid()}{suffix}")
+
+
+async def _listen(path: Path, staging: Path) -> trio.socket.SocketType:
+    """A Unix socket listening at `path`, mode 0600, that appears there only once it listens."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(os.fspath(staging))
+    os.chmod(staging, 0o600)
+    sock.listen(128)
+    os.replace(staging, path)
+    return sock
 
 
 class Vm:
@@ -60,6 +83,9 @@ class Vm:
         self.recovery_pins: dict[int, int] = {}  # vCPU -> APF-area page pinned until that vCPU reconnects
         self.last_boot: dict[int, int] = {}  # vCPU -> newest boot that connected, to number a hello with boot 0
         self.pageready_pending: dict[int, bool] = {}  # vCPU -> what kvm_vcpu_reset left of it for the next boot
+        self.handed_over = False  # a snapshot was taken: the host stops and leaves the VM for the restoring host
+        self.snapshotting = False  # a snapshot is being taken: no new guest, no second snapshot
+        self.resume_guests: list[int] = []  # a restored snapshot's paused guests, resumed once the host listens
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -82,19 +108,15 @@ class Vm:
             ept = self.ept = PublishedEpt(cfg.vm, cfg.pages)
             self.memory = GuestMemory(ram, ept.u32, backing, cfg.resident, self.log, recover=cfg.recover)
             self.pager = Pager(self.memory, cfg.page_in_latency, random.Random(cfg.seed), cfg.page_in_errors)
-            sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
             # A stale socket of a killed host goes first; then bound and listening under a temporary name, and
             # renamed into place: whoever sees the socket file (a guest, a health check, a supervisor waiting for
-            # a restarted host, a test) can connect to it.
-            staging = staging_socket(cfg)
-            for path in (cfg.socket, staging):
+            # a restarted host, a test) can connect to it. The VMM's socket (snapshots) is another file beside it.
+            sockets = {cfg.socket: staging_socket(cfg), vmm_socket(cfg.socket): staging_socket(cfg, ".vmm")}
+            for path in (*sockets, *sockets.values()):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            await sock.bind(os.fspath(staging))
             try:
-                os.chmod(staging, 0o600)
-                sock.listen(128)
-                os.replace(staging, cfg.socket)
+                sock, vmm = [await _listen(path, staging) for path, staging in sockets.items()]
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     nursery.start_soon(self._signals, nursery.cancel_scope)
@@ -109,13 +131,16 @@ class Vm:
                         awaiting=self.memory.awaiting,
                     )
                     started = True
+                    if self.resume_guests:
+                        self.log.info("vmm_restore", directory=str(cfg.restore), guest_pids=self.resume_guests,
+                                      resumed=resume(self.resume_guests))
                     await nursery.start(trio.serve_listeners, self._handle, [trio.SocketListener(sock)])
+                    await nursery.start(trio.serve_listeners, self._handle_vmm, [trio.SocketListener(vmm)])
                     task_status.started()
                 clean = True
             finally:
-                for path in (staging, cfg.socket):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+                if not self.handed_over:  # a snapshot removed them at once: they may be a restoring host's by now
+                    self._unlink_sockets()
         finally:
             memory = getattr(self, "memory", None)  # absent if the memory model refused its configuration
             self.log.info("host_stop", **(vars(memory.stats) if memory is not None else {}))
@@ -125,7 +150,7 @@ class Vm:
                 ept.close()
             # A host that never started (its socket could not be bound, say) leaves nothing to recover, unless it
             # was itself recovering a VM.
-            unlink_it = clean or not (started or cfg.recover)
+            unlink_it = (clean and not self.handed_over) or not (started or cfg.recover)
             if unlink_it:
                 ram.close()
             else:
@@ -152,6 +177,33 @@ class Vm:
                 self.log.info("host_signal", signal=signal.Signals(signum).name)
                 scope.cancel()
                 return
+
+    def _unlink_sockets(self) -> None:
+        cfg = self.config
+        for path in (cfg.socket, vmm_socket(cfg.socket), staging_socket(cfg), staging_socket(cfg, ".vmm")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def _handle_vmm(self, stream: trio.SocketStream) -> None:
+        """The VMM's socket: one `vmm_snapshot` request per connection."""
+        chan = MessageChannel(stream, GUEST_TO_HOST)
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+                try:
+                    msg = await chan.receive()
+                except WireError as exc:
+                    await self._refuse(chan, exc.code, exc.message)
+                    return
+                if isinstance(msg, VmmSnapshot):
+                    await self._vmm_snapshot(chan, msg)
+                elif msg is not None:
+                    await self._refuse(chan, "unexpected", f"the VMM socket takes vmm_snapshot, not {msg.TYPE}")
+        except Exception as exc:  # a VMM connection's failure never takes the daemon down
+            if not _only_disconnects(exc):
+                self.log.exception("vmm_crash", error=repr(exc))
+        finally:
+            with trio.CancelScope(shield=True):
+                await chan.aclose()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         chan = MessageChannel(stream, GUEST_TO_HOST)
@@ -180,6 +232,13 @@ class Vm:
             return
         if msg is None:
             return  # a probe (health check) that connected and left
+        if isinstance(msg, VmmSnapshot):
+            await self._refuse(chan, "unexpected", "vmm_snapshot is the VMM's: send it on the VMM socket "
+                               f"({vmm_socket(self.config.socket)}), which no guest is given")
+            return
+        if self.snapshotting:
+            await self._refuse(chan, "snapshot_in_progress", "the VM is being snapshotted")
+            return
         if not isinstance(msg, Hello):
             await self._refuse(chan, "unexpected", f"expected hello, got {msg.TYPE}")
             return
@@ -235,11 +294,54 @@ class Vm:
             ctl.forget_fd()
             await conn.serve()
         finally:
-            conn.reset("vcpu_reset")
+            conn.reset("vcpu_reset", handover=self.handed_over)
             if self.vcpus.get(vcpu_id) is conn:
                 del self.vcpus[vcpu_id]
-            log.info("vcpu_disconnect")
+            log.info("vcpu_handover" if self.handed_over else "vcpu_disconnect")
             conn.done.set()  # only now may a newer boot's connect be logged: the checker reads them in order
+
+    async def _vmm_snapshot(self, chan: MessageChannel, msg: VmmSnapshot) -> None:
+        """host_daemon/snapshot.py: pause, save, stop, answer. Refused (fatal error, nothing changed, the guests
+        resumed, no file left) if the request is bad, a snapshot is already being taken, or a guest cannot be
+        paused."""
+        if self.snapshotting or self.handed_over:
+            await self._refuse(chan, "snapshot_in_progress", "a snapshot is already being taken")
+            return
+        self.snapshotting = True
+        pids: dict[int, int] = {}
+        try:
+            if msg.proto != PROTOCOL_VERSION:
+                raise SnapshotError(f"protocol {msg.proto} is not {PROTOCOL_VERSION}")
+            try:
+                msrs = parse_msr_list(msg.msrs)
+            except ValueError as exc:
+                raise SnapshotError(str(exc)) from None
+            directory = check_directory(msg.directory)
+            cfg = self.config
+            pids = await pause(self)
+            start_only = {"--recover", "--recover-if-present"}
+            args = [w for w in with_(cfg, restore=None).argv()[3:] if w not in start_only]
+            manifest = save(self, directory, Manifest(cfg.vm, cfg.pages, cfg.vcpus, cfg.abi, msrs,
+                                                      host_args=tuple(args)), msrs, pids)
+        except SnapshotError as exc:
+            resume(pids.values())
+            self.snapshotting = False
+            self.log.error("vmm_snapshot_refused", reason=str(exc))
+            await self._refuse(chan, "snapshot_failed", str(exc))
+            return
+        except BaseException:
+            resume(pids.values())
+            self.snapshotting = False
+            raise
+        # From here the VM is the snapshot's: nothing more is delivered (VcpuConnection looks at handed_over), the
+        # sockets go at once (a restoring host may create them again before this one has ended), and the host stops.
+        self.handed_over = True
+        self._unlink_sockets()
+        self.log.info("vmm_snapshot", directory=str(directory), vcpus=sorted(pids), guest_pids=sorted(pids.values()),
+                      msrs=len(msrs))
+        self.nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await chan.send(VmmDone(str(directory), len(manifest.vcpu_states)))
 
     def _check_hello(self, msg: Hello) -> tuple[str, str] | None:
         """Every field of `hello` within its documented range (docs/PROTOCOL.md, section 3)."""
@@ -331,5 +433,8 @@ def _only_disconnects(exc: BaseException) -> bool:
     return isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError))
 
 
-async def serve(config: HostOptions) -> None:
-    await Vm(config).run()
+async def serve(config: HostOptions, resume_guests: list[int] | None = None) -> None:
+    """Run the VM; `resume_guests`: the paused guests of a restored snapshot, resumed once the host listens."""
+    vm = Vm(config)
+    vm.resume_guests = list(resume_guests or [])
+    await vm.run()

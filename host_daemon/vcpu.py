@@ -140,6 +140,9 @@ def _always_present(_gfn: int) -> bool:
     return True
 
 
+HLT_SPIN_REPORT = 1000  # HLTs in a row that return at once with nothing injected before `kvm_hlt_spin` is logged
+
+
 @dataclass
 class VcpuApf:
     vcpu_id: int
@@ -154,6 +157,7 @@ class VcpuApf:
     error_gfn: int | None = None  # `int-error`: vcpu->arch.apf.error_gfn, a gfn whose failed page-in went unreported
     no_pending_check: bool = False  # `pf`: kvm_arch_can_inject_async_page_present ignores a pending exception
     no_cancel_pending: bool = False  # `pf`: no cancel of a pending not-present by a page-ready (before 9a6e7c39810e)
+    bugs: frozenset[str] = frozenset()  # historical KVM bugs put back (shared/bugs.py)
     exception: tuple[int, int] | None = None  # `pf`: vcpu->arch.exception, queued for the next entry (vector, CR2)
     entry_irq: bool = False  # `pf`: whether the guest can take an exception at the entry being made (RFLAGS.IF)
     msr_en: int = 0  # vcpu->arch.apf.msr_en_val
@@ -169,6 +173,7 @@ class VcpuApf:
     slot_token: int = 0  # the last token this host published in the slot (for `released`)
     reraise: bool = False  # restore found a published page-ready whose interrupt may have died with the old host
     prefault: AsyncPf | None = None  # dequeued, its page out again: to be faulted in before it is presented
+    hlt_spins: int = 0  # HLTs in a row that returned at once with nothing injected
     _garbage_reported: bool = False
 
     # --- state ---------------------------------------------------------------------------------------------------
@@ -237,6 +242,20 @@ class VcpuApf:
     def has_events(self) -> bool:
         """`kvm_vcpu_has_events`, the part apf-emu models: the done list is not empty."""
         return bool(self.done)
+
+    def hlt_returned(self, *, at_once: bool, injected: bool) -> None:
+        """A guest HLT ended (`kvm_emulate_halt` -> `kvm_vcpu_block`). One that returned at once, because the done
+        list is not empty (`kvm_vcpu_has_events`), and injected nothing, woke the vCPU for nothing; many in a row
+        are a spinning vCPU (cloud-hypervisor #2277, libkrun PR 28), which KVM does not report: apf-emu logs
+        `kvm_hlt_spin` at 1,000 such HLTs in a row and at every further power of ten."""
+        if not at_once or injected:
+            self.hlt_spins = 0
+            return
+        self.hlt_spins += 1
+        n = self.hlt_spins
+        if n >= HLT_SPIN_REPORT and n == 10 ** (len(str(n)) - 1):
+            self.log.warning("kvm_hlt_spin", count=n, done=len(self.done),
+                             message="HLT returns at once with nothing to deliver: the vCPU spins")
 
     # --- MSRs ----------------------------------------------------------------------------------------------------
     def area_gfn_enabled_by(self, msr: int, value: int) -> int | None:
@@ -384,7 +403,7 @@ class VcpuApf:
     def _set_spiv(self, value: int) -> None:
         """`apic_set_spiv`: pending page-ready events are looked at again whenever the LAPIC is enabled."""
         self.spiv = value
-        if self.lapic_enabled:
+        if self.lapic_enabled and "lapic-disabled" not in self.bugs:  # 2f15d027c05f added this
             self.requests.add(APF_READY)
 
     def _wakeup_all(self) -> None:
@@ -433,7 +452,7 @@ class VcpuApf:
             return FaultDecision(Fault.HALT, reason="repeated_fault")
         # kvm_arch_setup_async_pf allocates the token before kvm_setup_async_pf looks at the queue: a refused
         # fault uses up an id too.
-        self.apf_id, token = alloc_apf_token(self.apf_id, self.vcpu_id)
+        self.apf_id, token = alloc_apf_token(self.apf_id, self.vcpu_id, zero_ok="token-zero" in self.bugs)
         if self.queued >= ASYNC_PF_PER_VCPU:  # kvm_setup_async_pf refuses
             self.log.info("apf_sync_fault", gfn=gfn, reason="queue_full")
             return FaultDecision(Fault.SYNC, reason="queue_full")
@@ -574,7 +593,7 @@ class VcpuApf:
         area = self.area
         if area is None:
             return True
-        if not self.lapic_enabled:
+        if not self.lapic_enabled and "lapic-disabled" not in self.bugs:  # 2f15d027c05f
             return False
         slot = area.token
         if slot != 0 and slot != self.slot_token and not self._garbage_reported:
@@ -588,7 +607,8 @@ class VcpuApf:
         if not item.wakeup_all:
             self.gfn_hash.discard(item.gfn)  # kvm_del_async_pf_gfn
         area = self.area
-        inject = (item.wakeup_all or item.notpresent_injected) and area is not None
+        # bz208081 (before Vitaly Kuznetsov's 2020 fix): every item of an enabled APF got its page-ready.
+        inject = (item.wakeup_all or item.notpresent_injected or "bz208081" in self.bugs) and area is not None
         # Logged before the store that publishes it, so that its mono_ns precedes anything the guest logs after
         # reading the slot. `released`: the token this host had published and has now found cleared (the host's
         # own view of the guest's release, which is all the checker has for a guest that does not log).
@@ -610,6 +630,10 @@ class VcpuApf:
         if self.abi == "int-error":
             area.ready_flags = KVM_PV_REASON_PAGE_ERROR if report_error else 0
         self.pageready_pending = True
+        if not self.lapic_enabled:  # "lapic-disabled": __apic_accept_irq drops a fixed interrupt on a disabled LAPIC
+            self.log.warning("apf_irq_dropped", token=item.token, vector=self.vector,
+                             message="page-ready interrupt dropped: the LAPIC is software-disabled")
+            return None
         return self.vector
 
     def _page_ready_pf(self, item: AsyncPf, area: KvmVcpuPvApfData) -> None:

@@ -69,6 +69,7 @@ class VmContext(Protocol):
     config: HostOptions
     # What kvm_vcpu_reset leaves of a vCPU for its next boot on this host: pageready_pending.
     pageready_pending: dict[int, bool]
+    handed_over: bool  # a snapshot was taken: nothing more is delivered, the VM is the snapshot's
 
     @property
     def stopping(self) -> bool: ...
@@ -91,6 +92,7 @@ class VcpuConnection:
         self.apf = VcpuApf(vcpu_id, vm.memory.ram.u32, vm.memory.ram.layout.pages, log, vm.memory.ram.hva_base,
                            present=vm.memory.present, enforce_pv_cpuid=vm.config.enforce_pv_cpuid, abi=vm.config.abi,
                            no_pending_check=vm.config.no_pending_check, no_cancel_pending=vm.config.no_cancel_pending,
+                           bugs=vm.config.bugs,
                            pageready_pending=vm.pageready_pending.get(vcpu_id, False))
         self.pinned: set[int] = set()  # the pages of the areas in force, each pinned once
         self.scope = trio.CancelScope()
@@ -102,6 +104,8 @@ class VcpuConnection:
         self._thread = trio.Lock()  # the vCPU thread: exits (with their entries) and kicks' entries
         self._entries = 0  # entries so far: a kick that waited for the thread is moot if one happened meanwhile
         self._page_ins: dict[int, PageIn] = {}  # token -> its page-in, until its completion
+        self._raised = 0  # interrupts raised so far: a HLT that returns with none raised may be a spin
+        self._raised_at_exit_end = 0  # _raised when the last exit's reply had gone (later ones: kicks)
 
     async def start(self, saved: SavedVcpu | None) -> None:
         """Continue the vCPU's token ids across boots; restore its registers if this boot is the one saved."""
@@ -111,6 +115,10 @@ class VcpuConnection:
         else:
             self.apf.apf_id = saved.apf_id if saved is not None else 0
             self._save()
+
+    def save_registers(self) -> None:
+        """Write the vCPU's registers into the backing store now (a snapshot takes them with it)."""
+        self._save()
 
     def _save(self) -> None:
         self.vm.memory.backing.save_vcpu(self.vcpu_id, self.boot, self.apf.msr_en, self.apf.msr_int,
@@ -149,6 +157,8 @@ class VcpuConnection:
             if msg is None:
                 return
             async with self._thread:
+                if self.vm.handed_over:
+                    return  # paused in a snapshot: an exit read just before the pause belongs to the restored VM
                 self._exit_begins()
                 try:
                     await self._dispatch(msg)
@@ -192,17 +202,21 @@ class VcpuConnection:
 
     def _exit_ends(self) -> None:
         self.in_exit = False
+        self._raised_at_exit_end = self._raised
         self._completions.set()
 
     # --- entries -------------------------------------------------------------------------------------------------
     async def _raise(self, vectors: list[int] | tuple[int, ...]) -> None:
         for vector in vectors:
+            self._raised += 1
             await self.notifier.interrupt(vector)
 
     async def _enter(self, *, irq: bool = False) -> None:
         """The vCPU enters the guest (vcpu_enter_guest): pending APF requests are processed and what they inject
         is raised. A halt requested by a fault is handled by `_halt`, not here. `irq`: the guest's RFLAGS.IF at
         this entry (`pf` delivers page-ready only then; MSR exits come from code with interrupts off)."""
+        if self.vm.handed_over:
+            return  # the vCPU is paused in a snapshot: it never enters again on this host
         self._entries += 1
         await self._deliver(self.apf.entry(irq=irq))
 
@@ -216,8 +230,14 @@ class VcpuConnection:
 
     async def _hlt(self, timeout_us: int) -> None:
         """HLT with interrupts on: kvm_vcpu_halt, vcpu_block until kvm_vcpu_has_events (a completed page-in) or the
-        guest's own timer; then the entry, which on `pf` may inject a page-ready #PF."""
-        if not self.apf.has_events():
+        guest's own timer; then the entry, which on `pf` may inject a page-ready #PF. A HLT that returns at once
+        and injects nothing is counted (`hlt_returned`): the vCPU spins when it keeps happening."""
+        # kvm_vcpu_has_events also counts an interrupt pending in the LAPIC: one a kick raised since the last exit
+        # ended may still be on its way to the guest, which halted without it (it then takes it and looks again).
+        irq_pending = self._raised > self._raised_at_exit_end
+        at_once = irq_pending or self.apf.has_events()
+        raised = self._raised
+        if not at_once:
             self._completions.set()
             with trio.move_on_after(timeout_us / 1e6 if timeout_us else math.inf):
                 while not self.apf.has_events():
@@ -225,6 +245,8 @@ class VcpuConnection:
                     await self._events.wait()
             self._completions = trio.Event()
         await self._enter(irq=True)
+        self.apf.hlt_returned(at_once=at_once,
+                              injected=irq_pending or self._raised > raised or self.apf.exception is not None)
         await self._resume_or_exception(Resume(0))
 
     async def _deliver(self, vectors: list[int] | tuple[int, ...]) -> None:
@@ -347,6 +369,8 @@ class VcpuConnection:
         await page_in.wait()  # the page may be evicted again before it is delivered: the prefault brings it back
         while not self._completions.is_set():
             await self._completions.wait()
+        if self.vm.handed_over:
+            return  # after a snapshot: the completion belongs to no VM any more (the restore's wake-all covers it)
         self._page_ins.pop(item.token, None)
         kick = self.apf.complete(item, error=page_in.failed)
         self._events.set()  # __kvm_vcpu_wake_up: a halted vCPU looks at its events
@@ -356,10 +380,13 @@ class VcpuConnection:
                 if self._entries == entries:  # else the vCPU entered meanwhile: that entry saw the request
                     await self._enter()  # the kick of a running vCPU: it exits and enters at once
 
-    def reset(self, reason: str) -> None:
-        """The vCPU is gone: drop its APF state, as KVM does on vCPU reset or destroy."""
-        self.apf.reset(reason)
-        self.vm.pageready_pending[self.vcpu_id] = self.apf.pageready_pending
+    def reset(self, reason: str, *, handover: bool = False) -> None:
+        """The vCPU is gone: drop its APF state, as KVM does on vCPU reset or destroy. `handover`: the vCPU is not
+        reset but paused in a snapshot, and its state ends with this host, as with a host that is killed: nothing
+        is eaten or logged (the restoring host's wake-all replaces the events in flight)."""
+        if not handover:
+            self.apf.reset(reason)
+            self.vm.pageready_pending[self.vcpu_id] = self.apf.pageready_pending
         self.notifier.close()
         for gfn in self.pinned:
             self.vm.memory.unpin(gfn)

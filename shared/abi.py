@@ -97,11 +97,12 @@ def token_id(token: int) -> int:
     return token >> TOKEN_VCPU_BITS
 
 
-def alloc_apf_token(apf_id: int, vcpu_id: int) -> tuple[int, int]:
+def alloc_apf_token(apf_id: int, vcpu_id: int, *, zero_ok: bool = False) -> tuple[int, int]:
     """`alloc_apf_token` (arch/x86/kvm/mmu/mmu.c): `apf_id` is vcpu->arch.apf.id, the next id to use. Returns
     (the new id, the token). If `id << 12` is 0 as a u32 (the first call, and every 2^20 calls) the id becomes 1,
-    so that no token is 0, the value that also means "slot free" (Liang Zhang's 2022 fix)."""
-    if (apf_id << TOKEN_VCPU_BITS) & U32_MAX == 0:
+    so that no token is 0, the value that also means "slot free" (Liang Zhang's 2022 fix). `zero_ok`: the code
+    before that fix (`(vcpu->arch.apf.id++ << 12) | vcpu->vcpu_id`), whose first token on vCPU 0 is 0."""
+    if not zero_ok and (apf_id << TOKEN_VCPU_BITS) & U32_MAX == 0:
         apf_id = 1
     token = ((apf_id << TOKEN_VCPU_BITS) | vcpu_id) & U32_MAX
     return (apf_id + 1) & U32_MAX, token

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, Final, NoReturn, TypeVar
 
+from . import bugs as host_bugs
 from .abi import HYPERVISOR_CALLBACK_VECTOR, MAX_VCPUS
 from .abis import ABIS, DEFAULT_ABI
 from .abis import DESCRIPTIONS as ABI_DESCRIPTIONS
@@ -294,6 +295,8 @@ class Option:
             return [self.flag_name, hex(value)]
         if isinstance(value, (PageInLatency, PageInErrors)):
             return [self.flag_name, value.spec()]
+        if isinstance(value, frozenset):
+            return [self.flag_name, host_bugs.spec(value)] if value else []
         return [self.flag_name, str(value)]
 
 
@@ -322,6 +325,12 @@ HOST_OPTIONS: Final = (
     Option("recover", flag, False, "take over the VM of a host that was killed: keep guest RAM, the swap and the "
            "saved vCPU registers, rebuild residency from them, and restore each vCPU when its guest reconnects",
            is_flag=True),
+    Option("restore", Path, None, "start from a VMM snapshot (`apf-emu snapshot`, shared/snapshot.py): guest RAM, the "
+           "swap and each vCPU's registers as its MSR list saved them; then as --recover, and the paused guests are "
+           "resumed once the host listens", metavar="DIR"),
+    Option("recover_if_present", flag, False, "as a supervisor's restart of the host (compose's restart policy): "
+           "--recover if a killed host of this VM left guest RAM and the swap behind, else start a new VM",
+           is_flag=True),
     Option("enforce_pv_cpuid", flag, False, "as a VMM that enables KVM_CAP_ENFORCE_PV_FEATURE_CPUID: an "
            "MSR_KVM_ASYNC_PF_EN write with DELIVERY_AS_PF_VMEXIT is a #GP, since KVM_FEATURE_ASYNC_PF_VMEXIT is not "
            "advertised (without it, KVM's default, the bit is accepted and stored)", is_flag=True),
@@ -333,6 +342,9 @@ HOST_OPTIONS: Final = (
            "'Page not Present' and 'Page Ready' exceptions simultaneously\"), which had no pending check either "
            "(implies --no-pending-check): both #PFs are queued at one entry and kvm_multiple_exception makes a "
            "double fault", is_flag=True),
+    Option("bugs", host_bugs.parse, frozenset(), "historical KVM bugs to put back, comma-separated (the scenarios "
+           "use them; docs/SCENARIOS.md): " + "; ".join(f"{name}: before {bug.fix}" for name, bug in
+           host_bugs.BUGS.items()), metavar="LIST"),
 )
 GUEST_OPTIONS: Final = (
     *COMMON_OPTIONS,
@@ -379,6 +391,12 @@ def option(table: Sequence[Option], dest: str) -> Option:
     return next(o for o in table if o.dest == dest)
 
 
+def vmm_socket(socket: Path) -> Path:
+    """The host's VMM socket, beside the guests' (`<socket>.vmm`): `apf-emu snapshot` talks to it; no guest is
+    given it."""
+    return socket.with_name(socket.name + ".vmm")
+
+
 # --- typed options ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ProcessOptions:
@@ -407,9 +425,12 @@ class HostOptions(ProcessOptions):
     page_in_latency: PageInLatency = PageInLatency("exp", 0.002)
     page_in_errors: PageInErrors = field(default_factory=PageInErrors)
     recover: bool = False
+    recover_if_present: bool = False
+    restore: Path | None = None
     enforce_pv_cpuid: bool = False
     no_pending_check: bool = False
     no_cancel_pending: bool = False
+    bugs: frozenset[str] = frozenset()
 
     TABLE: ClassVar[tuple[Option, ...]] = HOST_OPTIONS
     MODULE: ClassVar[str] = "host_daemon"
@@ -419,7 +440,7 @@ class HostOptions(ProcessOptions):
         if not 2 <= self.resident < self.pages:
             raise ConfigError(f"--resident {self.resident} must be at least 2 and below --pages ({self.pages})")
         staging = self.socket.with_name(f".apf-{os.getpid()}")
-        for path in (self.socket, staging):
+        for path in (self.socket, staging, vmm_socket(self.socket)):
             if len(os.fsencode(path)) > MAX_SOCKET_PATH:
                 raise ConfigError(f"--socket {path} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path "
                                   "may have")
@@ -505,7 +526,8 @@ def add_options(parser: argparse.ArgumentParser, table: Sequence[Option], *, onl
         if only is not None and o.dest not in only:
             continue
         default = (defaults or {}).get(o.dest, o.default)
-        shown = hex(default) if o.dest == "vector" else default
+        shown = hex(default) if o.dest == "vector" else host_bugs.spec(default) if isinstance(default, frozenset) \
+            else default
         help_text = o.help if default is None or o.is_flag else f"{o.help} (default {shown})"
         if o.is_flag:
             parser.add_argument(o.flag_name, dest=o.dest, action="store_true", default=default, help=help_text)

@@ -45,6 +45,17 @@ def vm_shm_names(vm: str) -> tuple[str, str]:
     return shm_name(vm), swap_name(vm)
 
 
+def vm_state_left(vm: str) -> bool:
+    """Whether a host of this VM left its guest RAM and swap behind (it was killed, or failed): what --recover takes
+    over."""
+    for name in vm_shm_names(vm):
+        try:
+            posix_ipc.SharedMemory(name, 0).close_fd()
+        except posix_ipc.ExistentialError:
+            return False
+    return True
+
+
 def page_align(n: int) -> int:
     return (n + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 

@@ -21,8 +21,9 @@ import msgpack
 from .abi import PF_VECTOR as _PF_VECTOR
 
 # 2: EPT and control block with welcome; 3: `exception`, `msr_read`; 4: a restored vCPU's interrupts before welcome;
-# 5: `exit_hlt` and `exit_timer` (the `pf` ABI's exits at which a page-ready #PF can be injected)
-PROTOCOL_VERSION: Final = 5
+# 5: `exit_hlt` (the idle HLT of every ABI) and `exit_timer` (the `pf` ABI's tick, at which a page-ready #PF can be
+#    injected); 6: `vmm_snapshot` and `vmm_done` (a VMM's snapshot request, on a connection of its own)
+PROTOCOL_VERSION: Final = 6
 MAX_FRAME: Final = 64 * 1024
 HEADER: Final = struct.Struct(">I")
 
@@ -46,6 +47,18 @@ class Hello:
     kind: str
     pid: int
     transport: str
+
+
+@dataclass(frozen=True, slots=True)
+class VmmSnapshot:
+    """A VMM's request, first and only message on its connection (instead of hello): pause every vCPU (SIGSTOP its
+    guest), save the VM into `directory` (shared/snapshot.py) with the MSRs of `msrs` (a list in that module's
+    syntax), answer vmm_done, and stop, leaving guest RAM and the swap for the host that restores it."""
+
+    TYPE: ClassVar[str] = "vmm_snapshot"
+    proto: int
+    directory: str
+    msrs: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,15 @@ class Interrupt:
 
 
 @dataclass(frozen=True, slots=True)
+class VmmDone:
+    """The snapshot of `vcpus` paused vCPUs is in `directory`; the host stops now (the guests stay paused)."""
+
+    TYPE: ClassVar[str] = "vmm_done"
+    directory: str
+    vcpus: int
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     """The host rejected a message. fatal=True: the host closes the connection after sending this."""
 
@@ -163,13 +185,14 @@ class ErrorReply:
     fatal: bool
 
 
-GuestMessage: TypeAlias = Hello | MsrWrite | MsrRead | ExitMem | ExitHlt | ExitTimer
-HostMessage: TypeAlias = Welcome | MsrResult | InjectException | Resume | Interrupt | ErrorReply
+GuestMessage: TypeAlias = Hello | VmmSnapshot | MsrWrite | MsrRead | ExitMem | ExitHlt | ExitTimer
+HostMessage: TypeAlias = Welcome | MsrResult | InjectException | Resume | Interrupt | VmmDone | ErrorReply
 Message: TypeAlias = GuestMessage | HostMessage
 Schema: TypeAlias = dict[str, type]
 
-GUEST_TO_HOST: Final[Schema] = {c.TYPE: c for c in (Hello, MsrWrite, MsrRead, ExitMem, ExitHlt, ExitTimer)}
-HOST_TO_GUEST: Final[Schema] = {c.TYPE: c for c in (Welcome, MsrResult, InjectException, Resume, Interrupt,
+GUEST_TO_HOST: Final[Schema] = {c.TYPE: c for c in (Hello, VmmSnapshot, MsrWrite, MsrRead, ExitMem, ExitHlt,
+                                                    ExitTimer)}
+HOST_TO_GUEST: Final[Schema] = {c.TYPE: c for c in (Welcome, MsrResult, InjectException, Resume, Interrupt, VmmDone,
                                                     ErrorReply)}
 PF_VECTOR: Final = _PF_VECTOR  # (shared/abi.py has the vectors)
 

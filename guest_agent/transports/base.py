@@ -71,6 +71,7 @@ class Transport:
         self.on_reconnect: Callable[[int, float], None] | None = None
         self.give_up: Callable[[], bool] = lambda: False  # e.g. the guest is stopping: do not wait for a host
         # After a reconnect: the new welcome and its file descriptors (the kernel maps them, then `attach_ctl`).
+        self.on_lost_exit: Callable[[], None] | None = None  # an exit whose reply died with the host
         self.on_welcome: Callable[[Welcome, list[int]], None] | None = None
         self._hello: Hello | None = None
         self.chan = BlockingChannel(_connect(path, connect_timeout))
@@ -257,6 +258,8 @@ class Transport:
             return self._exit_reply()
         except HostGone:
             self._reconnect()
+            if self.on_lost_exit is not None:
+                self.on_lost_exit()
             return Resume(gpa)
 
     def poll(self) -> int:

@@ -184,7 +184,17 @@ def double_fault(evs: Events) -> Events:
     return evs
 
 
+def hlt_spin(evs: Events) -> Events:
+    """The host's kvm_hlt_spin: 1,000 HLTs in a row returned at once (host_daemon/vcpu.py's hlt_returned)."""
+    i, _ = a_token(evs)
+    evs.insert(i + 1, {k: v for k, v in at(evs, i, event="kvm_hlt_spin", count=1000, done=3,
+                                             mono_ns=evs[i]["mono_ns"] + 1).items()
+                       if k not in ("token", "gva", "gfn", "injected")})
+    return evs
+
+
 MUTATIONS: dict[str, Callable[[Events], Events]] = {
+    "halt_spin": hlt_spin,
     "wait_matches_not_present": wait_on_a_genuine_fault,
     "apf_as_genuine": sigsegv_at_a_token,
     "double_fault": double_fault,

@@ -2,7 +2,8 @@
 # the machine ready (engine, base image, wheelhouse); the test skips only if it says no engine can be started.
 # The stack runs with 4 guests, one guest's process is SIGKILLed inside its container (a crash, which the restart
 # policy answers, unlike `compose kill`), it must come back as the next boot of a vCPU, and the compose logs must
-# pass `apf-emu check` and feed `apf-emu stats`. `down -v` must leave no container or volume of the project.
+# pass `apf-emu check` and feed `apf-emu stats`; the same for the host daemon, which comes back with
+# --recover-if-present. `down -v` must leave no container or volume of the project.
 from __future__ import annotations
 
 import contextlib
@@ -204,3 +205,45 @@ def test_compose_runs_every_abi(stack_factory, abi, transport):
     boots = [e for e in stack.events("guest") if e.get("event") == "guest_boot"]
     assert len(boots) >= 2 and {e["abi"] for e in boots} == {abi}
     assert check_logs(stack)["abis"] == [abi]
+
+
+# Kill the apf-host process of the host container (not the docker-init that is PID 1, not itself).
+KILL_HOST = KILL_GUEST.replace("/apf-guest", "/apf-host")
+
+
+@pytest.mark.parametrize("transport", ["socket", "signal"])
+def test_compose_host_crash_is_restarted_and_recovers_the_vm(stack_factory, transport):
+    """The host daemon is SIGKILLed inside its container: the restart policy brings the container back, the new
+    daemon takes the VM over (--recover-if-present: guest RAM and swap survived in the `vm` container's /dev/shm,
+    and with signals the guests in its PID namespace), the guests reconnect as the same boots and go on; no data
+    check fails and the logs pass `apf-emu check`."""
+    files = ("docker-compose.yml", "docker-compose.signal.yml") if transport == "signal" else ("docker-compose.yml",)
+    stack = stack_factory(*files, APF_EMU_VCPUS="2")
+    stack.run("up", "-d", "--build", timeout=600)
+    stack.wait_events(lambda evs: all(ready_on(evs, v) for v in range(2)), "page-ready on both vCPUs")
+    host = stack.containers("host")[0]
+    # Detached: an exec attached to a container that dies under it can hang in Docker.
+    killer = subprocess.run(["docker", "exec", "-d", host, "python3", "-c", KILL_HOST], capture_output=True,
+                            text=True, timeout=60)
+    assert killer.returncode == 0, killer.stderr
+
+    def recovered(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in evs if e.get("event") == "host_ready" and e.get("recovered")]
+
+    def resumed(evs: list[dict[str, Any]]) -> bool:
+        ready = recovered(evs)
+        if not ready:
+            return False
+        after = [e for e in evs if e["mono_ns"] > ready[0]["mono_ns"]]
+        return all(any(e.get("event") == "vcpu_connect" and e.get("vcpu") == v and e.get("restored") for e in after)
+                   and any(e.get("event") == "kvm_async_pf_ready" and e.get("vcpu") == v for e in after)
+                   for v in range(2))
+
+    events = stack.wait_events(resumed, "the restarted host recovering the VM, both vCPUs back with APF traffic")
+    assert [e["recovered"] for e in events if e.get("event") == "host_ready"] == [False, True]
+    restarts = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", host], capture_output=True,
+                              text=True, timeout=60, check=True).stdout.strip()
+    assert restarts == "1", "the restart policy, not the test, brought the host back"
+    stack.run("stop", "--timeout", "20")
+    summary = check_logs(stack)
+    assert summary["events"]["guest_boot"] == 2, "the guests went on as the same boots"

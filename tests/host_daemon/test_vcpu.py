@@ -943,3 +943,74 @@ class PfMachine(RuleBasedStateMachine):
 
 
 TestPfMachine = PfMachine.TestCase
+
+
+# --- historical bugs (shared/bugs.py), each against the rule its fix made -----------------------------------------
+def make_buggy(bug: str, vcpu_id: int = 3) -> tuple[VcpuApf, EventLog]:
+    vcpu, log = make_vcpu(vcpu_id)
+    vcpu.bugs = frozenset({bug})
+    return vcpu, log
+
+
+def test_bz208081_kvm_arch_async_page_present_injects_for_a_halted_fault_before_2a18b7e7cd88():
+    """The bug: page-ready for a not-present that was not injected (a kernel-mode fault halted the vCPU). The same
+    steps as test_kvm_arch_async_page_present_traces_a_halted_fault_without_injecting, which is the fix."""
+    vcpu, log = make_buggy("bz208081")
+    boot(vcpu)
+    item = vcpu.on_fault(5, 5 * 4096, user=False, irq=True).item
+    assert item is not None and not item.notpresent_injected and vcpu.entry() == [] and vcpu.halted
+    vcpu.complete(item)
+    vcpu.unhalt()
+    assert vcpu.entry() == [VECTOR]
+    ready = events(log, "kvm_async_pf_ready")[-1]
+    assert ready["token"] == item.token and ready["injected"] is True
+    assert vcpu.area is not None and vcpu.area.token == item.token and vcpu.pageready_pending
+
+
+def test_token_zero_alloc_apf_token_before_6f3c1fc53d86_gives_vcpu_0_the_token_0():
+    """The bug: (id++ << 12) | vcpu_id from id 0. With 0 in the slot apf_pageready_slot_free sees a free slot, so
+    one entry delivers the next page-ready over it: token 0's wake is lost."""
+    vcpu, _ = make_buggy("token-zero", vcpu_id=0)
+    boot(vcpu)
+    first = vcpu.on_fault(5, 0, user=True, irq=True).item
+    second = vcpu.on_fault(6, 0, user=True, irq=True).item
+    assert first is not None and second is not None and (first.token, second.token) == (0, make_token(1, 0))
+    vcpu.complete(first)
+    vcpu.complete(second)
+    assert vcpu.entry() == [VECTOR, VECTOR]  # both dequeued at one entry: the slot read 0 after the first
+    assert vcpu.area is not None and vcpu.area.token == second.token
+    fixed, _ = make_vcpu(0)
+    assert fixed.on_fault(5, 0, user=True, irq=True).item.token == make_token(1, 0)  # type: ignore[union-attr]
+
+
+def test_lapic_disabled_before_2f15d027c05f_dequeues_and_drops_the_interrupt():
+    """The bug: kvm_arch_can_dequeue_async_page_present without kvm_lapic_enabled. The wake-all of an enabling
+    write made while the LAPIC is software-disabled goes into the slot and its interrupt is dropped
+    (__apic_accept_irq); enabling the LAPIC raises nothing (apic_set_spiv had no KVM_REQ_APF_READY); the slot
+    stays taken, so a later page-ready is never dequeued. test_kvm_arch_can_dequeue_async_page_present_needs_the_
+    lapic_enabled is the fix."""
+    vcpu, log = make_buggy("lapic-disabled")
+    boot(vcpu, lapic=False)
+    assert vcpu.entry() == []  # dequeued all the same, and the interrupt lost
+    assert vcpu.area is not None and vcpu.area.token == KVM_APF_WAKE_ALL_TOKEN and vcpu.pageready_pending
+    assert events(log, "apf_irq_dropped")[-1]["token"] == KVM_APF_WAKE_ALL_TOKEN
+    vcpu.write_msr(MSR_X2APIC_SPIV, SPIV_ON)
+    assert APF_READY not in vcpu.requests
+    item = vcpu.on_fault(5, 0, user=True, irq=True).item
+    assert item is not None and item.notpresent_injected
+    vcpu.complete(item)
+    assert vcpu.entry() == [] and vcpu.has_events()  # stuck behind the slot: every HLT returns at once
+
+
+def test_hlt_returned_logs_a_spin_at_1000_in_a_row_and_each_power_of_ten():
+    """kvm_vcpu_has_events true with nothing deliverable: each HLT returns at once; 1,000 and 10,000 in a row are
+    logged (kvm_hlt_spin), a HLT that waited or injected starts the count again."""
+    vcpu, log = make_vcpu()
+    for _ in range(999):
+        vcpu.hlt_returned(at_once=True, injected=False)
+    vcpu.hlt_returned(at_once=True, injected=True)
+    vcpu.hlt_returned(at_once=False, injected=False)
+    assert events(log, "kvm_hlt_spin") == []
+    for _ in range(10_000):
+        vcpu.hlt_returned(at_once=True, injected=False)
+    assert [e["count"] for e in events(log, "kvm_hlt_spin")] == [1000, 10_000]

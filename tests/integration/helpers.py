@@ -209,6 +209,15 @@ class GuestProcess:
         return self.wait()
 
 
+def reconnect_and_go_on(guests: list[GuestProcess], waits: int) -> None:
+    """Each guest reconnects to a new host, then sleeps on `waits` more APFs: the VM goes on."""
+    for g in guests:
+        wait_for_events(g.log, "guest_reconnect")
+    before = {g: count_events(g.log, "guest_apf_wait") for g in guests}
+    for g in guests:
+        wait_for_events(g.log, "guest_apf_wait", before[g] + waits)
+
+
 def count_events(path: Path, name: str, **match: Any) -> int:
     return sum(1 for e in read_events(path) if e["event"] == name and all(e.get(k) == v for k, v in match.items()))
 

@@ -15,7 +15,16 @@ from shared.apf_data import KvmVcpuPvApfData
 from shared.guest_ram import GuestRam, RamLayout
 from shared.wire import Welcome
 
-from .helpers import GuestProcess, HostProcess, WireClient, count_events, read_events, wait_for_events, wait_until
+from .helpers import (
+    GuestProcess,
+    HostProcess,
+    WireClient,
+    count_events,
+    read_events,
+    reconnect_and_go_on,
+    wait_for_events,
+    wait_until,
+)
 
 HOST_ARGS = ("--vcpus", "2", "--pages", "256", "--resident", "64", "--page-in-latency", "exp:2ms")  # a working set > R
 
@@ -120,9 +129,13 @@ def test_clean_reboot_disables_apf_and_boots_a_normal_kernel(tmp_path, vm_id):
     assert not tokens_of(events, 1, vcpu=1) & tokens_of(events, 2, vcpu=1)
 
 
-@pytest.mark.parametrize("transport", ["socket", "signal"])
-def test_host_sigkill_and_recover_loses_nothing(tmp_path, vm_id, transport):
-    host = HostProcess(tmp_path, vm_id, *HOST_ARGS)
+@pytest.mark.parametrize("transport,restart", [("socket", "--recover"), ("signal", "--recover"),
+                                               ("socket", "--recover-if-present")])
+def test_host_sigkill_and_recover_loses_nothing(tmp_path, vm_id, transport, restart):
+    """`--recover-if-present` is how a supervisor restarts the host (compose's restart policy): the same command
+    each time, a new VM the first time, the recovery after the kill."""
+    first = ("--recover-if-present",) if restart == "--recover-if-present" else ()
+    host = HostProcess(tmp_path, vm_id, *HOST_ARGS, *first)
     guests = [GuestProcess(host, v, "--transport", transport) for v in (0, 1)]
     try:
         for g in guests:
@@ -130,12 +143,8 @@ def test_host_sigkill_and_recover_loses_nothing(tmp_path, vm_id, transport):
         host.proc.kill()
         host.proc.wait()
         assert host.shm_exists()  # guest RAM outlives the host
-        host = HostProcess(tmp_path, vm_id, *HOST_ARGS, "--recover")
-        for g in guests:
-            wait_for_events(g.log, "guest_reconnect")
-        before = {g: count_events(g.log, "guest_apf_wait") for g in guests}
-        for g in guests:
-            wait_for_events(g.log, "guest_apf_wait", before[g] + 100)
+        host = HostProcess(tmp_path, vm_id, *HOST_ARGS, restart)
+        reconnect_and_go_on(guests, 100)
         for g in guests:
             assert g.stop() == 0
     finally:

@@ -29,11 +29,13 @@ SAMPLES = {
     "exit_mem": dict(gpa=4096, write=True, user=False, irq=True),
     "exit_hlt": dict(timeout_us=50_000),
     "exit_timer": dict(user=True, irq=True),
+    "vmm_snapshot": dict(proto=6, directory="/snap", msrs="kvm"),
     "welcome": dict(proto=1, vm="vm0", vcpu=0, boot=1, vcpus=2, pages=8, page_size=4096, shm="/x", cpuid=16400),
     "msr_result": dict(msr=1, ok=False, error="#GP", value=None),
     "exception": dict(vector=14, cr2=4096),
     "resume": dict(gpa=0),
     "interrupt": dict(vector=0xF3),
+    "vmm_done": dict(directory="/snap", vcpus=2),
     "error": dict(code="malformed", message="m", fatal=False),
 }
 
