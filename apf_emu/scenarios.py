@@ -20,6 +20,7 @@ import trio
 from shared.config import GuestOptions, HostOptions, PageInLatency, with_
 from shared.snapshot import DEFAULT_MSR_LIST
 
+from .chaos import ChaosOptions, chaos
 from .checker import Violation
 from .runner import RunOptions, RunResult, run
 from .stats import Stats
@@ -62,6 +63,7 @@ class Scenario:
     timing: bool = False  # about timing: `--all` runs it on the signal transport too
     statistic: Statistic | None = None
     snapshot_at: float | None = None  # seconds in: the VMM snapshots the VM and restores it (apf_emu/vmm.py)
+    faults: dict[str, int] | None = None  # a chaos run (apf_emu/chaos.py) with these fault counts, not a plain run
 
 
 def _p50(latency: str) -> Callable[[Stats], float | None]:
@@ -150,6 +152,22 @@ SCENARIOS: Final = (
         Variant("KVM's whole MSR range (`--msrs kvm`)", snapshot_msrs="kvm"),
         guest={"drain_timeout": 1.0}, duration=4.0, snapshot_at=1.5),
     Scenario(
+        "stale-after-kdump", "a host that keeps delivering after the guest disabled APF reaches the kdump kernel",
+        "the seed thread's question on kvm_arch_can_inject_async_page_present; KVM answered it in 2010: "
+        "kvm_pv_enable_async_pf clears the queue on disable (kvm_clear_async_pf_completion_queue), and Vitaly "
+        "Kuznetsov's 2021 series made the crash path disable every PV feature (kvm_crash_shutdown)",
+        "The crashing kernel's crash path writes MSR_KVM_ASYNC_PF_EN = 0 and does not wait; kexec then boots the kdump "
+        "kernel on the same vCPU, which KVM does not reset. A host that did not eat the outstanding completions on "
+        "disable would hold them until the kdump kernel enables APF and then deliver page-readies of tokens that "
+        "kernel never saw: dummies, and wakes of nothing. The buggy host is `--bugs no-disable-eat` (no KVM shipped "
+        "it); one guest panics a second or so in (`apf-emu chaos --guest-panics 1`) and comes back as a kdump kernel "
+        "with APF on. The fixed host is KVM's.",
+        ("stale_token",),
+        Variant("a host that does not eat on disable", host={"bugs": frozenset({"no-disable-eat"})}),
+        Variant("KVM (kvm_clear_async_pf_completion_queue on disable)"),
+        host={"page_in_latency": PageInLatency.parse("fixed:100ms")},
+        guest={"tasks": 16, "kernel_ratio": 0.0, "irq_off_ratio": 0.0}, duration=5.0, faults={"guest_panics": 1}),
+    Scenario(
         "double-fault", "`pf`: not-present and page-ready #PFs injected together make a #DF",
         "\"KVM: async_pf: Fix #DF due to inject 'Page not Present' and 'Page Ready' exceptions simultaneously\" "
         "(9a6e7c39810e, 2017); reverted by Vitaly Kuznetsov's interrupt series (2020) as no longer needed",
@@ -237,7 +255,17 @@ def variant_options(sc: Scenario, which: str, *, transport: str, seed: int, log_
 def run_variant(sc: Scenario, which: str, *, transport: str, seed: int, root: Path) -> VariantRun:
     log_dir = root / sc.name / f"{which}-{transport}"
     vm = f"sc{os.getpid()}-{SCENARIOS.index(sc)}{which[0]}{transport[0]}"
-    result = trio.run(run, variant_options(sc, which, transport=transport, seed=seed, log_dir=log_dir, vm=vm))
+    opts = variant_options(sc, which, transport=transport, seed=seed, log_dir=log_dir, vm=vm)
+    if sc.faults is None:
+        result = trio.run(run, opts)
+    else:
+        faults = {"guest_kills": 0, "guest_panics": 0, "host_kills": 0, "pauses": 0, **sc.faults}
+        chaos_opts = ChaosOptions(host=opts.host, guest=opts.guest, duration=opts.duration, log_dir=log_dir, vm=vm,
+                                  guest_kills=faults["guest_kills"], guest_panics=faults["guest_panics"],
+                                  host_kills=faults["host_kills"], pauses=faults["pauses"])
+        done = trio.run(chaos, chaos_opts)
+        result = RunResult(done.vm, done.log_dir, exit_codes=done.exit_codes, stopped_by=done.stopped_by,
+                           unexpected_exits=done.problems, leftovers=done.leftovers)
     violations, stats, _report, checker = analyse_run(result.log_dir)
     return VariantRun(which, transport, result, violations, stats, bool(checker.protocol_events))
 

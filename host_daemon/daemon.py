@@ -51,6 +51,7 @@ from .pager import Pager
 from .processes import pid_alive
 from .snapshot import SnapshotError, check_directory, pause, resume, save
 from .transports import make_notifier
+from .vcpu import AsyncPf
 from .vcpu_conn import VcpuConnection
 
 HANDSHAKE_TIMEOUT_S = 5.0
@@ -85,6 +86,7 @@ class Vm:
         self.pageready_pending: dict[int, bool] = {}  # vCPU -> what kvm_vcpu_reset left of it for the next boot
         self.handed_over = False  # a snapshot was taken: the host stops and leaves the VM for the restoring host
         self.snapshotting = False  # a snapshot is being taken: no new guest, no second snapshot
+        self.carried: dict[int, list[AsyncPf]] = {}  # `no-disable-eat`: what a vCPU's kdump kernel will find
         self.resume_guests: list[int] = []  # a restored snapshot's paused guests, resumed once the host listens
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -282,6 +284,9 @@ class Vm:
             self.memory.attach(vcpu_id, ctl.u32)
             self.memory.backing.attach_guest(vcpu_id, peer_pid or 0)
             await conn.start(saved)
+            carried = self.carried.pop(vcpu_id, [])
+            if msg.kind == "kdump" and carried:  # `no-disable-eat`: a kexec into the crash kernel keeps the vCPU
+                conn.apf.adopt(carried)
             if vcpu_id in self.recovery_pins:
                 self.memory.unpin(self.recovery_pins.pop(vcpu_id))
             await conn.first_entry()  # a restored vCPU's interrupts come before welcome: pending when it resumes

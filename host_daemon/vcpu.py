@@ -339,6 +339,8 @@ class VcpuApf:
             self._garbage_reported = False
             self._wakeup_all()
             return MsrResult(True)
+        if "no-disable-eat" in self.bugs:
+            return MsrResult(True)  # the completions stay queued, for whatever enables APF next
         # kvm_clear_async_pf_completion_queue: cancel_work_sync waits for every page-in that is running; each then
         # completes as usual (joins the done list, kvm_async_pf_completed) before the whole queue is freed.
         done = {id(item) for item in self.done}
@@ -355,6 +357,8 @@ class VcpuApf:
         if self._vmexit_refused(en):
             return MsrResult(False, "DELIVERY_AS_PF_VMEXIT without KVM_FEATURE_ASYNC_PF_VMEXIT")
         self.msr_en = value
+        if not en.enabled_bit and "no-disable-eat" in self.bugs:
+            return MsrResult(True)
         if not en.enabled_bit:
             done = {id(item) for item in self.done}
             return MsrResult(True, flush=tuple(item for item in self.queue.values()
@@ -588,11 +592,11 @@ class VcpuApf:
         no exception pending (`--no-pending-check`: interrupts allowed)."""
         if self.abi == "pf":
             if not AsyncPfEn(self.msr_en).enabled_bit:
-                return True
+                return "no-disable-eat" not in self.bugs
             return self.entry_irq and (self.exception is None or self.no_pending_check or self.no_cancel_pending)
         area = self.area
         if area is None:
-            return True
+            return "no-disable-eat" not in self.bugs  # the bug keeps them for the next enable
         if not self.lapic_enabled and "lapic-disabled" not in self.bugs:  # 2f15d027c05f
             return False
         slot = area.token
@@ -667,6 +671,19 @@ class VcpuApf:
         self.log.error("kvm_multiple_exception", prev=pending[0], prev_cr2=pending[1], nr=vector, cr2=cr2,
                        result="triple_fault" if pending[0] == DF_VECTOR else "double_fault")
         self.exception = (DF_VECTOR, 0)
+
+    def outstanding(self) -> list[AsyncPf]:
+        """The events not yet freed (wake-alls aside): what a vCPU that is not reset keeps (a kexec)."""
+        return [item for item in self.queue.values() if not item.wakeup_all]
+
+    def adopt(self, items: list[AsyncPf]) -> None:
+        """`no-disable-eat`: a kexec kept the vCPU, and with it the events the crashed kernel left; they are done
+        (their page-ins ended with the old kernel's connection), and go out once APF is on again."""
+        for item in items:
+            self.queue[item.token] = item
+            self.done.append(item)
+            self.log.info("apf_carried", token=item.token, gfn=item.gfn,
+                          message="kept across the kexec: no-disable-eat")
 
     def reset(self, reason: str) -> None:
         """`kvm_vcpu_reset` (and destroy): MSRs cleared, queue eaten, gfn hash reset, halt ended; pageready_pending

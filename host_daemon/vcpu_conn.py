@@ -70,6 +70,7 @@ class VmContext(Protocol):
     # What kvm_vcpu_reset leaves of a vCPU for its next boot on this host: pageready_pending.
     pageready_pending: dict[int, bool]
     handed_over: bool  # a snapshot was taken: nothing more is delivered, the VM is the snapshot's
+    carried: dict[int, list[AsyncPf]]  # `no-disable-eat`: vCPU -> the events a kdump kernel will find
 
     @property
     def stopping(self) -> bool: ...
@@ -385,6 +386,8 @@ class VcpuConnection:
         reset but paused in a snapshot, and its state ends with this host, as with a host that is killed: nothing
         is eaten or logged (the restoring host's wake-all replaces the events in flight)."""
         if not handover:
+            if "no-disable-eat" in self.apf.bugs:
+                self.vm.carried[self.vcpu_id] = self.apf.outstanding()
             self.apf.reset(reason)
             self.vm.pageready_pending[self.vcpu_id] = self.apf.pageready_pending
         self.notifier.close()

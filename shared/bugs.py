@@ -36,6 +36,11 @@ BUGS: Final = {
         "interrupt is dropped (__apic_accept_irq), the slot is never freed and nothing after it is delivered; "
         "HLT returns at once while the done list is not empty (kvm_vcpu_has_events), so the vCPU spins "
         "(cloud-hypervisor #2277, libkrun PR 28, Firecracker #3043)"),
+    "no-disable-eat": Bug(
+        "kvm_pv_enable_async_pf", "none shipped: KVM has eaten the completions on disable since APF was merged "
+        "(2010, kvm_clear_async_pf_completion_queue); the seed thread asks what a host that did not would do",
+        "completions outstanding when the guest disables APF stay queued; a kexec keeps the vCPU, so the kdump "
+        "kernel that enables APF again receives the page-readies of the kernel that crashed"),
 }
 NAMES: Final = tuple(BUGS)
 

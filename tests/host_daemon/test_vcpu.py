@@ -1014,3 +1014,22 @@ def test_hlt_returned_logs_a_spin_at_1000_in_a_row_and_each_power_of_ten():
     for _ in range(10_000):
         vcpu.hlt_returned(at_once=True, injected=False)
     assert [e["count"] for e in events(log, "kvm_hlt_spin")] == [1000, 10_000]
+
+
+def test_no_disable_eat_keeps_the_completions_kvm_pv_enable_async_pf_eats():
+    """KVM's kvm_pv_enable_async_pf clears the queue on disable (test_kvm_clear_async_pf_completion_queue_...); the
+    hypothetical host of `no-disable-eat` keeps it, dequeues nothing while APF is off, and whoever enables APF next
+    (a kdump kernel on the same vCPU, `adopt`) gets those page-readies."""
+    vcpu, _ = make_buggy("no-disable-eat")
+    boot(vcpu)
+    item = vcpu.on_fault(5, 0, user=True, irq=True).item
+    assert item is not None
+    vcpu.complete(item)
+    result = vcpu.write_msr(MSR_KVM_ASYNC_PF_EN, 0)
+    assert result.ok and result.flush is None and vcpu.entry() == [] and vcpu.outstanding() == [item]
+    kdump, log = make_buggy("no-disable-eat")
+    kdump.adopt(vcpu.outstanding())
+    assert events(log, "apf_carried")[-1]["token"] == item.token
+    assert kdump.write_msr(MSR_X2APIC_SPIV, SPIV_ON).ok and kdump.write_msr(MSR_KVM_ASYNC_PF_INT, VECTOR).ok
+    assert kdump.write_msr(MSR_KVM_ASYNC_PF_EN, ON).ok
+    assert kdump.entry() == [VECTOR] and kdump.area is not None and kdump.area.token == item.token

@@ -17,7 +17,7 @@ CASES = [(sc, t) for sc in SCENARIOS for t in (("socket", "signal") if sc.timing
 # The check that must fire every time; the others of `flags` may join it.
 PRIMARY = {"bz208081": "ready_for_injected_only", "token-zero": "token_format", "lapic-disabled-spin": "halt_spin",
            "offline-stale-slot": "wait_woken", "double-fault": "double_fault",
-           "firecracker-snapshot-msrs": "wait_woken",
+           "firecracker-snapshot-msrs": "wait_woken", "stale-after-kdump": "stale_token",
            "legacy-no-ack": "completed_to_ready p50"}
 
 
