@@ -192,7 +192,7 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
                         "the options the snapshot recorded; host options given after DIR override them, e.g. "
                         "--socket, --log-dir, --log-stdout): guest RAM, the swap and the saved registers are put "
                         "back, the paused guests resumed; they reconnect as the same boots. Runs until SIGTERM, "
-                        "as apf-host does.")
+                        "as apf-host does. Exit status: apf-host's; 3 also for a snapshot that cannot be read.")
     rs.add_argument("directory", type=Path, metavar="DIR", help="a directory written by `apf-emu snapshot`")
     rs.add_argument("host_options", nargs=argparse.REMAINDER, metavar="HOST OPTION",
                     help="apf-host options that override the recorded ones")
@@ -638,11 +638,14 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if not args.directory.is_dir():
+        print(f"apf-emu restore: error: {args.directory} is not a directory", file=sys.stderr)
+        return config.EXIT_USAGE
     try:
         exec_restore(args.directory, list(args.host_options))
     except VmmError as exc:
         print(f"apf-emu restore: error: {exc}", file=sys.stderr)
-        return config.EXIT_USAGE
+        return config.EXIT_FAILED  # as apf-host --restore exits for a damaged snapshot
     return config.EXIT_FAILED  # not reached: exec
 
 

@@ -160,8 +160,8 @@ SCENARIOS: Final = (
         "kernel on the same vCPU, which KVM does not reset. A host that did not eat the outstanding completions on "
         "disable would hold them until the kdump kernel enables APF and then deliver page-readies of tokens that "
         "kernel never saw: dummies, and wakes of nothing. The buggy host is `--bugs no-disable-eat` (no KVM shipped "
-        "it); one guest panics a second or so in (`apf-emu chaos --guest-panics 1`) and comes back as a kdump kernel "
-        "with APF on. The fixed host is KVM's.",
+        "it); one guest panics at a time the seed picks (`apf-emu chaos --guest-panics 1`) and comes back as a kdump "
+        "kernel with APF on. The fixed host is KVM's.",
         ("stale_token",),
         Variant("a host that does not eat on disable", host={"bugs": frozenset({"no-disable-eat"})}),
         Variant("KVM (kvm_clear_async_pf_completion_queue on disable)"),

@@ -10,6 +10,7 @@ from shared import log as slog
 from shared.config import EXIT_FAILED, EXIT_OK, HOST_OPTIONS, HostOptions, parse_daemon_args, with_
 from shared.guest_ram import vm_state_left
 from shared.logfile import log_path
+from shared.snapshot import VcpuState
 
 from .daemon import serve
 from .snapshot import SnapshotError, restore_images
@@ -26,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_daemon_args("apf-host", DESCRIPTION, HOST_OPTIONS, argv, HostOptions)
     if opts.recover_if_present and not opts.recover and vm_state_left(opts.vm):
         opts = with_(opts, recover=True)  # restarted by a supervisor after a kill: take the VM over
-    resume: list[int] = []
+    states: list[VcpuState] = []
     if opts.restore is not None:
         try:
             manifest = restore_images(opts.restore, opts.vm, opts.pages, opts.vcpus, opts.abi)
@@ -34,11 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"apf-host: --restore: {exc}", file=sys.stderr)
             return EXIT_FAILED
         opts = with_(opts, recover=True)
-        resume = [state.guest_pid for state in manifest.vcpu_states]
+        states = list(manifest.vcpu_states)
     slog.configure(log_path(opts.log_dir, "host", opts.log_compress) if opts.log_dir else None,
                    stdout=opts.log_stdout, compression=opts.log_compress)
     try:
-        trio.run(serve, opts, resume)
+        trio.run(serve, opts, states)
     except (OSError, ValueError) as exc:
         print(f"apf-host: VM {opts.vm} on {opts.socket}: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -29,7 +29,7 @@ from shared.abis import CPUID as ABI_CPUID
 from shared.channel import MessageChannel
 from shared.config import HostOptions, vmm_socket, with_
 from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout, check_vm_id
-from shared.snapshot import Manifest, parse_msr_list
+from shared.snapshot import Manifest, VcpuState, parse_msr_list
 from shared.transports import TRANSPORTS
 from shared.wire import (
     BOOT_MAX,
@@ -49,7 +49,7 @@ from .guest_views import ControlBlock, PublishedEpt
 from .memory import GuestMemory
 from .pager import Pager
 from .processes import pid_alive
-from .snapshot import SnapshotError, check_directory, pause, resume, save
+from .snapshot import SnapshotError, check_directory, pause, resume, resume_paused, save
 from .transports import make_notifier
 from .vcpu import AsyncPf
 from .vcpu_conn import VcpuConnection
@@ -87,7 +87,7 @@ class Vm:
         self.handed_over = False  # a snapshot was taken: the host stops and leaves the VM for the restoring host
         self.snapshotting = False  # a snapshot is being taken: no new guest, no second snapshot
         self.carried: dict[int, list[AsyncPf]] = {}  # `no-disable-eat`: what a vCPU's kdump kernel will find
-        self.resume_guests: list[int] = []  # a restored snapshot's paused guests, resumed once the host listens
+        self.restored: list[VcpuState] = []  # a restored snapshot's vCPUs: their guests resume once the host listens
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -133,9 +133,10 @@ class Vm:
                         awaiting=self.memory.awaiting,
                     )
                     started = True
-                    if self.resume_guests:
-                        self.log.info("vmm_restore", directory=str(cfg.restore), guest_pids=self.resume_guests,
-                                      resumed=resume(self.resume_guests))
+                    if self.restored:
+                        self.log.info("vmm_restore", directory=str(cfg.restore),
+                                      guest_pids=[s.guest_pid for s in self.restored],
+                                      resumed=resume_paused(self.restored))
                     await nursery.start(trio.serve_listeners, self._handle, [trio.SocketListener(sock)])
                     await nursery.start(trio.serve_listeners, self._handle_vmm, [trio.SocketListener(vmm)])
                     task_status.started()
@@ -190,16 +191,17 @@ class Vm:
         """The VMM's socket: one `vmm_snapshot` request per connection."""
         chan = MessageChannel(stream, GUEST_TO_HOST)
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            msg = None
+            with trio.move_on_after(HANDSHAKE_TIMEOUT_S):  # for the request only: the pause has its own
                 try:
                     msg = await chan.receive()
                 except WireError as exc:
                     await self._refuse(chan, exc.code, exc.message)
                     return
-                if isinstance(msg, VmmSnapshot):
-                    await self._vmm_snapshot(chan, msg)
-                elif msg is not None:
-                    await self._refuse(chan, "unexpected", f"the VMM socket takes vmm_snapshot, not {msg.TYPE}")
+            if isinstance(msg, VmmSnapshot):
+                await self._vmm_snapshot(chan, msg)
+            elif msg is not None:
+                await self._refuse(chan, "unexpected", f"the VMM socket takes vmm_snapshot, not {msg.TYPE}")
         except Exception as exc:  # a VMM connection's failure never takes the daemon down
             if not _only_disconnects(exc):
                 self.log.exception("vmm_crash", error=repr(exc))
@@ -274,6 +276,11 @@ class Vm:
             return
         log = slog.get_logger("host", self.config.vm, vcpu=vcpu_id, boot=boot)
         conn = VcpuConnection(self, chan, notifier, ctl, vcpu_id, boot, log, peer_pid or 0)
+        if self.snapshotting or self.handed_over:  # a snapshot began while this hello was being answered
+            notifier.close()
+            ctl.close()
+            await self._refuse(chan, "snapshot_in_progress", "the VM is being snapshotted")
+            return
         session.vcpu = vcpu_id
         self.vcpus[vcpu_id] = conn
         self.last_boot[vcpu_id] = max(boot, self.last_boot.get(vcpu_id, 0))
@@ -438,8 +445,9 @@ def _only_disconnects(exc: BaseException) -> bool:
     return isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError))
 
 
-async def serve(config: HostOptions, resume_guests: list[int] | None = None) -> None:
-    """Run the VM; `resume_guests`: the paused guests of a restored snapshot, resumed once the host listens."""
+async def serve(config: HostOptions, restored: list[VcpuState] | None = None) -> None:
+    """Run the VM; `restored`: the vCPUs of a restored snapshot, whose paused guests are resumed once the host
+    listens."""
     vm = Vm(config)
-    vm.resume_guests = list(resume_guests or [])
+    vm.restored = list(restored or [])
     await vm.run()

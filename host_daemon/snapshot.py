@@ -29,7 +29,7 @@ import posix_ipc
 import trio
 
 from shared.guest_ram import GuestRam, RamLayout
-from shared.snapshot import MANIFEST, RAM, SWAP, Manifest, VcpuState, read_manifest
+from shared.snapshot import MANIFEST, RAM, SWAP, Manifest, VcpuState, read_manifest, read_regular
 
 from .backing_store import MAGIC, VERSION, BackingStore, store_size
 from .memory import GuestMemory
@@ -72,9 +72,25 @@ def _stopped(pid: int) -> bool:
     return stat[stat.rindex(")") + 2 :].startswith(("T", "t", "Z", "X"))
 
 
+def start_time(pid: int) -> int:
+    """The process's start time (/proc/<pid>/stat field 22, clock ticks since boot); 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def resume(pids: Iterable[int]) -> list[int]:
     """SIGCONT each guest; returns those that were still there."""
     return [pid for pid in pids if pid and _signal(pid, signal.SIGCONT)]
+
+
+def resume_paused(states: Iterable[VcpuState]) -> list[int]:
+    """SIGCONT the guests of a restored snapshot: only a process that is the one saved (same start time, not a
+    reused pid) and is stopped, since a snapshot is input and names pids."""
+    return resume(s.guest_pid for s in states
+                  if s.guest_pid and start_time(s.guest_pid) == s.guest_start and _stopped(s.guest_pid))
 
 
 async def pause(vm: VmView) -> dict[int, int]:
@@ -89,9 +105,13 @@ async def pause(vm: VmView) -> dict[int, int]:
     if len(stopped) != len(pids):
         resume(stopped)
         raise SnapshotError("a guest could not be sent SIGSTOP (gone, or not the host's to signal)")
-    with trio.move_on_after(PAUSE_TIMEOUT_S):
-        while not all(_stopped(pid) for pid in stopped):
-            await trio.sleep(0.005)  # polling another process's state in /proc
+    try:
+        with trio.move_on_after(PAUSE_TIMEOUT_S):
+            while not all(_stopped(pid) for pid in stopped):
+                await trio.sleep(0.005)  # polling another process's state in /proc
+    except BaseException:  # the host is stopping (SIGTERM) meanwhile: no guest stays stopped
+        resume(stopped)
+        raise
     if not all(_stopped(pid) for pid in stopped):
         resume(stopped)
         raise SnapshotError(f"a guest did not stop within {PAUSE_TIMEOUT_S} s")
@@ -102,6 +122,9 @@ def save(vm: VmView, directory: Path, manifest: Manifest, msrs: tuple[int, ...],
     """Everything at once, with the vCPUs of `paused` stopped: the manifest with each one's MSRs and interrupt state,
     guest RAM and the backing store. Synchronous: the host changes nothing while it runs. SnapshotError, and no file
     left behind, if the directory cannot take it."""
+    running = sorted(set(vm.vcpus) - set(paused))
+    if running:
+        raise SnapshotError(f"vCPU {running[0]} connected while the others were being paused")
     states = []
     for vcpu in sorted(paused):
         conn = vm.vcpus.get(vcpu)
@@ -113,19 +136,21 @@ def save(vm: VmView, directory: Path, manifest: Manifest, msrs: tuple[int, ...],
             result = conn.apf.read_msr(msr)
             if result.ok and result.value is not None:
                 values[msr] = result.value
-        states.append(VcpuState(vcpu, conn.boot, conn.peer_pid, values, conn.apf.spiv, conn.apf.pageready_pending))
+        states.append(VcpuState(vcpu, conn.boot, conn.peer_pid, values, conn.apf.spiv, conn.apf.pageready_pending,
+                                start_time(conn.peer_pid)))
     full = Manifest(manifest.vm, manifest.pages, manifest.vcpus, manifest.abi, msrs, tuple(states),
                     manifest.host_args)
+    created: list[Path] = []
     try:
-        with open(directory / RAM, "xb") as f:
-            f.write(vm.memory.ram.mem)
-        with open(directory / SWAP, "xb") as f:
-            f.write(vm.memory.backing.mem)
-        full.write(directory)
+        for name, data in ((RAM, vm.memory.ram.mem), (SWAP, vm.memory.backing.mem),
+                           (MANIFEST, full.text().encode())):
+            with open(directory / name, "xb") as f:  # never over a file another writer made
+                created.append(directory / name)
+                f.write(data)
     except OSError as exc:
-        for name in (RAM, SWAP, MANIFEST):
+        for path in created:  # only what this call made
             with contextlib.suppress(OSError):
-                (directory / name).unlink()
+                path.unlink()
         raise SnapshotError(f"cannot write the snapshot into {directory}: {exc.strerror or exc}") from None
     return full
 
@@ -157,28 +182,27 @@ def restore_images(directory: Path, vm: str, pages: int, vcpus: int, abi: str) -
                             f"{found[3]}), not of {vm!r} ({pages} pages, {vcpus} vCPUs, ABI {abi})")
     layout = RamLayout(pages)
     try:
-        ram_image = (directory / RAM).read_bytes()
-        swap_image = (directory / SWAP).read_bytes()
-    except OSError as exc:
-        raise SnapshotError(f"{directory}: {exc.strerror or exc}") from None
-    if len(ram_image) != layout.ram_size:
-        raise SnapshotError(f"{directory / RAM} is {len(ram_image)} bytes, not the {layout.ram_size} of guest RAM")
-    want = store_size(pages)
-    if len(swap_image) != want or struct.unpack_from("=3I", swap_image) != (MAGIC, VERSION, pages):
-        raise SnapshotError(f"{directory / SWAP} is not the backing store of a {pages}-page VM ({len(swap_image)} "
-                            f"bytes, {want} expected, with its header)")
+        ram_image = read_regular(directory / RAM, layout.ram_size)
+        swap_image = read_regular(directory / SWAP, store_size(pages))
+    except ValueError as exc:
+        raise SnapshotError(str(exc)) from None
+    if struct.unpack_from("=3I", swap_image) != (MAGIC, VERSION, pages):
+        raise SnapshotError(f"{directory / SWAP} is not the backing store of a {pages}-page apf-emu VM (its header)")
     try:
-        ram = GuestRam.open(vm, layout)
-    except (posix_ipc.ExistentialError, ValueError):
-        ram = GuestRam.create(vm, layout)
-    try:
-        ram.mem[:] = ram_image
-    finally:
-        ram.close_keep()
-    try:
-        backing = BackingStore(vm, pages, recover=True)
-    except (posix_ipc.ExistentialError, ValueError):
-        backing = BackingStore(vm, pages, recover=False)
+        try:
+            ram = GuestRam.open(vm, layout)
+        except (posix_ipc.ExistentialError, ValueError):
+            ram = GuestRam.create(vm, layout)
+        try:
+            ram.mem[:] = ram_image
+        finally:
+            ram.close_keep()
+        try:
+            backing = BackingStore(vm, pages, recover=True)
+        except (posix_ipc.ExistentialError, ValueError):
+            backing = BackingStore(vm, pages, recover=False)
+    except (posix_ipc.Error, OSError) as exc:
+        raise SnapshotError(f"cannot put the snapshot back into the VM's shared memory: {exc}") from None
     try:
         backing.mem[:] = swap_image
         for state in manifest.vcpu_states:

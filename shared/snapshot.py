@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -80,6 +82,7 @@ class VcpuState:
     msrs: dict[int, int]
     spiv: int
     pageready_pending: bool
+    guest_start: int = 0  # the guest process's start time (/proc/<pid>/stat field 22): a restore resumes only it
 
     def msr(self, number: int) -> int:
         """What KVM_SET_MSRS gives the restored vCPU: the saved value, or 0 (a new vCPU's) if it was not saved."""
@@ -107,14 +110,40 @@ class Manifest:
             "host_args": list(self.host_args),
             "msr_list": [f"{m:#x}" for m in self.msr_list],
             "vcpu_states": [{
-                "vcpu": s.vcpu, "boot": s.boot, "guest_pid": s.guest_pid, "spiv": s.spiv,
+                "vcpu": s.vcpu, "boot": s.boot, "guest_pid": s.guest_pid, "guest_start": s.guest_start, "spiv": s.spiv,
                 "pageready_pending": s.pageready_pending,
                 "msrs": {MSR_NAMES.get(m, f"{m:#x}"): v for m, v in sorted(s.msrs.items())},
             } for s in self.vcpu_states],
         }
 
-    def write(self, directory: Path) -> None:
-        (directory / MANIFEST).write_text(json.dumps(self.as_json(), indent=1) + "\n")
+    def text(self) -> str:
+        return json.dumps(self.as_json(), indent=1) + "\n"
+
+
+MAX_MANIFEST: Final = 16 << 20  # bytes: far more than 64 vCPUs with 65536 MSRs each need
+
+
+def read_regular(path: Path, size: int, *, exact: bool = True) -> bytes:
+    """The bytes of a regular file of `size` bytes (at most `size` unless `exact`), without following a symlink or
+    blocking on a FIFO; ValueError naming the path otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_size != size if exact else st.st_size > size:
+            raise ValueError(f"{path} is {st.st_size} bytes, not the {size} expected" if exact else
+                             f"{path} is larger than {size} bytes")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(size + 1)
+    finally:
+        os.close(fd)
+    if (exact and len(data) != size) or len(data) > size:
+        raise ValueError(f"{path} changed while it was read")
+    return data
 
 
 def _int(obj: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -138,7 +167,7 @@ def read_manifest(directory: Path) -> Manifest:
     naming the file and the problem."""
     path = directory / MANIFEST
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_regular(path, MAX_MANIFEST, exact=False))
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ValueError(f"not an apf-emu snapshot of format {FORMAT}")
         vm, abi = raw.get("vm"), raw.get("abi")
@@ -164,7 +193,7 @@ def read_manifest(directory: Path) -> Manifest:
                 raise ValueError("pageready_pending must be true or false")
             states.append(VcpuState(_int(item, "vcpu", 0, vcpus - 1), _int(item, "boot", 1, 0xFFFF_FFFF),
                                     _int(item, "guest_pid", 0, 1 << 22), msrs, _int(item, "spiv", 0, 0xFFFF_FFFF),
-                                    item["pageready_pending"]))
+                                    item["pageready_pending"], _int(item, "guest_start", 0, (1 << 64) - 1)))
         host_args = raw.get("host_args", [])
         if not isinstance(host_args, list) or not all(isinstance(a, str) for a in host_args):
             raise ValueError("host_args must be a list of strings")

@@ -157,8 +157,8 @@ def test_bad_snapshot_requests_and_damaged_snapshots_are_refused_and_change_noth
         ram_image = (snap / "ram.bin").read_bytes()
         (snap / "snapshot.json").write_text(manifest_text.replace('"MSR_KVM_ASYNC_PF_INT": 243',
                                                                   '"MSR_KVM_ASYNC_PF_INT": 499'))
-        # A manifest `apf-emu restore` cannot read is bad input (2); images the host refuses, a failed start (3).
-        for damage, words, status in (("msr", "cannot hold 499", 2), ("ram", "bytes, not the", 3)):
+        # A manifest `apf-emu restore` cannot read, or images the host refuses: the restore could not run (3).
+        for damage, words, status in (("msr", "cannot hold 499", 3), ("ram", "bytes, not the", 3)):
             if damage == "ram":
                 (snap / "snapshot.json").write_text(manifest_text)
                 (snap / "ram.bin").write_bytes(ram_image[:4096])
