@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from shared.blocking_channel import BlockingChannel, ChannelClosed, NoHost, connect
-from shared.config import vmm_socket
+from shared.config import HostOptions, vmm_socket
 from shared.snapshot import MANIFEST, read_manifest
 from shared.wire import PROTOCOL_VERSION, ErrorReply, VmmDone, VmmSnapshot, WireError
 
@@ -56,7 +56,8 @@ def restore_command(directory: Path, extra: list[str]) -> list[str]:
         manifest = read_manifest(directory)
     except ValueError as exc:
         raise VmmError(str(exc)) from None
-    return [sys.executable, "-m", "host_daemon", *manifest.host_args, *extra, "--restore", str(directory.resolve())]
+    return [sys.executable, "-m", HostOptions.MODULE, *manifest.host_args, *extra, "--restore",
+            str(directory.resolve())]
 
 
 def exec_restore(directory: Path, extra: list[str]) -> None:

@@ -35,9 +35,14 @@ VCPU_WORDS: Final = 16
 V_VALID, V_BOOT, V_EN_LO, V_EN_HI, V_INT, V_APF_ID, V_CONNECTED, V_PID, V_SPIV, V_VE_LO, V_VE_HI = range(11)
 
 
+def _slots_off(pages: int) -> int:
+    """Where the page slots start: after the header page, residency, swap_state and the vCPU records."""
+    return PAGE_SIZE + 2 * page_align(pages * 4) + page_align(MAX_VCPUS * VCPU_WORDS * 4)
+
+
 def store_size(pages: int) -> int:
     """The size of the backing store of a `pages`-page VM (the layout above)."""
-    return PAGE_SIZE + 2 * page_align(pages * 4) + page_align(MAX_VCPUS * VCPU_WORDS * 4) + pages * 2 * PAGE_SIZE
+    return _slots_off(pages) + pages * 2 * PAGE_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +64,8 @@ class BackingStore:
         self.residency_off = PAGE_SIZE
         self.state_off = self.residency_off + page_align(pages * 4)
         self.vcpu_off = self.state_off + page_align(pages * 4)
-        self.slots_off = self.vcpu_off + page_align(MAX_VCPUS * VCPU_WORDS * 4)
-        size = self.slots_off + pages * 2 * PAGE_SIZE
-        assert size == store_size(pages)
+        self.slots_off = _slots_off(pages)
+        size = store_size(pages)
         if recover:
             shm = posix_ipc.SharedMemory(self.name, 0)
             found = shm.size

@@ -209,6 +209,14 @@ class GuestProcess:
         return self.wait()
 
 
+def end_run(guests: list[GuestProcess], host: Any) -> None:
+    """The `finally` of a test run: kill what a failure left running, then stop the host, which must stop cleanly."""
+    for g in guests:
+        if g.proc.poll() is None:
+            g.proc.kill()
+    assert host.stop() == 0
+
+
 def reconnect_and_go_on(guests: list[GuestProcess], waits: int) -> None:
     """Each guest reconnects to a new host, then sleeps on `waits` more APFs: the VM goes on."""
     for g in guests:

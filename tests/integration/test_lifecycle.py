@@ -20,6 +20,7 @@ from .helpers import (
     HostProcess,
     WireClient,
     count_events,
+    end_run,
     read_events,
     reconnect_and_go_on,
     wait_for_events,
@@ -148,10 +149,7 @@ def test_host_sigkill_and_recover_loses_nothing(tmp_path, vm_id, transport, rest
         for g in guests:
             assert g.stop() == 0
     finally:
-        for g in guests:
-            if g.proc.poll() is None:
-                g.proc.kill()
-        assert host.stop() == 0
+        end_run(guests, host)
     assert not host.shm_exists()
     events = checked(host)
     host_events = read_events(host.log_dir / "host.jsonl")

@@ -24,6 +24,7 @@ from .helpers import (
     GuestProcess,
     HostProcess,
     WireClient,
+    end_run,
     read_events,
     reconnect_and_go_on,
     wait_for_events,
@@ -82,10 +83,7 @@ def test_snapshot_and_restore_with_the_whole_kvm_range_lose_nothing(tmp_path, vm
         for g in guests:
             assert g.stop() == 0
     finally:
-        for g in guests:
-            if g.proc.poll() is None:
-                g.proc.kill()
-        assert (restored or host).stop() == 0
+        end_run(guests, restored or host)
     assert not host.shm_exists()
     events = list(read_merged([str(tmp_path)]))
     assert [(v.invariant, v.message) for v in check_events(events)][:5] == []
@@ -121,10 +119,7 @@ def test_restore_of_a_list_without_msr_kvm_async_pf_int_strands_the_sleepers(tmp
         for g in guests:
             g.stop()
     finally:
-        for g in guests:
-            if g.proc.poll() is None:
-                g.proc.kill()
-        assert (restored or host).stop() == 0
+        end_run(guests, restored or host)
     invariants = {v.invariant for v in check_events(list(read_merged([str(tmp_path)])))}
     assert "wait_woken" in invariants, invariants
 
@@ -172,9 +167,6 @@ def test_bad_snapshot_requests_and_damaged_snapshots_are_refused_and_change_noth
         for g in guests:
             assert g.stop() == 0
     finally:
-        for g in guests:
-            if g.proc.poll() is None:
-                g.proc.kill()
-        assert (restored or host).stop() == 0
+        end_run(guests, restored or host)
     events = list(read_merged([str(tmp_path)]))
     assert [(v.invariant, v.message) for v in check_events(events)][:5] == []
