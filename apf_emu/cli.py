@@ -26,7 +26,7 @@ from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violat
 from .compare import AbiRun, table
 from .logdirs import DEFAULT_ROOT, human_size, log_dirs, prune, volume
 from .logs import LogInputError, ReadReport, expand, read_merged
-from .runner import RunOptions, RunResult, check_socket_room, describe_exit, run
+from .runner import CHAOS_GUEST, RUN_GUEST, RUN_HOST, RunOptions, RunResult, check_socket_room, describe_exit, run
 from .scenarios import BY_NAME as SCENARIO_BY_NAME
 from .scenarios import SCENARIOS, Verdict, run_scenario
 from .stats import INTERLEAVINGS, LATENCIES, Stats
@@ -34,13 +34,6 @@ from .trace import build_trace
 from .verdict import analyse, analyse_run
 from .vmm import VmmError, exec_restore, snapshot
 
-# The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
-RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "page_in_errors", "seed", "abi", "log_stdout",
-            "log_compress", "enforce_pv_cpuid", "no_pending_check", "no_cancel_pending", "bugs")
-RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
-             "entry_fault_ratio", "guest_unmap_ratio", "apf_reinit_every", "online_clears_token")
-CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
-               "entry_fault_ratio", "guest_unmap_ratio", "kdump_no_kvmapf")
 DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=True), 10.0, "seconds to run")
 COUNT = config.int_in(0, 100_000)
 SCENARIO_NAMES = tuple(SCENARIO_BY_NAME)

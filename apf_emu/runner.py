@@ -35,6 +35,14 @@ from shared.snapshot import DEFAULT_MSR_LIST
 from . import vmm
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
 
+# The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
+RUN_HOST = ("vcpus", "pages", "resident", "page_in_latency", "page_in_errors", "seed", "abi", "log_stdout",
+            "log_compress", "enforce_pv_cpuid", "no_pending_check", "no_cancel_pending", "bugs")
+RUN_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
+             "entry_fault_ratio", "guest_unmap_ratio", "apf_reinit_every", "online_clears_token")
+CHAOS_GUEST = ("transport", "tasks", "vector", "kernel_ratio", "irq_off_ratio", "shared_ratio", "send_always",
+               "entry_fault_ratio", "guest_unmap_ratio", "kdump_no_kvmapf")
+
 GUEST_GRACE_S = 15.0
 HOST_GRACE_S = 10.0
 
