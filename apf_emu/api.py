@@ -204,7 +204,21 @@ def _reap(proc: subprocess.Popen[bytes], grace: float) -> int:
         return proc.wait()
 
 
-class Vcpu:
+class _Process:
+    """A process of the VM, if started: its pid, and whether it runs."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Vcpu(_Process):
     """One vCPU: the guest agent process of its current boot. Boots are numbered from 1; `restart()` starts the
     next one after the process ended (killed, panicked, rebooted or stopped)."""
 
@@ -220,14 +234,6 @@ class Vcpu:
 
     def __repr__(self) -> str:
         return f"<Vcpu {self.index} boot {self.boot} {self.kind} {'running' if self.alive else 'down'}>"
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def _start(self, kind: str) -> None:
         self.boot += 1
@@ -310,7 +316,7 @@ class Vcpu:
         return self._vm.events(event, vcpu=self.index, **match)
 
 
-class Host:
+class Host(_Process):
     """The host daemon (KVM and the VMM in one process)."""
 
     def __init__(self, vm: VM) -> None:
@@ -318,14 +324,6 @@ class Host:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.exit_codes: list[int] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def _start(self, argv: list[str]) -> None:
         sock = self._vm.socket
