@@ -18,7 +18,9 @@ from shared.abi import (
     ASYNC_PF_PER_VCPU,
     KVM_APF_WAKE_ALL_TOKEN,
     MSR_KVM_ASYNC_PF_EN,
+    MSR_KVM_ASYNC_PF_INT,
     MSR_NAMES,
+    TOKEN_VCPU_BITS,
     AsyncPfEn,
     token_is_well_formed,
 )
@@ -26,6 +28,7 @@ from shared.abi import (
 from .logs import Event
 
 RETRY_LOOP_LIMIT: Final = 32
+APF_ID_MAX: Final = (1 << (32 - TOKEN_VCPU_BITS)) - 1  # a u32 token holds 20 bits of id
 
 INVARIANTS: Final = {
     "token_format": "a not-present token is (id << 12) | vcpu, nonzero and not 0xffffffff; a ready token is that "
@@ -61,11 +64,32 @@ INVARIANTS: Final = {
     "in a row that return at once because kvm_vcpu_has_events sees a done list that cannot be dequeued)",
     "retry_loop": f"no vCPU faults on one gfn more than {RETRY_LOOP_LIMIT} times in a row without completing an "
     "access to it (the endless retry of a page-in that keeps failing, Vivek Goyal 2020); judged for guests that log",
+    "repeated_fault_outstanding": "kvm_async_pf_repeated_fault is traced only for a gfn whose page-in is "
+    "outstanding on that vCPU (__kvm_faultin_pfn: kvm_find_async_pf_gfn; kvm_arch_async_page_present removes the "
+    "gfn at page-ready); on a real trace, judged for gfns whose earlier fault the trace saw end",
+    "completed_before_ready": "a page-ready (but a wake-all's) follows its page-in's kvm_async_pf_completed: apf-emu's "
+    "host logs the completion before any exit can take it; KVM traces it in async_pf_execute after the kick, so a "
+    "real trace may show it after the page-ready, and is not judged",
+    "msr_order": "MSR_KVM_ASYNC_PF_INT is written before MSR_KVM_ASYNC_PF_EN enables delivery as an interrupt "
+    "(Documentation/virt/kvm/x86/msr.rst; kvm_pv_enable_async_pf takes the vector as it is, 0 after reset); Linux "
+    "writes it just before every enable (kvm_guest_cpu_init)",
 }
+# Which invariants each kind of input supports (apf_emu/ftrace/reader.py reads traces; docs/TRACING.md says why):
+# apf-emu's own logs all; an apf-emu export of them as ftrace text what the host's tracepoints carry; a real
+# host's trace (recorded mid-flight, without the guest's side, not_present traced on the halt path too) less.
+TRACE_JUDGED: Final = frozenset({"token_format", "token_unique", "ready_after_not_present", "ready_once",
+                                 "outstanding_limit", "repeated_fault_outstanding", "msr_order"})
+JUDGED: Final = {
+    "logs": frozenset(INVARIANTS),
+    "export": TRACE_JUDGED | {"completed_before_ready"},
+    "trace": TRACE_JUDGED,
+}
+INPUT_NAMES: Final = {"logs": "apf-emu logs", "export": "apf-emu's ftrace export", "trace": "a real host's trace"}
 DEFAULT_READY_LATENCY_LIMIT_MS: Final = 1000.0
 
 CONTEXT_EVENTS: Final = 6
 EN_NAME: Final = MSR_NAMES[MSR_KVM_ASYNC_PF_EN]
+INT_NAME: Final = MSR_NAMES[MSR_KVM_ASYNC_PF_INT]
 
 
 @dataclass
@@ -91,6 +115,11 @@ class _HostVcpu:
     faults_in_a_row: dict[int, int] = field(default_factory=dict)  # gfn -> not-presents since an access completed
     injected_np: set[int] = field(default_factory=set)  # not-presents injected and not yet slept on
     pf_ready: set[int] = field(default_factory=set)  # `pf`: page-ready #PFs delivered and not yet seen consumed
+    gfns: dict[int, int] = field(default_factory=dict)  # outstanding token -> its gfn, where known
+    done_gfns: set[int] = field(default_factory=set)  # gfns whose page-in the log saw end, not faulted since
+    first_id: int | None = None  # a real trace: the apf id of the first not-present it holds for this vCPU
+    last_id: int = 0  # the apf id of the last not-present
+    int_written: bool = False  # MSR_KVM_ASYNC_PF_INT was written (or restored) since the vCPU's reset
 
 
 @dataclass
@@ -117,6 +146,8 @@ class Checker:
         self._current_boot: dict[tuple[Any, Any], Any] = {}
         self._context: dict[tuple[Any, Any], deque[Event]] = {}
         self._abi: dict[Any, str] = {}  # vm -> the ABI its host runs (host_ready)
+        self.input = "logs"  # what is read: "logs", or ftrace text, "export" or "trace" (ftrace_start says)
+        self.judged: frozenset[str] = JUDGED["logs"]
 
     # --- driving -------------------------------------------------------------------------------------------------
     def check(self, events: Iterable[Event]) -> list[Violation]:
@@ -159,6 +190,8 @@ class Checker:
         return self.ready_latency_limit_ns / 1e6
 
     def _violate(self, invariant: str, message: str, ev: Event) -> None:
+        if invariant not in self.judged:
+            return
         self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx)))
 
     # --- host events ---------------------------------------------------------------------------------------------
@@ -187,6 +220,30 @@ class Checker:
         self._violate("halt_spin", f"vCPU {key[1]} spins: {ev.get('count')} HLTs in a row returned at once with "
                       f"nothing injected ({ev.get('done')} page-ready events queued that cannot be delivered)", ev)
 
+    def _ftrace_start(self, ev: Event, key: tuple[Any, Any]) -> None:
+        self.input = "export" if ev.get("export") else "trace"
+        self.judged = JUDGED[self.input]
+
+    def _ftrace_lost(self, ev: Event, key: tuple[Any, Any]) -> None:
+        """The trace lost events here: what was known of every vCPU no longer holds (as at a trace's start)."""
+        self._host.clear()
+
+    @property
+    def _mid_flight(self) -> bool:
+        """A real trace: recorded from some moment on, so events of faults from before it may come."""
+        return self.input == "trace"
+
+    def _repeated_fault(self, ev: Event, key: tuple[Any, Any]) -> None:
+        gfn = ev.get("gfn")
+        if not isinstance(gfn, int):
+            return  # the 2010 postings' doublefault printed only rip
+        st = self._h(key)
+        if gfn in st.gfns.values():
+            return
+        if not self._mid_flight or gfn in st.done_gfns:
+            self._violate("repeated_fault_outstanding", f"repeated fault on gfn {gfn:#x}, which has no page-in "
+                          "outstanding on this vCPU", ev)
+
     def _h(self, key: tuple[Any, Any]) -> _HostVcpu:
         st = self._host.get(key)
         if st is None:
@@ -211,6 +268,7 @@ class Checker:
             # that were in flight died with the old host, and a wake-all replaces them.
             old.outstanding.clear()
             old.completed.clear()
+            old.gfns.clear()
             return
         st = self._host[key] = _HostVcpu()
         if old is not None:
@@ -218,26 +276,40 @@ class Checker:
             st.issued_boot = old.issued_boot
 
     def _msr_write(self, ev: Event, key: tuple[Any, Any]) -> None:
+        if ev.get("msr") == INT_NAME and ev.get("ok"):
+            self._h(key).int_written = True
         if ev.get("msr") == EN_NAME and ev.get("ok"):
             st = self._h(key)
             en = AsyncPfEn(int(ev["value"]))
+            if en.apf_enabled and not st.int_written and not self._pf(key):
+                self._violate("msr_order", f"MSR_KVM_ASYNC_PF_EN = {en.raw:#x} enables delivery as an interrupt "
+                              "before MSR_KVM_ASYNC_PF_INT was written: the vector is 0", ev)
             st.enabled = en.enabled_bit if self._pf(key) else en.apf_enabled
             if not st.enabled:
                 # Outstanding events are eaten. A page-ready already delivered is not: its token stays in the
                 # slot until the guest clears it, and a guest that re-enables may still take it (the host delivers
                 # nothing new, not even the wake-all, until it does).
                 st.outstanding.clear()
+                st.gfns.clear()  # kvm_async_pf_hash_reset
 
     def _not_present(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._h(key)
         token = ev.get("token")
         vcpu = key[1]
+        if token is None and self.input != "logs":  # af585b921e5d's "gva %#llx not present": no token to judge
+            return
         if not isinstance(token, int) or not isinstance(vcpu, int) or not token_is_well_formed(token, vcpu):
             self._violate("token_format", f"not-present token {fmt_token(token)} is not (id << 12) | {vcpu}", ev)
             return
         injected = ev.get("injected", True) is not False
         if injected and not st.enabled:
             self._violate("delivered_while_disabled", f"not-present {token:#x} while APF is disabled", ev)
+        apf_id = token >> TOKEN_VCPU_BITS
+        if st.first_id is None:
+            st.first_id = apf_id
+        if apf_id < st.last_id and st.last_id > APF_ID_MAX - 1024:
+            st.seen.clear()  # the 20-bit apf id wrapped (alloc_apf_token skips 0): tokens come round again
+        st.last_id = apf_id
         if token in st.seen:
             self._violate("token_unique", f"token {token:#x} handed out again", ev)
         st.seen.add(token)
@@ -247,6 +319,9 @@ class Checker:
         if injected:
             st.injected_np.add(token)
         gfn = ev.get("gfn")
+        if isinstance(gfn, int):
+            st.gfns[token] = gfn
+            st.done_gfns.discard(gfn)
         if isinstance(gfn, int) and key in self._current_boot:  # only where the guest logs its completed accesses
             n = st.faults_in_a_row[gfn] = st.faults_in_a_row.get(gfn, 0) + 1
             if n == RETRY_LOOP_LIMIT + 1:
@@ -257,8 +332,10 @@ class Checker:
     def _ready(self, ev: Event, key: tuple[Any, Any]) -> None:
         st = self._h(key)
         token = ev.get("token")
+        if token is None and self.input != "logs":  # af585b921e5d's "gva %#llx ready": no token to judge
+            return
         if ev.get("injected", True) is False:
-            self._ready_not_injected(ev, st, token)
+            self._ready_not_injected(ev, st, token, key[1])
             return
         if not st.enabled:
             self._violate("delivered_while_disabled", f"page-ready {fmt_token(token)} while APF is disabled", ev)
@@ -282,25 +359,40 @@ class Checker:
         elif token in st.readied:
             self._violate("ready_once", f"second page-ready for {token:#x}", ev)
         elif token not in st.outstanding:
-            self._violate("ready_after_not_present", f"page-ready {token:#x} without a not-present", ev)
+            if not self._before_trace(st, token):
+                self._violate("ready_after_not_present", f"page-ready {token:#x} without a not-present", ev)
         elif not st.outstanding[token]:
             self._violate("ready_for_injected_only", f"page-ready {token:#x} injected for a not-present that was not",
                           ev)
         if isinstance(token, int):
             self._retire(ev, st, token)
 
-    def _ready_not_injected(self, ev: Event, st: _HostVcpu, token: Any) -> None:
+    def _ready_not_injected(self, ev: Event, st: _HostVcpu, token: Any, vcpu: Any) -> None:
         """kvm_async_pf_ready of an item whose not-present was not injected (the halt path, or APF off): the item
-        is done, nothing reached the guest."""
-        if not isinstance(token, int) or token not in st.outstanding:
-            self._violate("ready_after_not_present", f"ready {fmt_token(token)} without a not-present", ev)
+        is done, nothing reached the guest. Judged as `_ready` judges a token (a trace cannot tell the two)."""
+        if token == KVM_APF_WAKE_ALL_TOKEN:
+            return
+        if not isinstance(token, int) or not isinstance(vcpu, int) or not token_is_well_formed(token, vcpu):
+            self._violate("token_format", f"page-ready token {fmt_token(token)} is malformed", ev)
         elif token in st.readied:
-            self._violate("ready_once", f"second ready for {token:#x}", ev)
+            self._violate("ready_once", f"second page-ready for {token:#x}", ev)
+        elif token not in st.outstanding and not self._before_trace(st, token):
+            self._violate("ready_after_not_present", f"page-ready {token:#x} without a not-present", ev)
         if isinstance(token, int):
             self._retire(ev, st, token)
 
+    def _before_trace(self, st: _HostVcpu, token: int) -> bool:
+        """A real trace: the fault of this token came before the trace started (its apf id is below the first one
+        the trace holds for the vCPU, or the trace holds none yet). Token ids grow per vCPU (alloc_apf_token)."""
+        return self._mid_flight and (st.first_id is None or token >> TOKEN_VCPU_BITS < st.first_id)
+
     def _retire(self, ev: Event, st: _HostVcpu, token: int) -> None:
+        if token in st.outstanding and token not in st.completed:
+            self._violate("completed_before_ready", f"page-ready {token:#x} before its page-in completed", ev)
         st.outstanding.pop(token, None)
+        gfn = st.gfns.pop(token, None)
+        if gfn is not None:
+            st.done_gfns.add(gfn)
         st.readied.add(token)
         done = st.completed.pop(token, None)
         if done is not None and ev["mono_ns"] - done > self.ready_latency_limit_ns:
@@ -448,6 +540,8 @@ class Checker:
         # A restarted host found the token slot empty: whatever was delivered before has been released.
         if ev.get("slot") == 0:
             self._h(key).unacked = None
+        if ev.get("msr_int"):
+            self._h(key).int_written = True  # the registers came back with the vector
 
     def _access_done(self, ev: Event, key: tuple[Any, Any]) -> None:
         """An access to `gfn` completed (or its task died of it): the faults on it are no longer in a row."""
@@ -484,6 +578,9 @@ _HOST = {
     "kvm_async_pf_not_present": Checker._not_present,
     "kvm_async_pf_ready": Checker._ready,
     "kvm_async_pf_completed": Checker._completed,
+    "kvm_async_pf_repeated_fault": Checker._repeated_fault,
+    "ftrace_start": Checker._ftrace_start,
+    "ftrace_lost": Checker._ftrace_lost,
     "apf_ready_dropped": Checker._dropped,
     "apf_sync_fault": Checker._sync_fault,
     "vcpu_restore": Checker._restore,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections import Counter
@@ -22,8 +23,9 @@ from shared.snapshot import DEFAULT_MSR_LIST, MSR_LISTS, parse_msr_list
 from shared.transports import TRANSPORTS
 
 from .chaos import ChaosOptions, ChaosResult, chaos
-from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INVARIANTS, Checker, Violation, fmt_token
+from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INPUT_NAMES, INVARIANTS, JUDGED, Checker, Violation, fmt_token
 from .compare import AbiRun, table
+from .ftrace.writer import export as ftrace_export
 from .logdirs import DEFAULT_ROOT, human_size, log_dirs, prune, volume
 from .logs import LogInputError, ReadReport, expand, read_merged
 from .runner import CHAOS_GUEST, RUN_GUEST, RUN_HOST, RunOptions, RunResult, check_socket_room, describe_exit, run
@@ -104,7 +106,8 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="check protocol invariants over logs",
                        description="Merge host and guest logs by mono_ns and verify every invariant. Exit status: "
                        "0 clean, 1 violations, 2 unreadable input.")
-    c.add_argument("logs", nargs="*", help="log files (.jsonl, .jsonl.gz), directories of them, or - for stdin")
+    c.add_argument("logs", nargs="*", help="log files (.jsonl, .jsonl.gz), directories of them, a real host's "
+                   "ftrace text (trace-cmd report, /sys/kernel/tracing/trace), or - for stdin")
     c.add_argument("--json", action="store_true", help="print every violation as a JSON line")
     c.add_argument("--max-violations", type=config.typed(config.int_in(0, 10**9), "max_violations"), default=20,
                    metavar="N", help="print at most N violations with their context (0: all; default 20); the "
@@ -115,21 +118,30 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
                    f"the logs recorded, e.g. a chaos run's; else {DEFAULT_READY_LATENCY_LIMIT_MS:g})")
     c.add_argument("--list", action="store_true", help="list the invariants and exit")
 
-    t = sub.add_parser("trace", help="export logs as Chrome Trace Event JSON (Perfetto, chrome://tracing)",
-                       description="Write a timeline: a track per host vCPU and per guest task, a slice per APF "
-                       "from not-present to wake, arrows from the host's page-ready to the guest's wake, instants "
-                       "for ACKs, synchronous faults, dropped completions, boots and shutdowns. Open it in "
-                       "ui.perfetto.dev or chrome://tracing. Exit status: 0 written, 2 bad usage or unreadable "
-                       "input, 3 the output could not be written.")
-    t.add_argument("logs", nargs="+", help="log files (.jsonl, .jsonl.gz), directories of them, or - for stdin")
+    t = sub.add_parser("trace", help="export logs as a timeline (Perfetto, chrome://tracing) or as ftrace text",
+                       description="--format chrome (the default) writes Chrome Trace Event JSON: a track per host "
+                       "vCPU and per guest task, a slice per APF from not-present to wake, arrows from the host's "
+                       "page-ready to the guest's wake, instants for ACKs, synchronous faults, dropped completions, "
+                       "boots and shutdowns; open it in ui.perfetto.dev or chrome://tracing. --format ftrace writes "
+                       "the host's events as `trace-cmd report -t` lines of KVM's tracepoints (vCPU threads "
+                       "`CPU <n>/KVM`), and the guests' as atrace markers (docs/TRACING.md). The input may be "
+                       "apf-emu logs or a real host's trace (`trace-cmd report`, /sys/kernel/tracing/trace). "
+                       "Exit status: 0 written, 2 bad usage or unreadable input, 3 the output could not be written.")
+    t.add_argument("logs", nargs="+", help="log files (.jsonl, .jsonl.gz), directories of them, ftrace text files, "
+                   "or - for stdin")
     t.add_argument("-o", "--output", required=True, type=config.typed(_output, "output"), metavar="FILE",
-                   help="the JSON file to write (- for stdout)")
+                   help="the file to write (- for stdout)")
+    t.add_argument("--format", choices=("chrome", "ftrace"), default="chrome",
+                   help="chrome: Chrome Trace Event JSON; ftrace: trace-cmd report text (default chrome)")
+    t.add_argument("--no-markers", action="store_true",
+                   help="with --format ftrace: only KVM's tracepoints, no atrace markers for Perfetto")
 
     s = sub.add_parser("stats", help="event counts and latency distributions over logs",
                        description="Count events per vCPU (the host's own lines in the `host` column), APFs "
                        "against synchronous faults, and latency percentiles of the APF cycle. Exit status: 0 done, "
                        "2 bad usage or unreadable input.")
-    s.add_argument("logs", nargs="+", help="log files (.jsonl, .jsonl.gz), directories of them, or - for stdin")
+    s.add_argument("logs", nargs="+", help="log files (.jsonl, .jsonl.gz), directories of them, ftrace text "
+                   "files, or - for stdin")
     s.add_argument("--json", action="store_true", help="print JSON")
 
     lg = sub.add_parser("logs", help="list or prune the log directories of earlier runs",
@@ -303,8 +315,11 @@ def _brief(ev: dict[str, Any]) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     if args.list:
+        print("invariant: what it says   [judged on: L apf-emu logs, E apf-emu's ftrace export, T a real host's "
+              "trace]")
         for name, text in INVARIANTS.items():
-            print(f"{name}: {text}")
+            marks = "".join(k[0].upper() if name in JUDGED[k] else "-" for k in ("logs", "export", "trace"))
+            print(f"{name} [{marks}]: {text}")
         return 0
     if not args.logs:
         print("apf-emu check: name the logs to check (files, directories, or - for stdin), or use --list",
@@ -332,13 +347,36 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name in INVARIANTS:
         if counts[name]:
             print(f"  {name:26} {counts[name]:9} violations")
-    print(f"{checker.events} events, {len(INVARIANTS)} invariants, {len(violations)} violations "
+    judged = len(checker.judged)
+    scope = "" if checker.input == "logs" else \
+        f" judged on {INPUT_NAMES[checker.input]} ({', '.join(sorted(checker.judged))})"
+    print(f"{checker.events} events, {judged} invariants{scope}, {len(violations)} violations "
           f"(ready-latency limit {checker.ready_latency_limit_ms:g} ms, {checker.limit_source})")
     return 1 if violations else 0
 
 
 def print_notes(command: str, report: ReadReport) -> None:
-    """What the log reader tolerated, on stderr: cut last lines (killed processes), unreadable lines and damage."""
+    """What the log reader tolerated, on stderr: cut last lines (killed processes), unreadable lines and damage;
+    for ftrace text, what the trace held."""
+    ft = report.ftrace
+    if ft is not None:
+        kind = "an apf-emu export" if ft.export else "a real trace"
+        print(f"apf-emu {command}: note: ftrace text, {kind}: {ft.apf_events} APF events of {ft.events} "
+              f"({ft.other_events} of other tracepoints skipped); formats: {'; '.join(sorted(ft.formats)) or 'none'}",
+              file=sys.stderr)
+        if ft.lost:
+            print(f"apf-emu {command}: note: the trace lost events {ft.lost} times; the checker starts afresh after "
+                  "each", file=sys.stderr)
+        if not ft.export and not ft.tgid:
+            print(f"apf-emu {command}: note: no tgid column: each vCPU thread counts as its own VM "
+                  "(docs/TRACING.md)", file=sys.stderr)
+        if ft.backwards:
+            print(f"apf-emu {command}: note: {ft.backwards} lines go back in time (sorted before judging; a clock "
+                  "that is not global across CPUs misorders events: record with -C mono or -C global)",
+                  file=sys.stderr)
+        if ft.unmatched_completions:
+            print(f"apf-emu {command}: note: {ft.unmatched_completions} completions matched no not-present "
+                  "(their fault came before the trace)", file=sys.stderr)
     for where in report.truncated:
         print(f"apf-emu {command}: note: cut last line tolerated at {where} (a killed process)", file=sys.stderr)
     for where in report.unreadable[:10]:
@@ -366,6 +404,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(f"apf-emu trace: error: -o {args.output} is one of the logs to read (see apf-emu trace --help)",
                   file=sys.stderr)
             return config.EXIT_USAGE
+    if args.format == "ftrace":
+        return _trace_ftrace(args, report)
     try:
         trace = build_trace(read_merged(args.logs, report))
     except LogInputError as exc:
@@ -386,6 +426,30 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.output != "-":
         print(f"apf-emu trace: {len(trace['traceEvents'])} trace events from {report.lines} log lines -> "
               f"{args.output}", file=sys.stderr)
+    return 0
+
+
+def _trace_ftrace(args: argparse.Namespace, report: ReadReport) -> int:
+    text = io.StringIO()
+    try:
+        written = ftrace_export(read_merged(args.logs, report), text, markers=not args.no_markers)
+    except LogInputError as exc:
+        print(f"apf-emu trace: {exc}", file=sys.stderr)
+        return config.EXIT_USAGE
+    print_notes("trace", report)
+    if report.lines and not written.tracepoint_lines:
+        return _nothing_read("trace", report)
+    try:
+        if args.output == "-":
+            sys.stdout.write(text.getvalue())
+        else:
+            Path(args.output).write_text(text.getvalue())
+    except OSError as exc:
+        print(f"apf-emu trace: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return config.EXIT_FAILED
+    if args.output != "-":
+        print(f"apf-emu trace: {written.tracepoint_lines} tracepoint lines, {written.marker_lines} markers "
+              f"({written.skipped} host events without a tracepoint left out) -> {args.output}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,11 @@
 # shared/logfile.py) are read the same way, decompressed as they stream; damaged compressed data is reported and
 # the file is read around it (from the next gzip member on). Lines that are not apf-emu events
 # (docker compose prefixes removed or not, stray prints) are counted as unreadable.
+#
+# A file (or stdin) of ftrace text, a real host's `trace-cmd report` or /sys/kernel/tracing/trace of the kvm APF
+# tracepoints, is recognised by its first lines and read by apf_emu/ftrace/reader.py into host events of the same
+# schema; its bad lines are reported as unreadable, with their number and why. One read takes one kind of input:
+# apf-emu's logs, or traces (the checker judges each by what it can support).
 from __future__ import annotations
 
 import heapq
@@ -19,6 +24,8 @@ import orjson
 
 from shared.logfile import log_files, read_chunks
 
+from .ftrace.reader import SNIFF_BYTES, FtraceReader, FtraceReport, looks_like_ftrace
+
 Event = dict[str, Any]
 
 
@@ -28,6 +35,7 @@ class ReadReport:
     lines: int = 0
     truncated: list[str] = field(default_factory=list)  # "file:line" of cut last lines
     unreadable: list[str] = field(default_factory=list)  # "file:line" of other bad lines
+    ftrace: FtraceReport | None = None  # what the inputs that were ftrace text held (None: there were none)
 
 
 class LogInputError(Exception):
@@ -95,19 +103,62 @@ def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Itera
     """All events of all inputs, in mono_ns order."""
     report = report if report is not None else ReadReport()
     streams: list[Iterator[Event]] = []
+    kinds: set[str] = set()
     for name in expand(paths):
         report.files += 1
         if name == "-":
-            # `docker compose logs` interleaves several processes: sort.
-            streams.append(_sorted(_events("<stdin>", sys.stdin.buffer, report)))
+            lines = list(sys.stdin.buffer)
+            if looks_like_ftrace(b"".join(lines[:200])[:SNIFF_BYTES]):
+                kinds.add("ftrace")
+                streams.append(_ftrace_events("<stdin>", lines, report))
+            else:
+                kinds.add("json")
+                # `docker compose logs` interleaves several processes: sort.
+                streams.append(_sorted(_events("<stdin>", lines, report)))
+            _one_kind(kinds)
             continue
         try:
-            ordered = _in_order(name)
+            ftrace = _is_ftrace(name)
+            ordered = ftrace or _in_order(name)
         except OSError as exc:
             raise LogInputError(f"{name}: {exc.strerror}") from None
+        kinds.add("ftrace" if ftrace else "json")
+        _one_kind(kinds)
+        if ftrace:
+            streams.append(_ftrace_events(name, _lines(name, report), report))
+            continue
         # A file is written by one process at a time, in order: stream it (a long chaos run's logs are GBs).
         streams.append(_file_events(name, report) if ordered else _sorted(_file_events(name, report)))
     return heapq.merge(*streams, key=lambda e: e["mono_ns"])
+
+
+def _one_kind(kinds: set[str]) -> None:
+    if len(kinds) > 1:
+        raise LogInputError("ftrace text and apf-emu logs cannot be read together: the checker judges a real trace "
+                            "by what a host-side trace can support, and logs by every invariant (docs/TRACING.md)")
+
+
+def _is_ftrace(name: str) -> bool:
+    head = b""
+    for chunk in read_chunks(name, []):
+        head += chunk
+        if len(head) >= SNIFF_BYTES:
+            break
+    return looks_like_ftrace(head[:SNIFF_BYTES])
+
+
+def _ftrace_events(name: str, lines: Iterable[bytes], report: ReadReport) -> Iterator[Event]:
+    """A trace's events, in time order (a trace whose clock is not global across CPUs can go back: sorted)."""
+    if report.ftrace is None:
+        report.ftrace = FtraceReport()
+    before, lines_before = len(report.ftrace.bad), report.ftrace.lines
+    reader = FtraceReader(name, report.ftrace)
+    numbered = ((i, raw.decode("utf-8", "replace")) for i, raw in enumerate(lines, 1))
+    events = list(reader.events(numbered))
+    report.lines += report.ftrace.lines - lines_before
+    report.unreadable.extend(report.ftrace.bad[before:])
+    events.sort(key=lambda e: e["mono_ns"])
+    return iter(events)
 
 
 def _file_events(name: str, report: ReadReport) -> Iterator[Event]:

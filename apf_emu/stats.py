@@ -120,7 +120,10 @@ class Stats:
             self.data_checks += int(ev.get("data_checks", 0))
             self.data_check_failures += int(ev.get("data_check_failures", 0))
             self.interleavings["signals_coalesced"] += int(ev.get("coalesced", 0))
-        if name in ("apf_ack", "guest_apf_irq_ignored", "guest_apf_slot_cleared"):
+        if ev.get("source") == "ftrace":
+            if self._ftrace_ack(name, key, t, token):
+                return
+        elif name in ("apf_ack", "guest_apf_irq_ignored", "guest_apf_slot_cleared"):
             readies = self._unacked.get(key)
             if readies:  # ACKs answer injected page-readies in order
                 ready_ns = readies.popleft()
@@ -129,7 +132,7 @@ class Stats:
                 elif name == "guest_apf_slot_cleared":
                     readies.clear()  # released without an ACK (--online-clears-token)
             return  # (a handler that ran with APF off took its page-ready and ACKs nothing)
-        if name == "kvm_async_pf_ready" and ev.get("injected") is not False:
+        if name == "kvm_async_pf_ready" and ev.get("injected") is not False and ev.get("source") != "ftrace":
             self._unacked.setdefault(key, deque()).append(t)
         if token is None or token == KVM_APF_WAKE_ALL_TOKEN:
             return
@@ -144,6 +147,19 @@ class Stats:
             for a in ("kvm_async_pf_not_present", "kvm_async_pf_completed", "kvm_async_pf_ready"):
                 self._stamps.pop((key[0], key[1], token, a), None)
             self._stamps.pop(stamp_key, None)
+
+    def _ftrace_ack(self, name: str, key: tuple[Any, Any], t: int, token: Any) -> bool:
+        """ready_to_ack on ftrace text, which cannot tell an injected page-ready from the halt path's (traced, not
+        injected): an ACK answers the latest page-ready of its vCPU before it (one is delivered at a time). True
+        for the ACK, which is done with here."""
+        if name == "kvm_async_pf_ready":
+            self._unacked[key] = deque([t])
+        elif name == "apf_ack":
+            readies = self._unacked.pop(key, None)
+            if readies:
+                self._record("ready_to_ack", t - readies[0])
+            return True
+        return False
 
     def _record(self, lat: str, ns: int) -> None:
         self.latency[lat].record_value(max(1, min(ns // 1000, 60_000_000)))

@@ -193,7 +193,31 @@ def hlt_spin(evs: Events) -> Events:
     return evs
 
 
+def repeated_fault_elsewhere(evs: Events) -> Events:
+    """__kvm_faultin_pfn traces kvm_async_pf_repeated_fault only when kvm_find_async_pf_gfn finds the gfn: one on
+    a gfn nothing is paging in is a host whose gfn hash is wrong."""
+    i, _ = a_token(evs)
+    evs.insert(i + 1, {k: v for k, v in at(evs, i, event="kvm_async_pf_repeated_fault", gfn=10**6,
+                                             mono_ns=evs[i]["mono_ns"] + 1).items()
+                       if k not in ("token", "injected", "vector")})
+    return evs
+
+
+def ready_before_completion(evs: Events) -> Events:
+    _, token = a_token(evs)
+    return [e for e in evs if not (e["event"] == "kvm_async_pf_completed" and e.get("token") == token)]
+
+
+def enable_before_vector(evs: Events) -> Events:
+    """MSR_KVM_ASYNC_PF_EN enabled before MSR_KVM_ASYNC_PF_INT was written (kvm_pv_enable_async_pf): vector 0."""
+    i = first(evs, "msr_write", msr="MSR_KVM_ASYNC_PF_INT")
+    return evs[:i] + evs[i + 1:]
+
+
 MUTATIONS: dict[str, Callable[[Events], Events]] = {
+    "repeated_fault_outstanding": repeated_fault_elsewhere,
+    "completed_before_ready": ready_before_completion,
+    "msr_order": enable_before_vector,
     "halt_spin": hlt_spin,
     "wait_matches_not_present": wait_on_a_genuine_fault,
     "apf_as_genuine": sigsegv_at_a_token,

@@ -47,6 +47,9 @@ EVIDENCE = {
     "apf_as_genuine": ["guest_pf_nested"],  # the nested genuine #PFs of the entry, harmless on `int`
     "double_fault": ["kvm_async_pf_ready"],
     "halt_spin": ["guest_shutdown"],  # and HLT exits, counted in it (below)
+    "repeated_fault_outstanding": ["kvm_async_pf_not_present"],  # and repeated faults where a vCPU halts (below)
+    "completed_before_ready": ["kvm_async_pf_completed", "kvm_async_pf_ready"],
+    "msr_order": ["msr_write"],
 }
 
 
@@ -86,6 +89,8 @@ def test_invariant_holds_in_a_real_run(run, invariant):
         shutdowns = [e for f in Path(summary["log_dir"]).glob("guest-*.jsonl")
                      for e in map(orjson.loads, f.read_bytes().splitlines()) if e["event"] == "guest_shutdown"]
         assert sum(e.get("hlt_exits", 0) for e in shutdowns) > 0, "halt_spin was not exercised: no HLT exit"
+    if invariant == "repeated_fault_outstanding" and name_ == "halt_uniform":  # kernel-mode halts fault again
+        assert events["kvm_async_pf_repeated_fault"] > 0, "repeated_fault_outstanding was not exercised"
     broken = [v for v in summary["violations"] if v["invariant"] == invariant]
     assert broken == [], broken[:3]
 

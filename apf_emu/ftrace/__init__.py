@@ -1,0 +1,1 @@
+"""ftrace text in and out: KVM's APF tracepoints as `trace-cmd report` prints them (docs/TRACING.md)."""
