@@ -404,52 +404,33 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(f"apf-emu trace: error: -o {args.output} is one of the logs to read (see apf-emu trace --help)",
                   file=sys.stderr)
             return config.EXIT_USAGE
-    if args.format == "ftrace":
-        return _trace_ftrace(args, report)
     try:
-        trace = build_trace(read_merged(args.logs, report))
+        if args.format == "ftrace":
+            text = io.StringIO()
+            written = ftrace_export(read_merged(args.logs, report), text, markers=not args.no_markers)
+            data, count = text.getvalue().encode(), written.tracepoint_lines
+            done = (f"{written.tracepoint_lines} tracepoint lines, {written.marker_lines} markers "
+                    f"({written.skipped} host events without a tracepoint left out)")
+        else:
+            trace = build_trace(read_merged(args.logs, report))
+            data, count = orjson.dumps(trace) + b"\n", len(trace["traceEvents"])
+            done = f"{count} trace events from {report.lines} log lines"
     except LogInputError as exc:
         print(f"apf-emu trace: {exc}", file=sys.stderr)
         return config.EXIT_USAGE
     print_notes("trace", report)
-    if report.lines and not trace["traceEvents"]:
+    if report.lines and not count:
         return _nothing_read("trace", report)
-    data = orjson.dumps(trace)
     try:
         if args.output == "-":
-            sys.stdout.buffer.write(data + b"\n")
+            sys.stdout.buffer.write(data)
         else:
             Path(args.output).write_bytes(data)
     except OSError as exc:
         print(f"apf-emu trace: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return config.EXIT_FAILED
     if args.output != "-":
-        print(f"apf-emu trace: {len(trace['traceEvents'])} trace events from {report.lines} log lines -> "
-              f"{args.output}", file=sys.stderr)
-    return 0
-
-
-def _trace_ftrace(args: argparse.Namespace, report: ReadReport) -> int:
-    text = io.StringIO()
-    try:
-        written = ftrace_export(read_merged(args.logs, report), text, markers=not args.no_markers)
-    except LogInputError as exc:
-        print(f"apf-emu trace: {exc}", file=sys.stderr)
-        return config.EXIT_USAGE
-    print_notes("trace", report)
-    if report.lines and not written.tracepoint_lines:
-        return _nothing_read("trace", report)
-    try:
-        if args.output == "-":
-            sys.stdout.write(text.getvalue())
-        else:
-            Path(args.output).write_text(text.getvalue())
-    except OSError as exc:
-        print(f"apf-emu trace: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
-        return config.EXIT_FAILED
-    if args.output != "-":
-        print(f"apf-emu trace: {written.tracepoint_lines} tracepoint lines, {written.marker_lines} markers "
-              f"({written.skipped} host events without a tracepoint left out) -> {args.output}", file=sys.stderr)
+        print(f"apf-emu trace: {done} -> {args.output}", file=sys.stderr)
     return 0
 
 
