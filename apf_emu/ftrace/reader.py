@@ -4,8 +4,8 @@
 #
 # A line is `<comm>-<tid> [(<tgid>)] [<cpu>] [<flags>] <secs>.<fraction>: <event>: <printk text>`, the layout
 # both tools print (latency flags with `report -l` and in the kernel's file; the tgid column with the record-tgid
-# option; perf's `kvm:` prefix on the event name is taken too). Lines that are neither such a line nor a header or
-# comment are reported with their number and skipped; the read goes on.
+# option), and `perf script`'s `<comm> [<pid>/]<tid> [<cpu>] <secs>.<fraction>: kvm:<event>: <text>`. Lines that
+# are neither such a line nor a header or comment are reported with their number and skipped; the read goes on.
 #
 # Who is who: the vCPU of a thread comes from its comm (`CPU <n>/KVM`, QEMU's) or, for a VMM that names its threads
 # otherwise, from the low 12 bits of the first token it traces (alloc_apf_token: `(id << 12) | vcpu_id`). The VM
@@ -36,7 +36,10 @@ LINE: Final = re.compile(
     rf"^\s*(?P<comm>.*?)-(?P<tid>\d+)\s+(?:\(\s*(?P<tgid>\d+|-+)\s*\)\s*)?\[(?P<cpu>\d+)\]\s+(?:(?P<flags>{_FLAGS})\s+)?"
     + _TAIL
     # trace-cmd report -l ("%8.8s-%-5d %3d" and the flags right after the CPU: the comm cut to 8 characters)
-    + rf"|^\s*(?P<lcomm>.{{1,8}}?)-(?P<ltid>\d+)\s+(?P<lcpu>\d+)(?P<lflags>{_FLAGS})\s+" + _TAIL.replace("?P<", "?P<l"))
+    + rf"|^\s*(?P<lcomm>.{{1,8}}?)-(?P<ltid>\d+)\s+(?P<lcpu>\d+)(?P<lflags>{_FLAGS})\s+" + _TAIL.replace("?P<", "?P<l")
+    # perf script ("comm tid [cpu] time: sys:event: trace", or "comm pid/tid" with -F +pid)
+    + r"|^\s*(?P<pcomm>.+?)\s+(?:(?P<ptgid>\d+)/)?(?P<ptid>\d+)\s+\[(?P<pcpu>\d+)\]\s+(?P<pts>\d+)\.(?P<pfrac>\d+):"
+    r"\s+(?P<pevent>\w+:\w+):\s*(?P<ptext>.*)$")
 VCPU_COMM: Final = re.compile(r"^CPU (\d+)/KVM$")
 # Lines of the formats that are not events: headers, comments, per-CPU notes.
 HEADER: Final = re.compile(r"^(#.*|cpus=\d+|version = \d+|CPU \d+ is empty|\s*)$")
@@ -79,7 +82,9 @@ def _groups(m: re.Match[str]) -> dict[str, str | None]:
     names = ("comm", "tid", "tgid", "cpu", "flags", "ts", "frac", "event", "text")
     if m["tid"] is not None:
         return {k: m[k] for k in names}
-    return {k: (m["l" + k] if k != "tgid" else None) for k in names}
+    if m["ltid"] is not None:
+        return {k: (m["l" + k] if k != "tgid" else None) for k in names}
+    return {k: (m["p" + k] if k != "flags" else None) for k in names}
 
 
 @dataclass

@@ -53,9 +53,11 @@ class FtraceExport:
 
 
 def line(comm: str, tid: int, cpu: int, ns: int, event: str, text: str) -> str:
-    """One event as `trace-cmd report -t` (3.3 and later) prints it: trace_show_data's "%16s-%-5d [%03d]", the
-    latency flags (none set: "....."), " %5llu.%09llu:" and print_event_name's " %s: " padded to 20."""
-    return (f"{comm:>16}-{tid:<5} [{cpu:03d}] ..... {ns // 1_000_000_000:5d}.{ns % 1_000_000_000:09d}: {event}: "
+    """One event as `trace-cmd report -t` prints it: trace_show_data's "%16s-%-5d [%03d]", " %5llu.%09llu:" and
+    print_event_name's " %s: " padded to 20. Without the latency flags that trace-cmd 3.3 and later print by default:
+    the layout of every earlier trace-cmd, which the scripts written against it (TRAPpy's pattern takes no flags or
+    four) read."""
+    return (f"{comm:>16}-{tid:<5} [{cpu:03d}] {ns // 1_000_000_000:5d}.{ns % 1_000_000_000:09d}: {event}: "
             f"{' ' * max(0, 20 - len(event))}{text}")
 
 
@@ -153,7 +155,7 @@ def _guest(ev: Event, stats: FtraceExport) -> Iterator[str]:
         text = f"F|{pid}|sleep task {ev.get('task')}|{token}"
     elif name in GUEST_INSTANTS:
         detail = f" {token:#x}" if isinstance(token, int) else ""
-        text = f"I|{pid}|{name.removeprefix('guest_')}{detail} boot {ev.get('boot')}"
+        text = f"I|{pid}|{name.removeprefix('guest_')}{detail} (boot {ev.get('boot')})"
     else:
         return
     stats.marker_lines += 1

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from apf_emu.api import VM
 from apf_emu.checker import check_events
 from apf_emu.logs import read_merged
 from shared.abi import KVM_APF_WAKE_ALL_TOKEN
@@ -31,7 +32,11 @@ HOST_ARGS = ("--vcpus", "2", "--pages", "256", "--resident", "64", "--page-in-la
 
 
 def checked(host: HostProcess, **options) -> list[dict]:
-    events = list(read_merged([str(host.log_dir)]))
+    return checked_logs(host.log_dir, **options)
+
+
+def checked_logs(log_dir, **options) -> list[dict]:
+    events = list(read_merged([str(log_dir)]))
     violations = check_events(events, **options)
     assert violations == [], [(v.invariant, v.message) for v in violations[:5]]
     shutdowns = [e for e in events if e["event"] == "guest_shutdown"]
@@ -90,43 +95,34 @@ def test_panic_disables_apf_and_comes_back_as_kdump(tmp_path, vm_id, kdump_apf):
     assert not tokens_of(events, 1) & tokens_of(events, 2)
 
 
-def test_sigkill_is_a_vcpu_reset_and_the_restart_a_new_boot(tmp_path, vm_id):
-    host = HostProcess(tmp_path, vm_id, *HOST_ARGS, "--page-in-latency", "fixed:100ms")
-    try:
-        g1 = GuestProcess(host, 0, "--tasks", "16")
-        wait_for_events(g1.log, "guest_apf_wait", 20)
-        wait_until(lambda: outstanding(host.events()), 10, "an APF in flight")  # page-ins take 100 ms
-        g1.proc.kill()
-        g1.wait()
-        wait_for_events(host.log_dir / "host.jsonl", "vcpu_disconnect")
-        g2 = GuestProcess(host, 0, boot=2)
-        wait_for_events(g2.log, "guest_apf_wait", 50, boot=2)
-        assert g2.stop() == 0
-    finally:
-        assert host.stop() == 0
-    events = checked(host)
-    dropped = [e for e in events if e["event"] == "apf_ready_dropped"]
+def test_sigkill_is_a_vcpu_reset_and_the_restart_a_new_boot(tmp_path):
+    with VM(vcpus=2, pages=256, resident=64, page_in_latency="fixed:100ms", tasks=16, log_dir=tmp_path) as vm:
+        vm.wait_for("guest_apf_wait", 20, vcpu=0)
+        wait_until(lambda: outstanding([e.as_dict() for e in vm.events()]), 10, "an APF in flight")  # 100 ms page-ins
+        vm.vcpus[0].kill()
+        vm.wait_for("vcpu_disconnect", vcpu=0)
+        vm.vcpus[0].restart()
+        vm.wait_for("guest_apf_wait", 50, vcpu=0, boot=2)
+    assert vm.problems == [] and vm.leftovers == []
+    events = checked_logs(vm.log_dir)
+    dropped = [e for e in events if e["event"] == "apf_ready_dropped" and e["vcpu"] == 0]
     assert dropped and {e["reason"] for e in dropped} == {"vcpu_reset"} and {e["boot"] for e in dropped} == {1}
     assert not tokens_of(events, 1) & tokens_of(events, 2)
-    woken_in_2 = {e["token"] for e in events if e["event"] == "guest_apf_wake" and e["boot"] == 2 and not e["all"]}
+    woken_in_2 = {e["token"] for e in events if e["event"] == "guest_apf_wake" and e["boot"] == 2 and not e["all"]
+                  and e["vcpu"] == 0}
     assert woken_in_2 and not woken_in_2 & tokens_of(events, 1)
 
 
-def test_clean_reboot_disables_apf_and_boots_a_normal_kernel(tmp_path, vm_id):
-    host = HostProcess(tmp_path, vm_id, *HOST_ARGS)
-    try:
-        g1 = GuestProcess(host, 1, "--transport", "signal")
-        wait_for_events(g1.log, "guest_apf_wait", 50)
-        g1.signal(signal.SIGUSR2)
-        assert g1.wait() == 71
-        g2 = GuestProcess(host, 1, "--transport", "signal", boot=2)
-        wait_for_events(g2.log, "guest_apf_wait", 50, boot=2)
-        assert g2.stop() == 0
-    finally:
-        assert host.stop() == 0
-    events = checked(host)
-    assert count_events(host.log_dir / "guest-1.jsonl", "guest_reboot") == 1
-    assert [e["kind"] for e in events if e["event"] == "guest_boot"] == ["normal", "normal"]
+def test_clean_reboot_disables_apf_and_boots_a_normal_kernel(tmp_path):
+    with VM(vcpus=2, pages=256, resident=64, page_in_latency="exp:2ms", transport="signal", log_dir=tmp_path) as vm:
+        vm.wait_for("guest_apf_wait", 50, vcpu=1)
+        vm.vcpus[1].reboot()  # SIGUSR2: exit 71, or ApiError
+        vm.vcpus[1].restart()
+        vm.wait_for("guest_apf_wait", 50, vcpu=1, boot=2)
+    assert vm.problems == [] and vm.leftovers == []
+    events = checked_logs(vm.log_dir)
+    assert [e["kind"] for e in events if e["event"] == "guest_boot" and e["vcpu"] == 1] == ["normal", "normal"]
+    assert len(vm.events("guest_reboot", vcpu=1)) == 1
     assert not tokens_of(events, 1, vcpu=1) & tokens_of(events, 2, vcpu=1)
 
 

@@ -92,6 +92,14 @@ def test_trace_cmd_l_layout_cut_comm_and_a_foreign_token():
     assert [(v.invariant, v.event["line"]) for v in checker.violations] == [("token_format", 5)]
 
 
+def test_perf_script_with_pid_and_a_second_ready():
+    checker, report, evs = judge(DATA / "perf-script.txt")
+    assert report.unreadable == [] and report.ftrace.tgid
+    assert [(v.invariant, v.event["line"]) for v in checker.violations] == [("ready_once", 7)]
+    assert {e["vm"] for e in evs if e.get("comm") == "CPU 0/KVM"} == {"6001"}
+    assert [e["token"] for e in evs if e["event"] == "kvm_async_pf_completed"] == [0x1000]
+
+
 # --- mutations of a whole trace ------------------------------------------------------------------------------------
 BASE = [
     "cpus=2",
