@@ -364,7 +364,8 @@ class Host(_Process):
 class VM:
     """A VM of real processes. `with VM(**options) as vm:` starts it (the host, then a guest per vCPU, each
     booted) and stops it at the end of the block, whatever ends the block, leaving no process, socket or shm
-    object behind. Options are `apf-emu run`'s, as keywords (apf-emu run --help lists them)."""
+    object behind. Options are `apf-emu run`'s, as keywords (apf-emu run --help lists them). Logs go to `log_dir`
+    (default apf-emu-logs/<vm>, as run's) and stay there; only this VM's lines are read back."""
 
     def __init__(self, *, log_dir: str | Path | None = None, vm: str | None = None, **options: Any) -> None:
         self.name = vm or f"api{os.getpid()}x{time.monotonic_ns() % 10**6}"
@@ -373,7 +374,7 @@ class VM:
         check_socket_room()
         self._tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
         self.socket = self._tmp / "host.sock"
-        self.log_dir = Path(log_dir) if log_dir is not None else self._tmp / "logs"
+        self.log_dir = Path(log_dir) if log_dir is not None else Path("apf-emu-logs") / self.name  # as run's
         self.log_dir.mkdir(parents=True, exist_ok=True)
         place = {"vm": self.name, "socket": self.socket, "log_dir": self.log_dir}
         try:
@@ -484,6 +485,7 @@ class VM:
             out = [LogEvent.from_dict(ev) for ev in merged]
         except LogInputError:  # nothing logged yet
             return []
+        match = {"vm": self.name, **match}  # a reused log directory holds other VMs' lines too
         return [e for e in out if e.matches(event, **match)]
 
     def wait_for(self, event: str, n: int = 1, *, timeout: float = 30.0, **match: Any) -> list[LogEvent]:

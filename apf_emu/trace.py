@@ -99,11 +99,13 @@ class TraceBuilder:
 
     def _host(self, ev: Event, ns: int) -> None:
         vm, vcpu, name = ev.get("vm"), ev.get("vcpu"), ev["event"]
-        pid = self._pid(("host", vm), f"host {vm}")
-        tid = self._tid(pid, vcpu, f"vcpu {vcpu}" if vcpu is not None else "daemon")
         token = ev.get("token")
         if name == "kvm_async_pf_not_present" and isinstance(token, int):
             self._np_ns[(vm, vcpu, token)] = ns
+        if name not in HOST_INSTANTS and name != "kvm_async_pf_ready":
+            return  # nothing drawn: no track for it either (a trace's ftrace_start, say)
+        pid = self._pid(("host", vm), f"host {vm}")
+        tid = self._tid(pid, vcpu, f"vcpu {vcpu}" if vcpu is not None else "daemon")
         if name == "kvm_async_pf_ready" and isinstance(token, int):
             ts = self._us(ns)
             self.events.append({"name": "page-ready", "cat": "host", "ph": "X", "ts": ts, "dur": SLICE_US,

@@ -7,8 +7,8 @@
 # option), and `perf script`'s `<comm> [<pid>/]<tid> [<cpu>] <secs>.<fraction>: kvm:<event>: <text>`. Lines that
 # are neither such a line nor a header or comment are reported with their number and skipped; the read goes on.
 #
-# Who is who: the vCPU of a thread comes from its comm (`CPU <n>/KVM`, QEMU's) or, for a VMM that names its threads
-# otherwise, from the low 12 bits of the first token it traces (alloc_apf_token: `(id << 12) | vcpu_id`). The VM
+# Who is who: the vCPU of a thread comes from the low 12 bits of the first token it traces (alloc_apf_token:
+# `(id << 12) | vcpu_id`); until then from QEMU's comm `CPU <n>/KVM`, its cpu_index, not always the vcpu_id. The VM
 # is the thread's tgid where the line has one, else what an apf-emu export's header says, else the thread itself
 # ("tid <n>"). `kvm_async_pf_completed` comes from a kworker (async_pf_execute) and names no vCPU: it is given to the
 # oldest not-present of its gva that has no completion yet (any VM: under TDP the gva is a GPA, which two VMs may
@@ -110,6 +110,7 @@ class _Thread:
     vm: str
     vcpu: int | None
     pending_try: tuple[int, int] | None = None  # (gva, gfn) of its last kvm_try_async_get_page
+    from_token: bool = False  # its vCPU was taken from a token (not from the comm)
 
 
 class FtraceReader:
@@ -142,7 +143,7 @@ class FtraceReader:
                     self._started = True
                     # What the checker judges depends on the input: a real trace or apf-emu's own export.
                     yield {"event": "ftrace_start", "role": "host", "vm": None, "vcpu": None, "boot": None,
-                           "mono_ns": ev["mono_ns"], "source": "ftrace", "line": number,
+                           "mono_ns": -1, "source": "ftrace", "line": number,  # before any line, sorted
                            "export": self.report.export}
                 yield ev
 
@@ -208,6 +209,11 @@ class FtraceReader:
         if fmt.event in ("kvm_async_pf_not_present", "kvm_async_pf_ready") and isinstance(token, int) \
                 and token != KVM_APF_WAKE_ALL_TOKEN and th.vcpu is None:
             th.vcpu = ev["vcpu"] = token & TOKEN_VCPU_MASK  # a VMM whose vCPU threads are not "CPU n/KVM"
+            th.from_token = True
+        elif isinstance(token, int) and token != KVM_APF_WAKE_ALL_TOKEN and not th.from_token:
+            # QEMU's "CPU n/KVM" is its cpu_index; tokens carry KVM's vcpu_id (the APIC ID): the first token wins
+            th.vcpu = ev["vcpu"] = token & TOKEN_VCPU_MASK
+            th.from_token = True
         if fmt.event == "kvm_try_async_get_page" and "gfn" in fields:
             th.pending_try = (int(ev["gva"]), int(ev["gfn"]))
         elif fmt.event == "kvm_async_pf_not_present":

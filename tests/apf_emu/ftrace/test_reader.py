@@ -139,7 +139,7 @@ def test_clean_trace_is_clean(tmp_path):
 
 @pytest.mark.parametrize("mutation,invariant", [
     (lambda: BASE + fault(0, 0x1000, 5, 1.1) + fault(0, 0x1000, 6, 1.2), "token_unique"),
-    (lambda: BASE + fault(0, 0x1001, 5, 1.1), "token_format"),
+    (lambda: BASE + fault(0, 0x1000, 5, 1.1) + fault(0, 0x2001, 6, 1.2), "token_format"),  # another vCPU's
     (lambda: BASE + fault(0, 0x1000, 5, 1.1) + [ready(0x1000, 5, 1.2), ready(0x1000, 5, 1.3)], "ready_once"),
     (lambda: BASE + fault(0, 0x1000, 5, 1.1) + [ready(0x3000, 5, 1.2)], "ready_after_not_present"),
     (lambda: BASE + [x for k in range(65) for x in fault(0, (k + 1) << 12, 100 + k, 1.1 + k * 1e-3)],
@@ -188,3 +188,27 @@ def test_traces_and_logs_are_not_mixed(clean_logs):
     from apf_emu.logs import LogInputError
     with pytest.raises(LogInputError, match="cannot be read together"):
         list(read_merged([str(clean_logs), str(DATA / "kvm-2010.txt")]))
+
+
+def test_trace_command_takes_a_real_trace(tmp_path):
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "trace", str(DATA / "sysfs-record-tgid.txt"), "-o",
+                           str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    import orjson
+    names = {e["args"]["name"] for e in orjson.loads(out.read_bytes())["traceEvents"] if e["ph"] == "M"
+             and e["name"] == "process_name"}
+    assert names == {"host 4400", "host 5500"}
+
+
+def test_qemu_cpu_index_is_not_the_vcpu_id_the_token_wins(tmp_path):
+    """QEMU names a thread after its cpu_index; KVM's vcpu_id (the APIC ID) may differ: the token decides."""
+    lines = [BASE[0], *(x.replace("CPU 0/KVM", "CPU 6/KVM") for x in fault(0, 0x1008, 5, 1.1))]
+    assert violations_of(tmp_path, lines) == []
+
+
+def test_a_trace_of_lost_events_only_checks_nothing(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("cpus=2\nCPU:2 [12 EVENTS DROPPED]\n")
+    checker, _report, _evs = judge(path)
+    assert checker.protocol_events == 0
