@@ -375,7 +375,6 @@ class VM:
         self._tmp = Path(tempfile.mkdtemp(prefix="apf-emu-"))
         self.socket = self._tmp / "host.sock"
         self.log_dir = Path(log_dir) if log_dir is not None else Path("apf-emu-logs") / self.name  # as run's
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         place = {"vm": self.name, "socket": self.socket, "log_dir": self.log_dir}
         try:
             self.host_options = with_(config.parse(HostOptions, host_kw), **place)
@@ -386,6 +385,7 @@ class VM:
         except ConfigError:
             self._remove_tmp()
             raise
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host = Host(self)
         self.vcpus = [Vcpu(self, i) for i in range(self.host_options.vcpus)]
         self.leftovers: list[str] = []
