@@ -248,6 +248,8 @@ class Vcpu(_Process):
         kernel would boot, else normal). Returns once it has booted (its handlers are in place)."""
         if self.alive:
             raise ApiError(f"vCPU {self.index}: boot {self.boot} still runs; kill, panic, reboot or stop it first")
+        if self.proc is not None and self.boot not in self.exit_codes:
+            self._ended(self.proc.returncode)  # it ended on its own (a panic of its own: kdump next)
         if kind not in (None, "normal", "kdump"):
             raise ApiError(f"vCPU {self.index}: kind {kind!r} is not normal or kdump")
         self._start(kind or self._next_kind)
@@ -264,12 +266,15 @@ class Vcpu(_Process):
             proc.wait()
             raise ApiError(f"vCPU {self.index}: boot {self.boot} did not end within {timeout:g} s of its {what}; "
                            "killed") from None
-        self.paused = False
-        self.exit_codes[self.boot] = code
-        self._next_kind = "kdump" if code == EXIT_CRASH else "normal"
+        self._ended(code)
         if code not in expected:
             raise ApiError(f"vCPU {self.index}: boot {self.boot} ended with {describe_exit(code)} on {what}")
         return code
+
+    def _ended(self, code: int) -> None:
+        self.paused = False
+        self.exit_codes[self.boot] = code
+        self._next_kind = "kdump" if code == EXIT_CRASH else "normal"
 
     def _running(self, what: str) -> subprocess.Popen[bytes]:
         if self.proc is None or self.proc.poll() is not None:
@@ -425,8 +430,16 @@ class VM:
             return self.problems
         self._closed = True
         _LIVE.discard(self)
+        for v in self.vcpus:  # boots that ended on their own since the last call: a problem unless expected
+            if v.proc is not None and v.proc.poll() is not None and v.boot not in v.exit_codes:
+                v._ended(v.proc.returncode)
+                self.problems.append(f"guest {v.index} boot {v.boot} ended on its own: "
+                                     f"{describe_exit(v.proc.returncode)}")
         guests = [v for v in self.vcpus if v.proc is not None and v.proc.poll() is None]
         host = self.host.proc
+        if host is not None and host.poll() is not None and len(self.host.exit_codes) < self.host.starts:
+            self.host.exit_codes.append(host.returncode)
+            self.problems.append(f"the host ended on its own: {describe_exit(host.returncode)}")
         _signal(host, signal.SIGCONT)  # the guests need their host to drain
         for v in guests:
             _signal(v.proc, signal.SIGCONT)

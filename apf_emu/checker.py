@@ -310,6 +310,7 @@ class Checker:
             st.first_id = apf_id
         if apf_id < st.last_id and st.last_id > APF_ID_MAX - 1024:
             st.seen.clear()  # the 20-bit apf id wrapped (alloc_apf_token skips 0): tokens come round again
+            st.readied.clear()
         st.last_id = apf_id
         if token in st.seen:
             self._violate("token_unique", f"token {token:#x} handed out again", ev)

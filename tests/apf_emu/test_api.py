@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import replace
 
 import pytest
@@ -80,3 +81,17 @@ def test_a_guest_that_cannot_start_is_an_error_and_the_vm_is_stopped(tmp_path):
     with pytest.raises(ApiError, match="guest 0 boot 1 ended"):
         vm.start()
     assert gone(vm)
+
+
+def test_a_boot_that_ended_on_its_own_is_a_problem_and_a_panic_boots_kdump(tmp_path):
+    with VM(vcpus=2, pages=128, resident=32, log_dir=tmp_path) as vm:
+        vm.wait_for("guest_apf_wake", n=5)
+        os.kill(vm.vcpus[0].pid, signal.SIGUSR1)  # a panic the API did not ask for
+        vm.wait_for("guest_crash", vcpu=0)
+        vm.vcpus[0].proc.wait(15)
+        vm.vcpus[0].restart()
+        assert (vm.vcpus[0].boot, vm.vcpus[0].kind) == (2, "kdump")
+        os.kill(vm.vcpus[1].pid, signal.SIGKILL)
+        vm.vcpus[1].proc.wait(15)
+    assert vm.problems == ["guest 1 boot 1 ended on its own: killed by SIGKILL"]
+    assert vm.vcpus[0].exit_codes == {1: 70, 2: 0} and gone(vm)
