@@ -43,7 +43,7 @@ from shared.snapshot import DEFAULT_MSR_LIST
 from shared.wire import VmmDone
 
 from . import vmm
-from .checker import INVARIANTS, Checker, Violation
+from .checker import INVARIANTS, Violation
 from .logs import Event, LogInputError, ReadReport, read_merged
 from .runner import (
     CHAOS_GUEST,
@@ -56,6 +56,7 @@ from .runner import (
     remove_leftovers,
 )
 from .stats import Stats
+from .verdict import analyse
 
 __all__ = ["VM", "ApiError", "CheckResult", "ConfigError", "Host", "LogEvent", "Vcpu", "VmmError", "check_logs",
            "stop_all"]
@@ -164,13 +165,7 @@ class CheckResult:
 
 def check_logs(*paths: str | Path, **checker_options: Any) -> CheckResult:
     """The checker's verdict on logs (files or directories), as `apf-emu check` gives it."""
-    report = ReadReport()
-    checker = Checker(**checker_options)
-    stats = Stats()
-    for ev in read_merged([str(p) for p in paths], report):
-        checker.feed(ev)
-        stats.feed(ev)
-    violations = checker.finish()
+    violations, stats, report, checker = analyse([str(p) for p in paths], **checker_options)
     return CheckResult(violations, stats, checker.events, checker.protocol_events, report)
 
 

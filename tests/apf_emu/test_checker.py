@@ -204,6 +204,8 @@ def repeated_fault_elsewhere(evs: Events) -> Events:
 
 
 def ready_before_completion(evs: Events) -> Events:
+    """A page-ready whose page-in never completed: async_pf_execute puts an item on the done list only once its
+    page is in (apf-emu's host logs kvm_async_pf_completed then, before any exit can dequeue it)."""
     _, token = a_token(evs)
     return [e for e in evs if not (e["event"] == "kvm_async_pf_completed" and e.get("token") == token)]
 
