@@ -226,8 +226,14 @@ class Checker:
         self.judged = JUDGED[self.input]
 
     def _ftrace_lost(self, ev: Event, key: tuple[Any, Any]) -> None:
-        """The trace lost events here: what was known of every vCPU no longer holds (as at a trace's start)."""
-        self._host.clear()
+        """The trace lost events here: what was known of its VMs' vCPUs no longer holds (as at a trace's start).
+        Other traces read with it lost nothing."""
+        vms = ev.get("vms")
+        if not isinstance(vms, list):
+            self._host.clear()
+            return
+        for key in [k for k in self._host if k[0] in vms]:
+            del self._host[key]
 
     @property
     def _mid_flight(self) -> bool:

@@ -409,8 +409,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
             text = io.StringIO()
             written = ftrace_export(read_merged(args.logs, report), text, markers=not args.no_markers)
             data, count = text.getvalue().encode(), written.tracepoint_lines
-            done = (f"{written.tracepoint_lines} tracepoint lines, {written.marker_lines} markers "
-                    f"({written.skipped} host events without a tracepoint left out)")
+            done = (f"{written.tracepoint_lines} tracepoint lines, {written.marker_lines} markers, "
+                    f"{written.state_lines} host events without a tracepoint as `# apf-emu event` lines "
+                    f"({written.skipped} others left out)")
         else:
             trace = build_trace(read_merged(args.logs, report))
             data, count = orjson.dumps(trace) + b"\n", len(trace["traceEvents"])

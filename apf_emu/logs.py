@@ -104,7 +104,8 @@ def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Itera
     report = report if report is not None else ReadReport()
     streams: list[Iterator[Event]] = []
     kinds: set[str] = set()
-    for name in expand(paths):
+    names = list(expand(paths))
+    for name in names:
         report.files += 1
         if name == "-":
             lines = list(sys.stdin.buffer)
@@ -125,7 +126,7 @@ def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Itera
         kinds.add("ftrace" if ftrace else "json")
         _one_kind(kinds)
         if ftrace:
-            streams.append(_ftrace_events(name, _lines(name, report), report))
+            streams.append(_ftrace_events(name, _lines(name, report), report, scoped=len(names) > 1))
             continue
         # A file is written by one process at a time, in order: stream it (a long chaos run's logs are GBs).
         streams.append(_file_events(name, report) if ordered else _sorted(_file_events(name, report)))
@@ -147,12 +148,12 @@ def _is_ftrace(name: str) -> bool:
     return looks_like_ftrace(head[:SNIFF_BYTES])
 
 
-def _ftrace_events(name: str, lines: Iterable[bytes], report: ReadReport) -> Iterator[Event]:
+def _ftrace_events(name: str, lines: Iterable[bytes], report: ReadReport, *, scoped: bool = False) -> Iterator[Event]:
     """A trace's events, in time order (a trace whose clock is not global across CPUs can go back: sorted)."""
     if report.ftrace is None:
         report.ftrace = FtraceReport()
     before, lines_before = len(report.ftrace.bad), report.ftrace.lines
-    reader = FtraceReader(name, report.ftrace)
+    reader = FtraceReader(name, report.ftrace, scoped=scoped)
     numbered = ((i, raw.decode("utf-8", "replace")) for i, raw in enumerate(lines, 1))
     events = list(reader.events(numbered))
     report.lines += report.ftrace.lines - lines_before

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import orjson
+
 from shared.abi import KVM_APF_WAKE_ALL_TOKEN, MSR_KVM_ASYNC_PF_ACK, MSR_NAMES, TOKEN_VCPU_MASK
 
 from .formats import parse_printk
@@ -41,6 +43,7 @@ LINE: Final = re.compile(
     + r"|^\s*(?P<pcomm>.+?)\s+(?:(?P<ptgid>\d+)/)?(?P<ptid>\d+)\s+\[(?P<pcpu>\d+)\]\s+(?P<pts>\d+)\.(?P<pfrac>\d+):"
     r"\s+(?P<pevent>\w+:\w+):\s*(?P<ptext>.*)$")
 VCPU_COMM: Final = re.compile(r"^CPU (\d+)/KVM$")
+UNKNOWN_COMM: Final = "<...>"  # trace_find_cmdline: the pid is not in saved_cmdlines (the cache is small)
 # Lines of the formats that are not events: headers, comments, per-CPU notes.
 HEADER: Final = re.compile(r"^(#.*|cpus=\d+|version = \d+|CPU \d+ is empty|\s*)$")
 # trace-cmd: "CPU:%d [%lld EVENTS DROPPED]" (or without the count); the kernel: "CPU:%d [LOST %lu EVENTS]" (or
@@ -51,6 +54,11 @@ LOST: Final = re.compile(r"^\s*(?:CPU:\s*\d+ \[(?:LOST (?:\d+ )?EVENTS|(?:\d+ )?
 # whole (written from logs, not recorded mid-flight).
 EXPORT_HEADER: Final = re.compile(r"^# apf-emu ftrace export(?: (?P<version>\d+))?\s*$")
 EXPORT_THREAD: Final = re.compile(r"^# apf-emu thread (?P<tid>\d+) vm (?P<vm>\S+) vcpu (?P<vcpu>\d+)\s*$")
+# ... and the host events that have no tracepoint but change what may follow (a vCPU's reset, the host's ABI), as
+# their JSON log lines (apf_emu/ftrace/writer.py STATE_EVENTS).
+EXPORT_EVENT: Final = "# apf-emu event "
+STATE_EVENTS: Final = frozenset({"host_ready", "vcpu_connect", "vcpu_disconnect", "apf_ready_dropped", "apf_cancel",
+                                 "vcpu_restore"})
 APF_TRACEPOINTS: Final = frozenset({"kvm_async_pf_not_present", "kvm_async_pf_ready", "kvm_async_pf_completed",
                                     "kvm_try_async_get_page", "kvm_async_pf_repeated_fault",
                                     "kvm_async_pf_doublefault", "kvm_msr"})
@@ -75,6 +83,15 @@ def looks_like_ftrace(head: bytes) -> bool:
         if not HEADER.match(line):
             return False
     return False
+
+
+def timestamp_ns(secs: str, fraction: str) -> int:
+    """A line's time: seconds and a fraction of 6 (microseconds) or 9 (nanoseconds) digits. libtraceevent's
+    pevent_print_event rounded microseconds as (nsecs + 500) / NSECS_PER_USEC with no carry into the seconds
+    (later versions carry), so that its traces can say `X.1000000` for X + 1 s."""
+    if fraction == "1000000":
+        return (int(secs) + 1) * 1_000_000_000
+    return int(secs) * 1_000_000_000 + int(fraction.ljust(9, "0")[:9])
 
 
 def _groups(m: re.Match[str]) -> dict[str, str | None]:
@@ -116,8 +133,11 @@ class _Thread:
 class FtraceReader:
     """Turns the lines of one trace file into apf-emu host events, in the file's order."""
 
-    def __init__(self, name: str, report: FtraceReport | None = None) -> None:
+    def __init__(self, name: str, report: FtraceReport | None = None, *, scoped: bool = False) -> None:
         self.name = name
+        # One of several traces read together: its pids name VMs of its own host (another trace's pid 2201 is
+        # another process), so its VMs are "<name>:<pid>". An export's VMs keep their names (they are apf-emu's).
+        self._scope = f"{name}:" if scoped else ""
         self.report = report if report is not None else FtraceReport()
         self._threads: dict[int, _Thread] = {}
         self._export_threads: dict[int, tuple[str, int]] = {}
@@ -134,47 +154,83 @@ class FtraceReader:
             line = raw.rstrip("\n")
             m = LINE.match(line)
             if m is None:
-                yield from self._not_an_event(number, line)
-                continue
-            self.report.events += 1
-            ev = self._event(number, _groups(m))
-            if ev is not None:
-                if not self._started:
-                    self._started = True
-                    # What the checker judges depends on the input: a real trace or apf-emu's own export.
-                    yield {"event": "ftrace_start", "role": "host", "vm": None, "vcpu": None, "boot": None,
-                           "mono_ns": -1, "source": "ftrace", "line": number,  # before any line, sorted
-                           "export": self.report.export}
-                yield ev
+                found = list(self._not_an_event(number, line))
+            else:
+                self.report.events += 1
+                ev = self._event(number, _groups(m))
+                found = [] if ev is None else [ev]
+            if found and not self._started:
+                self._started = True
+                # What the checker judges depends on the input: a real trace or apf-emu's own export.
+                yield {"event": "ftrace_start", "role": "host", "vm": None, "vcpu": None, "boot": None,
+                       "mono_ns": -1, "source": "ftrace", "line": number,  # before any line, sorted
+                       "export": self.report.export}
+            yield from found
 
     def _not_an_event(self, number: int, line: str) -> Iterator[Event]:
         if EXPORT_HEADER.match(line):
             self.report.export = True
+        elif line.startswith(EXPORT_EVENT):
+            ev = self._state_event(number, line.removeprefix(EXPORT_EVENT))
+            if ev is not None:
+                yield ev
         elif (t := EXPORT_THREAD.match(line)) is not None:
             self._export_threads[int(t["tid"])] = (t["vm"], int(t["vcpu"]))
         elif LOST.match(line):
             self.report.lost += 1
             self._awaiting_completion.clear()
-            # Events are missing from here: the checker forgets what it knew (as at the start of a trace).
+            # Events are missing from here: the checker forgets what it knew of this trace's VMs (as at its start).
+            vms = {th.vm for th in self._threads.values()} | {vm for vm, _ in self._export_threads.values()}
             yield {"event": "ftrace_lost", "role": "host", "vm": None, "vcpu": None, "boot": None,
-                   "mono_ns": self._last_ns, "source": "ftrace", "line": number, "note": line.strip()}
+                   "mono_ns": self._last_ns, "source": "ftrace", "line": number, "note": line.strip(),
+                   "vms": sorted(vms)}
         elif not HEADER.match(line):
             self._bad(number, f"not an ftrace line: {line[:80]!r}")
+
+    def _state_event(self, number: int, text: str) -> Event | None:
+        """An export's `# apf-emu event` line: a host event of STATE_EVENTS, with the fields the checker reads typed
+        as its logs have them (anything else in the line is bad input, reported and skipped)."""
+        try:
+            ev = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            self._bad(number, f"apf-emu event: not JSON ({e})")
+            return None
+        if not isinstance(ev, dict) or ev.get("event") not in STATE_EVENTS:
+            self._bad(number, f"apf-emu event: not one of {', '.join(sorted(STATE_EVENTS))}: {text[:80]!r}")
+            return None
+        ns, vcpu = ev.get("mono_ns"), ev.get("vcpu")
+        if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0 \
+                or not (vcpu is None or (isinstance(vcpu, int) and not isinstance(vcpu, bool))):
+            self._bad(number, f"apf-emu event {ev['event']}: mono_ns or vcpu is not a count: {text[:80]!r}")
+            return None
+        self._last_ns = max(self._last_ns, ns)
+        ev.update(role="host", source="ftrace", line=number)
+        if ev.get("vm") is not None:
+            ev["vm"] = str(ev["vm"])
+        return ev
 
     def _thread(self, m: dict[str, str | None], tid: int) -> _Thread:
         comm = (m["comm"] or "").strip()
         th = self._threads.get(tid)
+        if th is not None and UNKNOWN_COMM in (comm, th.comm) and th.comm != comm:
+            # The same thread, its name missed by the saved_cmdlines cache (trace_find_cmdline) here or earlier.
+            if th.comm == UNKNOWN_COMM:
+                th.comm = comm
+                vcpu_m = VCPU_COMM.match(comm)
+                if vcpu_m and th.vcpu is None:
+                    th.vcpu = int(vcpu_m[1])
+            return th
         if th is None or th.comm != comm:  # a new thread (or a pid reused by another comm)
             tgid = m["tgid"]
             vcpu_m = VCPU_COMM.match(comm)
             vcpu = int(vcpu_m[1]) if vcpu_m else None
             if tgid is not None and tgid.isdigit():
                 self.report.tgid = True
-                vm = tgid
+                vm = self._scope + tgid
             elif tid in self._export_threads:
                 vm, vcpu = self._export_threads[tid]
             else:
-                vm = f"tid{tid}"
+                vm = f"{self._scope}tid{tid}"
             th = self._threads[tid] = _Thread(comm, vm, vcpu)
         return th
 
@@ -192,8 +248,7 @@ class FtraceReader:
         self.report.apf_events += 1
         self.report.formats.add(f"{fmt.tracepoint} ({fmt.kernels})")
         tid = int(m["tid"] or 0)
-        frac = m["frac"] or "0"
-        ns = int(m["ts"] or 0) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
+        ns = timestamp_ns(m["ts"] or "0", m["frac"] or "0")
         if ns < self._last_ns:
             self.report.backwards += 1  # per-CPU buffers not merged by time, or a clock not global across CPUs
         self._last_ns = max(self._last_ns, ns)

@@ -7,6 +7,8 @@
 #   cpus=<n>                                   trace-cmd's first line (Perfetto recognises the format by it)
 #   # apf-emu ftrace export 1                  comments: skipped by Perfetto and by apf-emu's reader, which
 #   # apf-emu thread <tid> vm <vm> vcpu <n>    takes from them which VM each thread is
+#   # apf-emu event {<json>}                   a host event that has no tracepoint but changes what the checker
+#                                              may expect (STATE_EVENTS), as its JSON log line, where it happened
 #   <comm>-<tid> [<cpu>] <secs.nsecs>: <tracepoint>: <printk text>
 # Threads are those of a real host: each vCPU a thread `CPU <n>/KVM` (QEMU's name); completions come from a kworker
 # (async_pf_execute runs on the system workqueue), here one per vCPU so that the header can say whose completion it
@@ -18,8 +20,11 @@
 #
 # Mapped: kvm_try_async_get_page, kvm_async_pf_repeated_fault, kvm_async_pf_not_present, kvm_async_pf_ready,
 # kvm_async_pf_completed, and kvm_msr for the writes of the APF MSRs (msr_write; apf_ack is the write of
-# MSR_KVM_ASYNC_PF_ACK). The host's other events (halts, synchronous faults, connects) have no tracepoint and are
-# left out. With markers, `tracing_mark_write` lines in atrace form add, on the VMM process, an async slice per
+# MSR_KVM_ASYNC_PF_ACK). A vCPU's connects and disconnects (a guest boot begins or ends: kvm_vcpu_reset eats its
+# outstanding APFs), the events it dropped then, the host's ABI and a restarted host's restore have no tracepoint
+# either, yet without them the read-back would keep a dead boot's APFs outstanding: they go in as comment lines,
+# which trace-cmd-reading scripts and Perfetto skip. The host's other events (halts, synchronous faults) are left
+# out. With markers, `tracing_mark_write` lines in atrace form add, on the VMM process, an async slice per
 # APF from not-present to page-ready (S/F, cookie = token) and, on each guest process, an async slice per sleep
 # from wait to wake and an instant (I) per boot, shutdown, crash, reboot, wake-all and dummy.
 from __future__ import annotations
@@ -28,10 +33,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
+import orjson
+
 from shared.abi import KVM_APF_WAKE_ALL_TOKEN, MSR_KVM_ASYNC_PF_ACK, MSR_NAMES
 
 from ..logs import Event
 from .formats import printk
+from .reader import EXPORT_EVENT, STATE_EVENTS
 
 EXPORT_VERSION: Final = 1
 PID_MAX_LIMIT: Final = 4 * 1024 * 1024  # include/linux/threads.h, 64-bit: no real pid reaches it
@@ -48,7 +56,8 @@ class FtraceExport:
     lines: int = 0
     tracepoint_lines: int = 0
     marker_lines: int = 0
-    skipped: int = 0  # host events that have no tracepoint
+    state_lines: int = 0  # host events without a tracepoint written as `# apf-emu event` comments (STATE_EVENTS)
+    skipped: int = 0  # the other host events, which have no tracepoint either: left out
     threads: dict[int, tuple[str, int]] = field(default_factory=dict)  # tid -> (vm, vcpu)
 
 
@@ -114,6 +123,10 @@ def _lines(events: Iterable[Event], stats: FtraceExport, vcpus: set[int], marker
 
 def _host(ev: Event, stats: FtraceExport, vcpus: set[int], markers: bool,
           slices: set[tuple[Any, Any, int]]) -> Iterator[str]:
+    if ev["event"] in STATE_EVENTS:
+        stats.state_lines += 1
+        yield EXPORT_EVENT + orjson.dumps(ev).decode()
+        return
     tp = _tracepoint(ev)
     vcpu, pid, ns = ev.get("vcpu"), ev.get("pid"), int(ev["mono_ns"])
     if tp is None or not isinstance(vcpu, int) or not isinstance(pid, int):

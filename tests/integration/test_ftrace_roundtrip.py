@@ -65,3 +65,39 @@ def test_export_reads_back_to_the_same_host_verdict_and_tables(tmp_path: Path, b
             assert {k: ja["latency_us"][k] for k in HOST_LATENCIES} == {k: jb["latency_us"][k] for k in HOST_LATENCIES}
         else:
             assert (a.returncode == 1) == (b.returncode == 1) == bool(bugs), (a.stderr, b.stderr)
+
+
+def test_the_round_trip_holds_across_guest_kills_and_a_host_restart(tmp_path: Path) -> None:
+    """A killed guest's tokens die with its boot (kvm_clear_async_pf_completion_queue on the vCPU's reset) and a
+    restarted host takes its vCPUs back: the export carries those resets, so that the read-back does not keep a dead
+    boot's APFs outstanding (outstanding_limit) or judge a new boot's MSR writes against the old one's."""
+    logs = tmp_path / "logs"
+    # no irq-off tasks, room for the pages in: no synchronous page-in (as long as a page-in) holds a page-ready up
+    with VM(vcpus=2, pages=96, resident=48, tasks=16, irq_off_ratio=0, page_in_latency="fixed:200ms",
+            log_dir=logs) as vm:
+        boot = 1
+        while len(vm.events("apf_ready_dropped", vcpu=1)) <= 2 * 64 and boot < 20:
+            # tasks asleep on APFs whose page-ins (200 ms) are not done: the kill leaves them all outstanding
+            vm.wait_for("guest_apf_wait", n=12, vcpu=1, boot=boot)
+            vm.vcpus[1].kill()
+            vm.vcpus[1].restart()
+            boot += 1
+        vm.wait_for("kvm_async_pf_ready", n=20, vcpu=1, boot=boot)
+        vm.host.kill()
+        vm.host.restart()
+        vm.wait_for("vcpu_connect", n=2, restored=True)
+        vm.wait_for("kvm_async_pf_ready", n=20, vcpu=1, boot=boot, injected=True)
+    trace = tmp_path / "run.txt"
+    proc = apf_emu("trace", str(logs), "--format", "ftrace", "--no-markers", "-o", str(trace))
+    assert proc.returncode == 0, proc.stderr
+    json_violations, json_stats, _r, _c = analyse([str(logs)])
+    ft_violations, ft_stats, report, checker = analyse([str(trace)])
+    assert checker.input == "export" and report.unreadable == []
+    assert json_violations == [], [(v.invariant, v.message) for v in json_violations][:5]
+    assert ft_violations == [], [(v.invariant, v.message) for v in ft_violations][:5]
+    # the kills left more APFs outstanding than a vCPU may have: without the resets the export would break the limit
+    assert json_stats.events["apf_ready_dropped"] > 2 * 64
+    for name in (*TRACEPOINT_EVENTS, "vcpu_connect", "vcpu_disconnect", "apf_ready_dropped"):
+        assert ft_stats.events[name] == json_stats.events[name], name
+    for lat in HOST_LATENCIES:
+        assert ft_stats.percentiles(lat) == json_stats.percentiles(lat), lat

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from apf_emu.checker import JUDGED, Checker
-from apf_emu.ftrace.reader import LINE, looks_like_ftrace
+from apf_emu.ftrace.reader import LINE, looks_like_ftrace, timestamp_ns
 from apf_emu.logs import ReadReport, read_merged
 from apf_emu.stats import collect
 
@@ -212,3 +212,76 @@ def test_a_trace_of_lost_events_only_checks_nothing(tmp_path):
     path.write_text("cpus=2\nCPU:2 [12 EVENTS DROPPED]\n")
     checker, _report, _evs = judge(path)
     assert checker.protocol_events == 0
+
+
+def test_a_thread_whose_name_the_cmdline_cache_missed_is_the_same_thread(tmp_path):
+    """__trace_find_cmdline prints `<...>` for a pid no longer in saved_cmdlines: the thread (and its vCPU) stays,
+    so its MSR writes are still judged against its own (no msr_order from a thread of no vCPU)."""
+    lines = [BASE[0], BASE[1], BASE[2].replace("CPU 0/KVM", "<...>"),
+             *(x.replace("CPU 0/KVM", "<...>") for x in fault(0, 0x1000, 5, 1.1)), ready(0x1000, 5, 1.2)]
+    assert violations_of(tmp_path, lines) == []
+    _c, _r, evs = judge(tmp_path / "t.txt")
+    assert {e["vcpu"] for e in evs if e["event"] != "ftrace_start"} == {0}
+    # a pid reused by another real name is another thread: its first MSR write is judged on its own
+    other = [BASE[0], BASE[1], BASE[2].replace("CPU 0/KVM", "CPU 1/KVM")]
+    assert violations_of(tmp_path, other) == ["msr_order"]
+
+
+EXPORT_HEAD = ["cpus=1", "# apf-emu ftrace export 1", "# apf-emu thread 100 vm v vcpu 0"]
+
+
+def test_an_exports_resets_end_the_apfs_of_a_boot(tmp_path):
+    """The writer's `# apf-emu event` lines (vcpu_disconnect, vcpu_connect: kvm_vcpu_reset of a new boot eats the
+    outstanding APFs) are read back as the host events they were; without them 65 APFs over two boots are 65
+    outstanding."""
+    first = [x for k in range(40) for x in fault(0, (k + 1) << 12, 100 + k, 1.1 + k * 1e-3)]
+    second = [x for k in range(40, 65) for x in fault(0, (k + 1) << 12, 100 + k, 2.1 + k * 1e-3)]
+    resets = ['# apf-emu event {"event":"vcpu_disconnect","vm":"v","vcpu":0,"boot":1,"mono_ns":1500000000}',
+              '# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":0,"boot":2,"mono_ns":1600000000}']
+    assert violations_of(tmp_path, [*EXPORT_HEAD, *BASE[1:], *first, *second]) == ["outstanding_limit"]
+    assert violations_of(tmp_path, [*EXPORT_HEAD, *BASE[1:], *first, *resets, *BASE[1:], *second]) == []
+    _c, _r, evs = judge(tmp_path / "t.txt")
+    connect = next(e for e in evs if e["event"] == "vcpu_connect")
+    assert connect["role"] == "host" and connect["source"] == "ftrace" and connect["line"] == 87
+
+
+@pytest.mark.parametrize("line,why", [
+    ('# apf-emu event {"event":"vcpu_connect",', "not JSON"),
+    ('# apf-emu event {"event":"guest_boot","vm":"v","vcpu":0,"mono_ns":5}', "not one of"),
+    ('# apf-emu event [1, 2]', "not one of"),
+    ('# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":"0","mono_ns":5}', "not a count"),
+    ('# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":0,"mono_ns":-5}', "not a count"),
+    ('# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":true,"mono_ns":5}', "not a count"),
+])
+def test_a_bad_event_line_is_reported_and_skipped(tmp_path, line, why):
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join([*EXPORT_HEAD, line, *BASE[1:], *fault(0, 0x1000, 5, 1.1)]) + "\n")
+    checker, report, evs = judge(path)
+    assert len(report.unreadable) == 1 and ":4: " in report.unreadable[0] and why in report.unreadable[0]
+    assert checker.violations == [] and [e["event"] for e in evs][-1] == "kvm_async_pf_not_present"
+
+
+def test_traces_of_two_hosts_read_together_keep_their_pids_and_losses_apart(tmp_path):
+    """Two hosts' traces: the same pid is two processes (no false token_unique between them), and the events one
+    trace lost (its LOST line) take nothing from what the other one knows (its second page-ready is still caught)."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join([*BASE, *fault(0, 0x1000, 5, 1.1), ready(0x1000, 5, 1.3), ready(0x1000, 5, 1.5)]) + "\n")
+    # b loses events at 1.4, between a's two page-ready events of 0x1000
+    b.write_text("\n".join([*BASE, *fault(0, 0x1000, 5, 1.2), ready(0x1000, 5, 1.4), "CPU:0 [LOST 3 EVENTS]"])
+                 + "\n")
+    report = ReadReport()
+    checker = Checker()
+    evs = list(read_merged([str(a), str(b)], report))
+    checker.check(evs)
+    assert [(v.invariant, v.event["vm"]) for v in checker.violations] == [("ready_once", f"{a}:tid100")]
+    assert {e["vm"] for e in evs if e["event"] == "kvm_async_pf_not_present"} == {f"{a}:tid100", f"{b}:tid100"}
+    # one trace alone keeps its short names
+    assert {e["vm"] for e in judge(a)[2] if e["event"] == "kvm_async_pf_ready"} == {"tid100"}
+
+
+@pytest.mark.parametrize("secs,fraction,ns", [
+    ("5", "000001", 5_000_001_000), ("5", "000000001", 5_000_000_001), ("12", "999999", 12_999_999_000),
+    ("5", "1000000", 6_000_000_000),  # pevent_print_event's (nsecs + 500) / NSECS_PER_USEC without a carry
+])
+def test_timestamps_in_microseconds_nanoseconds_and_the_uncarried_rounding(secs, fraction, ns):
+    assert timestamp_ns(secs, fraction) == ns
