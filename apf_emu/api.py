@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -173,15 +174,18 @@ def check_logs(*paths: str | Path, **checker_options: Any) -> CheckResult:
 _LIBC: Final = ctypes.CDLL(None, use_errno=True)  # resolved here: the child between fork and exec only calls it
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """In the child before exec: SIGTERM when the thread that started it ends (with its process, however it
-    dies). Hence a VM belongs to the thread that made it."""
+    dies). Hence a VM belongs to the thread that made it. A parent already gone before the prctl (the child is
+    then an orphan, see prctl(2)) sends nothing: the child ends at once."""
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, start_new_session=True, env=daemon_env(), stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=functools.partial(_die_with_parent, os.getpid()))
 
 
 def _signal(proc: subprocess.Popen[bytes] | None, signum: int) -> None:

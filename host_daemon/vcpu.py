@@ -140,6 +140,10 @@ def _always_present(_gfn: int) -> bool:
     return True
 
 
+def _no_save(_apf_id: int) -> None:
+    pass
+
+
 HLT_SPIN_REPORT = 1000  # HLTs in a row that return at once with nothing injected before `kvm_hlt_spin` is logged
 
 
@@ -158,6 +162,9 @@ class VcpuApf:
     no_pending_check: bool = False  # `pf`: kvm_arch_can_inject_async_page_present ignores a pending exception
     no_cancel_pending: bool = False  # `pf`: no cancel of a pending not-present by a page-ready (before 9a6e7c39810e)
     bugs: frozenset[str] = frozenset()  # historical KVM bugs put back (shared/bugs.py)
+    # Where the VMM keeps vcpu->arch.apf.id across a host restart (the backing store): called with each new id before
+    # its token is logged or injected, so that a host killed at any point never hands the token out again.
+    save_apf_id: Callable[[int], None] = _no_save
     exception: tuple[int, int] | None = None  # `pf`: vcpu->arch.exception, queued for the next entry (vector, CR2)
     entry_irq: bool = False  # `pf`: whether the guest can take an exception at the entry being made (RFLAGS.IF)
     msr_en: int = 0  # vcpu->arch.apf.msr_en_val
@@ -457,6 +464,7 @@ class VcpuApf:
         # kvm_arch_setup_async_pf allocates the token before kvm_setup_async_pf looks at the queue: a refused
         # fault uses up an id too.
         self.apf_id, token = alloc_apf_token(self.apf_id, self.vcpu_id, zero_ok="token-zero" in self.bugs)
+        self.save_apf_id(self.apf_id)
         if self.queued >= ASYNC_PF_PER_VCPU:  # kvm_setup_async_pf refuses
             self.log.info("apf_sync_fault", gfn=gfn, reason="queue_full")
             return FaultDecision(Fault.SYNC, reason="queue_full")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -94,6 +95,7 @@ class VcpuConnection:
                            present=vm.memory.present, enforce_pv_cpuid=vm.config.enforce_pv_cpuid, abi=vm.config.abi,
                            no_pending_check=vm.config.no_pending_check, no_cancel_pending=vm.config.no_cancel_pending,
                            bugs=vm.config.bugs,
+                           save_apf_id=partial(vm.memory.backing.save_apf_id, vcpu_id),
                            pageready_pending=vm.pageready_pending.get(vcpu_id, False))
         self.pinned: set[int] = set()  # the pages of the areas in force, each pinned once
         self.scope = trio.CancelScope()
@@ -337,7 +339,6 @@ class VcpuConnection:
             return
         decision = self.apf.on_fault(gfn, gpa, user=user, irq=irq, hva=memory.ram.hva_base + gfn * PAGE_SIZE)
         if decision.item is not None:
-            memory.backing.save_apf_id(self.vcpu_id, self.apf.apf_id)
             page_in = self.vm.pager.start_page_in(gfn, self.vm.nursery)
             self._page_ins[decision.item.token] = page_in
             self._nursery.start_soon(self._complete_when, decision.item, page_in)

@@ -97,16 +97,21 @@ def test_hangs(apf_vm):
     record(apf_vm)
     apf_vm.wait_for("never_logged", timeout=600)
 ''')
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"], cwd=pytester.path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # Its output goes to a file, not a pipe: the VM's processes inherit it, and a pipe would stay open (and a
+    # read of it blocked) until the last of them is gone.
+    output = pytester.path / "pytest.out"
+    with output.open("wb") as out_file:
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q"],
+                                cwd=pytester.path, stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
     info_file = pytester.path / "vm.json"
     try:
         wait_until(lambda: info_file.exists() or proc.poll() is not None, 60, "the VM to start under pytest")
-        assert proc.poll() is None, proc.communicate()[0].decode()
+        assert proc.poll() is None, output.read_text()
         info = json.loads(info_file.read_text())
         assert processes_mentioning(info["vm"]), "the VM's processes are not running"
         proc.send_signal(signum)
-        out = proc.communicate(timeout=60)[0].decode()
+        proc.wait(timeout=60)
+        out = output.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

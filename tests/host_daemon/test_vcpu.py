@@ -243,6 +243,21 @@ def test_alloc_apf_token_sequence_on_the_vcpu():
     assert tokens == [make_token(1, 3), make_token(2, 3), make_token(3, 3)]
 
 
+def test_alloc_apf_token_id_is_saved_before_the_token_is_logged():
+    """The VMM's copy of vcpu->arch.apf.id (the backing store, read by a host restarted with --recover) is written
+    with each id alloc_apf_token hands out before its kvm_async_pf_not_present is logged: a host killed between the
+    two never hands that token out again."""
+    vcpu, log = make_vcpu(3)
+    order: list[object] = []
+    vcpu.save_apf_id = lambda apf_id: order.append(("saved", apf_id, len(events(log, "kvm_async_pf_not_present"))))
+    boot(vcpu)
+    item = vcpu.on_fault(5, 0, user=True, irq=True).item
+    assert item is not None and order == [("saved", vcpu.apf_id, 0)] and item.token >> 12 == vcpu.apf_id - 1
+    assert events(log, "kvm_async_pf_not_present")[0]["token"] == item.token
+    vcpu.on_fault(5, 0, user=True, irq=True)  # a repeated fault allocates nothing
+    assert len(order) == 1
+
+
 # --- completion and delivery ----------------------------------------------------------------------------------------
 def test_kvm_arch_async_page_present_queued_kicks_only_without_pageready_pending():
     """The first completion on an empty done list raises KVM_REQ_APF_READY and kicks unless a page-ready is
