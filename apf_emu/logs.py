@@ -110,8 +110,9 @@ def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Itera
         if name == "-":
             lines = list(sys.stdin.buffer)
             if looks_like_ftrace(b"".join(lines[:200])[:SNIFF_BYTES]):
-                kinds.add("ftrace")
-                streams.append(_ftrace_events("<stdin>", lines, report))
+                stream, kind = _ftrace_events("<stdin>", lines, report, scoped=len(names) > 1)
+                kinds.add(kind)
+                streams.append(stream)
             else:
                 kinds.add("json")
                 # `docker compose logs` interleaves several processes: sort.
@@ -123,17 +124,23 @@ def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Itera
             ordered = ftrace or _in_order(name)
         except OSError as exc:
             raise LogInputError(f"{name}: {exc.strerror}") from None
-        kinds.add("ftrace" if ftrace else "json")
-        _one_kind(kinds)
         if ftrace:
-            streams.append(_ftrace_events(name, _lines(name, report), report, scoped=len(names) > 1))
+            stream, kind = _ftrace_events(name, _lines(name, report), report, scoped=len(names) > 1)
+            kinds.add(kind)
+            _one_kind(kinds)
+            streams.append(stream)
             continue
+        kinds.add("json")
+        _one_kind(kinds)
         # A file is written by one process at a time, in order: stream it (a long chaos run's logs are GBs).
         streams.append(_file_events(name, report) if ordered else _sorted(_file_events(name, report)))
     return heapq.merge(*streams, key=lambda e: e["mono_ns"])
 
 
 def _one_kind(kinds: set[str]) -> None:
+    if kinds >= {"trace", "export"}:
+        raise LogInputError("an apf-emu export and a real host's trace cannot be read together: the checker judges "
+                            "them by different invariants (docs/TRACING.md)")
     if len(kinds) > 1:
         raise LogInputError("ftrace text and apf-emu logs cannot be read together: the checker judges a real trace "
                             "by what a host-side trace can support, and logs by every invariant (docs/TRACING.md)")
@@ -148,8 +155,10 @@ def _is_ftrace(name: str) -> bool:
     return looks_like_ftrace(head[:SNIFF_BYTES])
 
 
-def _ftrace_events(name: str, lines: Iterable[bytes], report: ReadReport, *, scoped: bool = False) -> Iterator[Event]:
-    """A trace's events, in time order (a trace whose clock is not global across CPUs can go back: sorted)."""
+def _ftrace_events(name: str, lines: Iterable[bytes], report: ReadReport, *,
+                   scoped: bool = False) -> tuple[Iterator[Event], str]:
+    """A trace's events, in time order (a trace whose clock is not global across CPUs can go back: sorted), and
+    its kind: "export" (apf-emu's own) or "trace" (a real host's)."""
     if report.ftrace is None:
         report.ftrace = FtraceReport()
     before, lines_before = len(report.ftrace.bad), report.ftrace.lines
@@ -159,7 +168,7 @@ def _ftrace_events(name: str, lines: Iterable[bytes], report: ReadReport, *, sco
     report.lines += report.ftrace.lines - lines_before
     report.unreadable.extend(report.ftrace.bad[before:])
     events.sort(key=lambda e: e["mono_ns"])
-    return iter(events)
+    return iter(events), "export" if reader.export else "trace"
 
 
 def _file_events(name: str, report: ReadReport) -> Iterator[Event]:

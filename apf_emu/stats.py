@@ -71,6 +71,8 @@ class Stats:
         if ev.get("role") == "harness":  # the settings line of run or chaos: not an event of the VM
             return
         name = ev["event"]
+        if name.startswith("ftrace_"):  # a trace's own markers (ftrace_start comes at -1, before every line)
+            return
         t = ev["mono_ns"]
         if self.first_ns is None:
             self.first_ns = t

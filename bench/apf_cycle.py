@@ -22,6 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from .floor import histogram
 ROOT = Path(__file__).resolve().parents[1]
 PAGES, RESIDENT, VECTOR = 256, 32, 0xF3
 STEPS = ("not_present", "ready", "ack")
+WARMUP = 200  # cycles not counted: the first ones pay for imports, caches and the allocator
 
 
 @dataclass
@@ -76,7 +78,7 @@ class CycleResult:
     def summary(self) -> dict[str, Any]:
         return {step: {"p50_us": self.p50_us(step),
                        "p99_us": self.hist[step].get_value_at_percentile(99) / 1000,
-                       "n": self.hist[step].get_total_count()} for step in STEPS}
+                       "n": self.hist[step].get_total_count()} for step in self.hist}
 
 
 class Guest:
@@ -171,9 +173,6 @@ def _readable(sock: socket.socket) -> bool:
 def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
             profiler: str = "pyinstrument") -> CycleResult:
     vm = f"bench{os.getpid()}{transport[:3]}"
-    hist = {step: histogram() for step in STEPS}
-    received: dict[int, int] = {}  # token -> ns the page-ready arrived
-    resumed = 0
     with tempfile.TemporaryDirectory(prefix="apf-cycle-") as tmp:
         sock = Path(tmp) / "host.sock"
         command = HostOptions(vm=vm, socket=sock, vcpus=1, pages=PAGES, resident=RESIDENT,
@@ -194,36 +193,61 @@ def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
             guest = Guest(sock, vm, transport, ram)
             try:
                 guest.enable()
-                gfn = 0
-                for _ in range(cycles):
-                    gfn = gfn % (PAGES - 1) + 1  # round robin over more pages than are resident: each is out
-                    t0 = time.monotonic_ns()
-                    token = guest.exit_mem(gfn)
-                    t1 = time.monotonic_ns()
-                    if token is None:
-                        resumed += 1
-                        continue
-                    hist["not_present"].record_value(t1 - t0)
-                    assert guest.area.read_and_reset_flags() == 1
-                    guest.interrupt()
-                    received[token] = time.monotonic_ns()
-                    assert guest.area.token == token
-                    guest.area.token = 0
-                    t3 = time.monotonic_ns()
-                    guest.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
-                    hist["ack"].record_value(time.monotonic_ns() - t3)
+                result = run_cycles(guest, cycles, WARMUP, Path(tmp) / "host.jsonl",
+                                    before_log=lambda: _stop(host))
             finally:
                 guest.close()
                 ram.close()
         finally:
-            host.send_signal(signal.SIGTERM)
-            host.wait(30)
-        for line in (Path(tmp) / "host.jsonl").read_bytes().splitlines():
-            if b"kvm_async_pf_completed" in line:
-                ev = orjson.loads(line)
-                at = received.get(ev["token"])
-                if at is not None:
-                    hist["ready"].record_value(max(1, at - ev["mono_ns"]))
+            _stop(host)
+    return result
+
+
+def _stop(host: subprocess.Popen[bytes]) -> None:
+    if host.poll() is None:
+        host.send_signal(signal.SIGTERM)
+    host.wait(30)
+
+
+def run_cycles(guest: Guest, cycles: int, warmup: int, log: Path,
+               before_log: Callable[[], None] | None = None) -> CycleResult:
+    """APF cycles on swapped-out pages, round robin, each step timed by the guest; `ready` from the host's log
+    (`before_log` is called first: a host that must end before its log is whole). The same loop for the emulator
+    and for the protocol floor (bench/protocol_floor.py), so that only the host differs."""
+    hist = {step: histogram() for step in (*STEPS, "cycle")}
+    received: dict[int, int] = {}  # token -> ns the page-ready arrived
+    resumed = 0
+    gfn = 0
+    for i in range(cycles + warmup):
+        gfn = gfn % (PAGES - 1) + 1  # round robin over more pages than are resident: each is out
+        t0 = time.monotonic_ns()
+        token = guest.exit_mem(gfn)
+        t1 = time.monotonic_ns()
+        if token is None:
+            resumed += 1
+            continue
+        assert guest.area.read_and_reset_flags() == 1
+        guest.interrupt()
+        t2 = time.monotonic_ns()
+        assert guest.area.token == token
+        guest.area.token = 0
+        t3 = time.monotonic_ns()
+        guest.wrmsr(MSR_KVM_ASYNC_PF_ACK, 1)
+        t4 = time.monotonic_ns()
+        if i < warmup:
+            continue
+        received[token] = t2
+        hist["not_present"].record_value(t1 - t0)
+        hist["ack"].record_value(t4 - t3)
+        hist["cycle"].record_value(t4 - t0)
+    if before_log is not None:
+        before_log()
+    for line in log.read_bytes().splitlines():
+        if b"kvm_async_pf_completed" in line:
+            ev = orjson.loads(line)
+            at = received.get(ev["token"])
+            if at is not None:
+                hist["ready"].record_value(max(1, at - ev["mono_ns"]))
     return CycleResult(hist, cycles, resumed)
 
 

@@ -156,6 +156,11 @@ class BackingStore:
     def save_apf_id(self, vcpu: int, apf_id: int) -> None:
         self.u32[self._vcpu0 + vcpu * VCPU_WORDS + V_APF_ID] = apf_id
 
+    def apf_id(self, vcpu: int) -> int:
+        """The vCPU's next token id as last saved, valid record or not: the word is written alone with each new id
+        (save_apf_id) and never goes back, so a register save torn by a SIGKILL leaves it right."""
+        return int(self.u32[self._vcpu0 + vcpu * VCPU_WORDS + V_APF_ID])
+
     def saved_vcpu(self, vcpu: int) -> SavedVcpu | None:
         base = self._vcpu0 + vcpu * VCPU_WORDS
         u32 = self.u32

@@ -206,8 +206,7 @@ def restore_images(directory: Path, vm: str, pages: int, vcpus: int, abi: str) -
     try:
         backing.mem[:] = swap_image
         for state in manifest.vcpu_states:
-            saved = backing.saved_vcpu(state.vcpu)
-            apf_id = saved.apf_id if saved is not None else 0
+            apf_id = backing.apf_id(state.vcpu)
             en, int_, ve = state.restored_registers
             backing.save_vcpu(state.vcpu, state.boot, en, int_, apf_id, state.spiv, ve)  # KVM_SET_MSRS, _SET_LAPIC
     finally:

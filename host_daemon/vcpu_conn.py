@@ -116,7 +116,7 @@ class VcpuConnection:
             self.apf.restore(saved.msr_en, saved.msr_int, saved.apf_id, saved.spiv, saved.msr_ve)
             await self._sync_pin()
         else:
-            self.apf.apf_id = saved.apf_id if saved is not None else 0
+            self.apf.apf_id = self.vm.memory.backing.apf_id(self.vcpu_id)  # 0 in a new VM's store
             self._save()
 
     def save_registers(self) -> None:

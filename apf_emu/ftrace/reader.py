@@ -59,6 +59,7 @@ EXPORT_THREAD: Final = re.compile(r"^# apf-emu thread (?P<tid>\d+) vm (?P<vm>\S+
 EXPORT_EVENT: Final = "# apf-emu event "
 STATE_EVENTS: Final = frozenset({"host_ready", "vcpu_connect", "vcpu_disconnect", "apf_ready_dropped", "apf_cancel",
                                  "vcpu_restore"})
+COUNT_FIELDS: Final = ("token", "cancelled", "boot", "slot", "gfn")  # what the checker and statistics key on
 APF_TRACEPOINTS: Final = frozenset({"kvm_async_pf_not_present", "kvm_async_pf_ready", "kvm_async_pf_completed",
                                     "kvm_try_async_get_page", "kvm_async_pf_repeated_fault",
                                     "kvm_async_pf_doublefault", "kvm_msr"})
@@ -83,6 +84,10 @@ def looks_like_ftrace(head: bytes) -> bool:
         if not HEADER.match(line):
             return False
     return False
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def timestamp_ns(secs: str, fraction: str) -> int:
@@ -126,6 +131,7 @@ class _Thread:
     comm: str
     vm: str
     vcpu: int | None
+    tgid: str | None = None  # its process, where the trace has a tgid column
     pending_try: tuple[int, int] | None = None  # (gva, gfn) of its last kvm_try_async_get_page
     from_token: bool = False  # its vCPU was taken from a token (not from the comm)
 
@@ -144,6 +150,7 @@ class FtraceReader:
         self._awaiting_completion: dict[int, deque[tuple[str, int | None, int | None]]] = {}  # gva -> (vm, vcpu, token)
         self._last_ns = 0
         self._started = False
+        self.export = False  # this file is an apf-emu export (its header said so)
 
     def _bad(self, number: int, why: str) -> None:
         self.report.bad.append(f"{self.name}:{number}: {why}")
@@ -164,12 +171,12 @@ class FtraceReader:
                 # What the checker judges depends on the input: a real trace or apf-emu's own export.
                 yield {"event": "ftrace_start", "role": "host", "vm": None, "vcpu": None, "boot": None,
                        "mono_ns": -1, "source": "ftrace", "line": number,  # before any line, sorted
-                       "export": self.report.export}
+                       "export": self.export}
             yield from found
 
     def _not_an_event(self, number: int, line: str) -> Iterator[Event]:
         if EXPORT_HEADER.match(line):
-            self.report.export = True
+            self.export = self.report.export = True
         elif line.startswith(EXPORT_EVENT):
             ev = self._state_event(number, line.removeprefix(EXPORT_EVENT))
             if ev is not None:
@@ -195,15 +202,16 @@ class FtraceReader:
         except orjson.JSONDecodeError as e:
             self._bad(number, f"apf-emu event: not JSON ({e})")
             return None
-        if not isinstance(ev, dict) or ev.get("event") not in STATE_EVENTS:
+        if not isinstance(ev, dict) or not isinstance(ev.get("event"), str) or ev["event"] not in STATE_EVENTS:
             self._bad(number, f"apf-emu event: not one of {', '.join(sorted(STATE_EVENTS))}: {text[:80]!r}")
             return None
         ns, vcpu = ev.get("mono_ns"), ev.get("vcpu")
-        if not isinstance(ns, int) or isinstance(ns, bool) or ns < 0 \
-                or not (vcpu is None or (isinstance(vcpu, int) and not isinstance(vcpu, bool))):
-            self._bad(number, f"apf-emu event {ev['event']}: mono_ns or vcpu is not a count: {text[:80]!r}")
+        wrong = [k for k in COUNT_FIELDS if ev.get(k) is not None and not _count(ev[k])]
+        if not _count(ns) or not (vcpu is None or (_count(vcpu) and vcpu <= TOKEN_VCPU_MASK)) or wrong:
+            self._bad(number, f"apf-emu event {ev['event']}: {', '.join(wrong) or 'mono_ns or vcpu'} is not a "
+                      f"count: {text[:80]!r}")
             return None
-        self._last_ns = max(self._last_ns, ns)
+        self._last_ns = max(self._last_ns, ev["mono_ns"])
         ev.update(role="host", source="ftrace", line=number)
         if ev.get("vm") is not None:
             ev["vm"] = str(ev["vm"])
@@ -211,27 +219,30 @@ class FtraceReader:
 
     def _thread(self, m: dict[str, str | None], tid: int) -> _Thread:
         comm = (m["comm"] or "").strip()
+        tgid = m["tgid"] if m["tgid"] is not None and m["tgid"].isdigit() else None
         th = self._threads.get(tid)
-        if th is not None and UNKNOWN_COMM in (comm, th.comm) and th.comm != comm:
-            # The same thread, its name missed by the saved_cmdlines cache (trace_find_cmdline) here or earlier.
+        if th is not None and UNKNOWN_COMM in (comm, th.comm) and th.comm != comm \
+                and (tgid is None or th.tgid is None or tgid == th.tgid):
+            # The same thread, its name missed by the saved_cmdlines cache (__trace_find_cmdline) here or earlier
+            # (a tgid column that names another process says it is a pid reused).
             if th.comm == UNKNOWN_COMM:
                 th.comm = comm
                 vcpu_m = VCPU_COMM.match(comm)
                 if vcpu_m and th.vcpu is None:
                     th.vcpu = int(vcpu_m[1])
             return th
-        if th is None or th.comm != comm:  # a new thread (or a pid reused by another comm)
-            tgid = m["tgid"]
+        if th is None or th.comm != comm or (tgid is not None and th.tgid is not None and tgid != th.tgid):
+            # a new thread (or a pid reused by another comm or process)
             vcpu_m = VCPU_COMM.match(comm)
             vcpu = int(vcpu_m[1]) if vcpu_m else None
-            if tgid is not None and tgid.isdigit():
+            if tgid is not None:
                 self.report.tgid = True
                 vm = self._scope + tgid
             elif tid in self._export_threads:
                 vm, vcpu = self._export_threads[tid]
             else:
                 vm = f"{self._scope}tid{tid}"
-            th = self._threads[tid] = _Thread(comm, vm, vcpu)
+            th = self._threads[tid] = _Thread(comm, vm, vcpu, tgid)
         return th
 
     def _event(self, number: int, m: dict[str, str | None]) -> Event | None:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from host_daemon.backing_store import BackingStore
+from host_daemon.backing_store import V_VALID, VCPU_WORDS, BackingStore
 from host_daemon.memory import POISON
 from shared.views import EPT_PRESENT, ept_entry
 
@@ -85,6 +85,19 @@ def test_saved_vcpu_registers_and_attachment_survive(vm):
                                   saved.msr_ve) == (7, (1 << 40) | 0x49, 0xF3, 1234, 0x1FF, (1 << 36) | 0x51)
     assert again.saved_vcpu(4) is None
     assert again.connected_guests() == {3: 4321, 4: 0}
+
+
+def test_the_apf_id_survives_a_register_save_torn_by_a_kill(vm):
+    """save_vcpu clears the record's valid word first: a host killed inside it leaves no registers to restore, but
+    the next token id (written alone by save_apf_id with each id alloc_apf_token hands out) is still there for the
+    host that recovers, so that it never hands out a token again."""
+    backing = vm.backing
+    backing.save_vcpu(2, boot=1, msr_en=0x49, msr_int=0xF3, apf_id=10, spiv=0x1FF)
+    backing.save_apf_id(2, 11)
+    backing.u32[backing._vcpu0 + 2 * VCPU_WORDS + V_VALID] = 0  # cleared: the kill came in the middle of the next save
+    again = BackingStore(vm.vm_id, PAGES, recover=True)
+    vm.extra.append(again)
+    assert again.saved_vcpu(2) is None and again.apf_id(2) == 11 and again.apf_id(5) == 0
 
 
 def test_recover_refuses_a_foreign_or_missing_object(vm_id):

@@ -12,7 +12,7 @@ import pytest
 
 from apf_emu.checker import JUDGED, Checker
 from apf_emu.ftrace.reader import LINE, looks_like_ftrace, timestamp_ns
-from apf_emu.logs import ReadReport, read_merged
+from apf_emu.logs import LogInputError, ReadReport, read_merged
 from apf_emu.stats import collect
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -252,6 +252,12 @@ def test_an_exports_resets_end_the_apfs_of_a_boot(tmp_path):
     ('# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":"0","mono_ns":5}', "not a count"),
     ('# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":0,"mono_ns":-5}', "not a count"),
     ('# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":true,"mono_ns":5}', "not a count"),
+    ('# apf-emu event {"event":"vcpu_connect","vm":"v","vcpu":-3,"mono_ns":5}', "not a count"),
+    ('# apf-emu event {"event":["vcpu_connect"],"vm":"v","vcpu":0,"mono_ns":5}', "not one of"),
+    ('# apf-emu event {"event":"apf_cancel","vm":"v","vcpu":0,"mono_ns":5,"token":[1]}', "token is not a count"),
+    ('# apf-emu event {"event":"apf_ready_dropped","vm":"v","vcpu":0,"mono_ns":5,"token":"0x5000"}',
+     "token is not a count"),
+    ('# apf-emu event {"event":"vcpu_disconnect","vm":"v","vcpu":0,"mono_ns":5,"boot":{}}', "boot is not a count"),
 ])
 def test_a_bad_event_line_is_reported_and_skipped(tmp_path, line, why):
     path = tmp_path / "t.txt"
@@ -285,3 +291,29 @@ def test_traces_of_two_hosts_read_together_keep_their_pids_and_losses_apart(tmp_
 ])
 def test_timestamps_in_microseconds_nanoseconds_and_the_uncarried_rounding(secs, fraction, ns):
     assert timestamp_ns(secs, fraction) == ns
+
+
+def test_an_export_and_a_real_trace_are_not_read_together(tmp_path, clean_logs):
+    """They are judged by different invariants (JUDGED["export"] and ["trace"]): one verdict cannot cover both."""
+    export, real = tmp_path / "export.txt", tmp_path / "real.txt"
+    assert subprocess.run([sys.executable, "-m", "apf_emu", "trace", str(clean_logs), "--format", "ftrace", "-o",
+                           str(export)], cwd=ROOT, capture_output=True).returncode == 0
+    real.write_text("\n".join([*BASE, ready(0x1000, 5, 1.3)]) + "\n")
+    for order in ([export, real], [real, export]):
+        with pytest.raises(LogInputError, match="export and a real host's trace"):
+            list(read_merged([str(p) for p in order], ReadReport()))
+
+
+def test_a_pid_reused_by_another_process_is_another_thread_even_unnamed(tmp_path):
+    """With a tgid column, a `<...>` line of another process is not the thread that had that pid before."""
+    first = "       CPU 0/KVM-100   (    50) [000] ..... 1.000002: kvm_msr:              msr_write 4b564d06 = 0xf3"
+    second = "           <...>-100   (    60) [000] ..... 1.000003: kvm_msr:              msr_write 4b564d02 = 0x9"
+    assert violations_of(tmp_path, [BASE[0], first, second]) == ["msr_order"]
+    assert violations_of(tmp_path, [BASE[0], first, second.replace("(    60)", "(    50)")]) == []
+
+
+def test_statistics_of_a_trace_span_its_lines_only():
+    _c, _r, evs = judge(DATA / "trace-cmd-3.4.txt")
+    stats = collect(evs)
+    lines = [e["mono_ns"] for e in evs if not e["event"].startswith("ftrace_")]
+    assert stats.first_ns == min(lines) and stats.first_ns > 0
