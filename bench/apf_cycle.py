@@ -184,23 +184,31 @@ def measure(transport: str, cycles: int = 2000, profile: Path | None = None,
             command = [python, "-m", "cProfile", "-o", str(profile), module_flag, *rest]
         host = subprocess.Popen(command, cwd=ROOT, env=daemon_env())
         try:
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                if time.monotonic() > deadline or host.poll() is not None:
-                    raise RuntimeError("the host daemon did not start")
-                time.sleep(0.01)
-            ram = GuestRam.open(vm, RamLayout(PAGES))
-            guest = Guest(sock, vm, transport, ram)
-            try:
-                guest.enable()
-                result = run_cycles(guest, cycles, WARMUP, Path(tmp) / "host.jsonl",
+            result = cycles_against(host, sock, vm, transport, cycles, Path(tmp) / "host.jsonl", "the host daemon",
                                     before_log=lambda: _stop(host))
-            finally:
-                guest.close()
-                ram.close()
         finally:
             _stop(host)
     return result
+
+
+def cycles_against(host: subprocess.Popen[bytes], sock: Path, vm: str, transport: str, cycles: int, log: Path,
+                   what: str, before_log: Callable[[], None] | None = None) -> CycleResult:
+    """Once `host` listens on `sock`: a guest of vCPU 0 that enables APF and runs the cycles (run_cycles)."""
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if time.monotonic() > deadline or host.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.01)
+    ram = GuestRam.open(vm, RamLayout(PAGES))
+    try:
+        guest = Guest(sock, vm, transport, ram)
+        try:
+            guest.enable()
+            return run_cycles(guest, cycles, WARMUP, log, before_log)
+        finally:
+            guest.close()
+    finally:
+        ram.close()
 
 
 def _stop(host: subprocess.Popen[bytes]) -> None:
@@ -260,7 +268,7 @@ def main() -> None:
     args = p.parse_args()
     for transport in [args.transport] if args.transport else ["socket", "signal"]:
         r = measure(transport, args.cycles, args.profile, args.profiler)
-        steps = "  ".join(f"{s} p50 {r.p50_us(s):6.1f} us" for s in STEPS)
+        steps = "  ".join(f"{s} p50 {r.p50_us(s):6.1f} us" for s in (*STEPS, "cycle"))
         print(f"{transport:7} {steps}  (cycles {r.cycles}, resumed {r.resumed})")
     if args.profile and args.profiler == "cprofile":
         import pstats

@@ -158,9 +158,9 @@ def serve_main(path: str, vm: str, transport: str, log_path: str) -> None:
 def measure(transport: str, cycles: int = 2000) -> dict[str, Any]:
     """The floor's cycle on `transport`: p50 of each step and of the whole cycle (µs), as bench.apf_cycle reports
     the emulator's."""
-    from shared.guest_ram import GuestRam, RamLayout, shm_name, unlink
+    from shared.guest_ram import shm_name, unlink
 
-    from .apf_cycle import PAGES, STEPS, WARMUP, Guest, run_cycles
+    from .apf_cycle import STEPS, cycles_against
 
     vm = f"floor{os.getpid()}{transport[:3]}"
     with tempfile.TemporaryDirectory(prefix="apf-floor-") as tmp:
@@ -168,19 +168,7 @@ def measure(transport: str, cycles: int = 2000) -> dict[str, Any]:
         server = subprocess.Popen([sys.executable, "-m", "bench.protocol_floor", "--serve", transport, str(sock), vm,
                                    str(log_path)], cwd=ROOT)
         try:
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the protocol floor's host did not start")
-                time.sleep(0.01)
-            ram = GuestRam.open(vm, RamLayout(PAGES))
-            guest = Guest(sock, vm, transport, ram)
-            try:
-                guest.enable()
-                result = run_cycles(guest, cycles, WARMUP, log_path)
-            finally:
-                guest.close()
-                ram.close()
+            result = cycles_against(server, sock, vm, transport, cycles, log_path, "the protocol floor's host")
         finally:
             try:
                 server.wait(10)  # it ends with our connection

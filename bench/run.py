@@ -1,6 +1,7 @@
 """apf-emu's benchmarks, all in one run: `apf-emu bench [--quick] [--json FILE] [--plots DIR]`.
 
-1. transport floor and the APF cycle's costs over it (bench/floor.py, bench/apf_cycle.py);
+1. transport floor, protocol floor and the APF cycle's costs over them (bench/floor.py, bench/protocol_floor.py,
+   bench/apf_cycle.py);
 2. throughput and memory from 1 to 64 vCPUs with page-in latency 0 (bench/topology.py), and what shared pages
    cost (the same run with 0, 20% and 50% of the accesses on pages all vCPUs share);
 3. Natapov's 2010 benchmark shape: writers faulting over guest RAM 4x the host's resident limit and counting tasks,
@@ -28,7 +29,7 @@ from typing import Any
 
 from shared import config
 
-from . import abis, apf_cycle, check_speed, floor, topology
+from . import abis, apf_cycle, check_speed, floor, protocol_floor, topology
 
 SHARED_RATIOS = (0.0, 0.2, 0.5)
 SHARED_VCPUS = 2
@@ -67,19 +68,25 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def bench_costs(cfg: dict[str, Any], say: Any) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+def bench_costs(cfg: dict[str, Any], say: Any) -> tuple[dict[str, float], dict[str, Any], dict[str, Any],
+                                                        dict[str, Any]]:
     floor_us: dict[str, float] = {}
     ratio: dict[str, Any] = {}
     costs: dict[str, Any] = {}
+    protocol: dict[str, Any] = {}
     for transport in ("socket", "signal"):
         h = floor.measure(transport, cfg["floor_round_trips"])
         floor_us[transport] = h.get_value_at_percentile(50) / 1000
+        protocol[transport] = protocol_floor.measure(transport, cfg["cycles"])
         cyc = apf_cycle.measure(transport, cfg["cycles"])
         costs[transport] = cyc.summary()
         ratio[transport] = {step: round(cyc.p50_us(step) / floor_us[transport], 2) for step in apf_cycle.STEPS}
+        ratio[transport]["cycle"] = round(cyc.p50_us("cycle") / protocol[transport]["cycle"]["p50_us"], 2)
         say(f"{transport:7} floor {floor_us[transport]:6.1f} us | " + "  ".join(
-            f"{s} {cyc.p50_us(s):6.1f} us ({ratio[transport][s]:.2f}x)" for s in apf_cycle.STEPS))
-    return floor_us, ratio, costs
+            f"{s} {cyc.p50_us(s):6.1f} us ({ratio[transport][s]:.2f}x)" for s in apf_cycle.STEPS)
+            + f" | cycle {cyc.p50_us('cycle'):6.1f} us, protocol floor {protocol[transport]['cycle']['p50_us']:6.1f}"
+            f" us ({ratio[transport]['cycle']:.2f}x)")
+    return floor_us, ratio, costs, protocol
 
 
 def bench_scale(cfg: dict[str, Any], say: Any) -> list[dict[str, Any]]:
@@ -182,7 +189,7 @@ def run_all(quick: bool, say: Any = print, result: dict[str, Any] | None = None)
     start = time.monotonic()
     result = {} if result is None else result
     result.update({"variant": "quick" if quick else "full", "machine": machine()})
-    result["floor_us"], result["ratio"], result["costs_us"] = bench_costs(cfg, say)
+    result["floor_us"], result["ratio"], result["costs_us"], result["protocol_floor_us"] = bench_costs(cfg, say)
     result["scale"] = bench_scale(cfg, say)
     result["shared_pages"] = bench_shared(cfg, say)
     result["natapov"], result["natapov_sweep"], result["natapov_at_cores"] = bench_natapov(cfg, say)

@@ -75,7 +75,9 @@ class Pager:
     async def _page_in(self, gfn: int, page_in: PageIn) -> None:
         failed = True
         try:
-            await trio.sleep(self.latency.sample(self.rng))
+            delay = self.latency.sample(self.rng)
+            if delay > 0:  # a page-in of latency 0 is done when its task first runs (one scheduler pass less)
+                await trio.sleep(delay)
             failed = self.errors.fails(gfn, self.rng)
             if failed:
                 self.failures += 1

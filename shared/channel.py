@@ -2,12 +2,17 @@
 #
 # One reader per connection owns a FrameReader; sends are whole frames written with one send_all under a lock
 # (trio forbids concurrent send_all on one stream, and a host task pushing an interrupt may race the handler that
-# answers an exit). A frame may carry file descriptors (SCM_RIGHTS), as `welcome` does: they travel with the
-# frame's first byte, so the receiver has them once it has read that frame (the same read may also have returned
-# frames sent before it; shared/blocking_channel.py collects them per read).
+# answers an exit). A frame that a Unix socket takes whole at once, with no send under way, is written directly
+# with one non-blocking write(2), without trio's two scheduler passes: the APF cycle's three frames are its hot
+# path (bench/). Only what the socket does not take goes through send_all.
+#
+# A frame may carry file descriptors (SCM_RIGHTS), as `welcome` does: they travel with the frame's first byte, so
+# the receiver has them once it has read that frame (the same read may also have returned frames sent before it;
+# shared/blocking_channel.py collects them per read).
 from __future__ import annotations
 
 import array
+import os
 import socket
 from collections import deque
 from collections.abc import Sequence
@@ -28,9 +33,23 @@ class MessageChannel:
         self._frames: deque[bytes] = deque()
         self._send_lock = trio.Lock()
         self.closed = False
+        # the trio socket of a Unix SocketStream (non-blocking, as trio keeps it), for the direct send
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) \
+            and stream.socket.family == socket.AF_UNIX else None
 
     async def send(self, msg: Message) -> None:
         data = encode(msg)
+        sock = self._sock
+        if sock is not None and not self._send_lock.locked() and not self.closed and (fd := sock.fileno()) >= 0:
+            try:
+                sent = os.write(fd, data)  # write(2) on a socket is send(2) without flags; SIGPIPE is ignored
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
         async with self._send_lock:
             await self.stream.send_all(data)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final, TypeAlias
 
 import msgpack
@@ -220,8 +220,11 @@ class WireError(Exception):
         self.fatal = fatal
 
 
+_FIELDS: Final = {cls: tuple(_TYPES[cls]) for cls in _TYPES}  # every field is a scalar: no asdict's deep copy
+
+
 def encode(msg: Message) -> bytes:
-    payload: bytes = msgpack.packb({"t": msg.TYPE, **asdict(msg)})
+    payload: bytes = msgpack.packb({"t": msg.TYPE, **{name: getattr(msg, name) for name in _FIELDS[type(msg)]}})
     if len(payload) > MAX_FRAME:
         raise WireError("frame_too_large", f"{msg.TYPE} message of {len(payload)} bytes exceeds {MAX_FRAME}")
     return HEADER.pack(len(payload)) + payload

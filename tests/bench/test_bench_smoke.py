@@ -26,9 +26,13 @@ def test_quick_bench_writes_well_formed_results(tmp_path):
     assert isinstance(r["machine"]["cores"], int) and r["machine"]["python"] and r["machine"]["date"]
     for transport in ("socket", "signal"):
         assert positive(r["floor_us"][transport])
-        assert set(r["ratio"][transport]) == {"not_present", "ready", "ack"}
+        assert set(r["ratio"][transport]) == {"not_present", "ready", "ack", "cycle"}
         assert all(positive(v) for v in r["ratio"][transport].values())
-        assert all(r["costs_us"][transport][step]["n"] > 0 for step in ("not_present", "ready", "ack"))
+        assert all(r["costs_us"][transport][step]["n"] > 0 for step in ("not_present", "ready", "ack", "cycle"))
+        floor_cycle = r["protocol_floor_us"][transport]["cycle"]
+        assert positive(floor_cycle["p50_us"]) and floor_cycle["n"] > 0
+        assert r["ratio"][transport]["cycle"] == round(r["costs_us"][transport]["cycle"]["p50_us"]
+                                                       / floor_cycle["p50_us"], 2)
     assert [row["vcpus"] for row in r["scale"]] == sorted(row["vcpus"] for row in r["scale"])
     for row in r["scale"]:
         assert positive(row["cycles_per_s"]) and positive(row["host_rss_mb"]) and positive(row["guest_rss_mb"])
