@@ -41,6 +41,19 @@ INTERLEAVINGS = {
 RACE_EVENTS = ("reason_overwritten", "apf_cancel", "kvm_multiple_exception")
 
 
+# Lookups of feed, made once: the events each latency ends at (with the event it starts at), the events stamped for
+# a later one (latency starts), those with more to them than a count, and the ACKs.
+_ENDING: dict[str, list[tuple[str, str]]] = {}
+for _lat, (_a, _b) in LATENCIES.items():
+    _ENDING.setdefault(_b, []).append((_lat, _a))
+_STARTS = frozenset(a for a, _b in LATENCIES.values())
+_STAMPED = _STARTS | frozenset(_ENDING)
+_SPECIAL = frozenset({"guest_irq_pending", "guest_apf_wake", "kvm_async_pf_not_present", "kvm_async_pf_ready",
+                      "apf_ready_dropped", "vcpu_connect", "vcpu_disconnect", "guest_pf_race", *RACE_EVENTS,
+                      "host_ready", "apf_sync_fault", "apf_halt", "guest_shutdown"})
+_ACKS = frozenset({"apf_ack", "guest_apf_irq_ignored", "guest_apf_slot_cleared"})
+
+
 def _histogram() -> HdrHistogram:
     return HdrHistogram(1, 60_000_000, 3)  # 1 µs .. 60 s
 
@@ -49,7 +62,8 @@ def _histogram() -> HdrHistogram:
 class Stats:
     events: Counter[str] = field(default_factory=Counter)
     per_vcpu: dict[str, Counter[str]] = field(default_factory=dict)
-    latency: dict[str, HdrHistogram] = field(default_factory=lambda: {k: _histogram() for k in LATENCIES})
+    _histograms: dict[str, HdrHistogram] = field(default_factory=lambda: {k: _histogram() for k in LATENCIES})
+    _pending: dict[str, Counter[int]] = field(default_factory=lambda: {k: Counter() for k in LATENCIES})  # µs -> n
     sync_reasons: Counter[str] = field(default_factory=Counter)
     halt_reasons: Counter[str] = field(default_factory=Counter)  # the artificial halt: kernel_mode, repeated_fault..
     not_injected: int = 0  # not-presents of the halt path (traced by KVM, never injected)
@@ -66,6 +80,7 @@ class Stats:
     last_ns: int | None = None
     _stamps: dict[tuple[Any, Any, Any, str], int] = field(default_factory=dict)
     _unacked: dict[tuple[Any, Any], deque[int]] = field(default_factory=dict)  # vCPU -> ready times, oldest first
+    _columns: dict[tuple[Any, Any], tuple[str, Counter[str]]] = field(default_factory=dict)  # (vm, vcpu) -> column
 
     def feed(self, ev: Event) -> None:
         if ev.get("role") == "harness":  # the settings line of run or chaos: not an event of the VM
@@ -78,11 +93,48 @@ class Stats:
             self.first_ns = t
         self.last_ns = t
         self.events[name] += 1
-        vcpu = ev.get("vcpu")
-        vkey = f"{ev.get('vm')}/{'host' if vcpu is None else vcpu}"  # the host's lines of no vCPU: column "host"
-        self.per_vcpu.setdefault(vkey, Counter())[name] += 1
         key = (ev.get("vm"), ev.get("vcpu"))
+        column = self._columns.get(key)
+        if column is None:  # the host's lines of no vCPU: column "host"
+            vkey = f"{key[0]}/{'host' if key[1] is None else key[1]}"
+            column = self._columns[key] = (vkey, self.per_vcpu.setdefault(vkey, Counter()))
+        vkey, counts = column
+        counts[name] += 1
         token = ev.get("token")
+        if name in _SPECIAL:
+            self._special(ev, name, key, vkey, token)
+        if ev.get("source") == "ftrace":
+            if self._ftrace_ack(name, key, t, token):
+                return
+        elif name in _ACKS:
+            readies = self._unacked.get(key)
+            if readies:  # ACKs answer injected page-readies in order
+                ready_ns = readies.popleft()
+                if name == "apf_ack":
+                    self._record("ready_to_ack", t - ready_ns)
+                elif name == "guest_apf_slot_cleared":
+                    readies.clear()  # released without an ACK (--online-clears-token)
+            return  # (a handler that ran with APF off took its page-ready and ACKs nothing)
+        if name == "kvm_async_pf_ready" and ev.get("injected") is not False and ev.get("source") != "ftrace":
+            unacked = self._unacked.get(key)
+            if unacked is None:
+                unacked = self._unacked[key] = deque()
+            unacked.append(t)
+        if token is None or token == KVM_APF_WAKE_ALL_TOKEN or name not in _STAMPED:
+            return
+        stamps = self._stamps
+        for lat, start_name in _ENDING.get(name, ()):
+            start = stamps.get((key[0], key[1], token, start_name))
+            if start is not None:
+                self._record(lat, t - start)
+        if name == "guest_apf_wake":
+            for a in _STARTS:
+                stamps.pop((key[0], key[1], token, a), None)
+        else:
+            stamps[(key[0], key[1], token, name)] = t
+
+    def _special(self, ev: Event, name: str, key: tuple[Any, Any], vkey: str, token: Any) -> None:
+        """What the counts, interleavings, races and outstanding APFs take from the events of _SPECIAL."""
         if name == "guest_irq_pending":
             context = str(ev.get("context"))
             if "pf_injected" in context or "pf_entry" in context:
@@ -122,33 +174,6 @@ class Stats:
             self.data_checks += int(ev.get("data_checks", 0))
             self.data_check_failures += int(ev.get("data_check_failures", 0))
             self.interleavings["signals_coalesced"] += int(ev.get("coalesced", 0))
-        if ev.get("source") == "ftrace":
-            if self._ftrace_ack(name, key, t, token):
-                return
-        elif name in ("apf_ack", "guest_apf_irq_ignored", "guest_apf_slot_cleared"):
-            readies = self._unacked.get(key)
-            if readies:  # ACKs answer injected page-readies in order
-                ready_ns = readies.popleft()
-                if name == "apf_ack":
-                    self._record("ready_to_ack", t - ready_ns)
-                elif name == "guest_apf_slot_cleared":
-                    readies.clear()  # released without an ACK (--online-clears-token)
-            return  # (a handler that ran with APF off took its page-ready and ACKs nothing)
-        if name == "kvm_async_pf_ready" and ev.get("injected") is not False and ev.get("source") != "ftrace":
-            self._unacked.setdefault(key, deque()).append(t)
-        if token is None or token == KVM_APF_WAKE_ALL_TOKEN:
-            return
-        stamp_key = (key[0], key[1], token, name)
-        self._stamps[stamp_key] = t
-        for lat, (a, b) in LATENCIES.items():
-            if b == name:
-                start = self._stamps.get((key[0], key[1], token, a))
-                if start is not None:
-                    self._record(lat, t - start)
-        if name == "guest_apf_wake":
-            for a in ("kvm_async_pf_not_present", "kvm_async_pf_completed", "kvm_async_pf_ready"):
-                self._stamps.pop((key[0], key[1], token, a), None)
-            self._stamps.pop(stamp_key, None)
 
     def _ftrace_ack(self, name: str, key: tuple[Any, Any], t: int, token: Any) -> bool:
         """ready_to_ack on ftrace text, which cannot tell an injected page-ready from the halt path's (traced, not
@@ -164,7 +189,19 @@ class Stats:
         return False
 
     def _record(self, lat: str, ns: int) -> None:
-        self.latency[lat].record_value(max(1, min(ns // 1000, 60_000_000)))
+        # counted here, put into the histogram when it is read: one record_value per distinct µs value
+        self._pending[lat][max(1, min(ns // 1000, 60_000_000))] += 1
+
+    @property
+    def latency(self) -> dict[str, HdrHistogram]:
+        """The latency histograms (µs), with everything fed so far."""
+        for lat, pending in self._pending.items():
+            if pending:
+                h = self._histograms[lat]
+                for us, n in pending.items():
+                    h.record_value(us, n)
+                pending.clear()
+        return self._histograms
 
     @property
     def apfs(self) -> int:

@@ -40,7 +40,7 @@ from shared.abi import (
     async_pf_en_value,
 )
 from shared.apf_data import KvmVcpuPvApfData
-from shared.blocking_channel import BlockingChannel
+from shared.blocking_channel import BlockingChannel, connect
 from shared.config import HostOptions, PageInLatency, daemon_env
 from shared.guest_ram import GuestRam, RamLayout
 from shared.signals import SIG_PF, vector_signal
@@ -86,9 +86,8 @@ class Guest:
 
     def __init__(self, path: Path, vm: str, transport: str, ram: GuestRam) -> None:
         self.transport = transport
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = connect(path, 10)  # a host that has bound its socket may not listen yet
         sock.settimeout(10)
-        sock.connect(str(path))
         self.chan = BlockingChannel(sock)
         self.sock = sock
         self.frames = self.chan.frames

@@ -388,7 +388,8 @@ class VcpuConnection:
         when the exit's reply has gone: in KVM the entry that ends the exit sees every request made before it, and
         here the entry (the reply) cannot be made atomic with the check that precedes it; for the guest the two
         orders are the same (a page-in may finish at any moment)."""
-        await page_in.wait()  # the page may be evicted again before it is delivered: the prefault brings it back
+        if not page_in.is_set():  # (a page-in of latency 0 is often done already: no scheduler pass for nothing)
+            await page_in.wait()  # the page may be evicted again before it is delivered: the prefault brings it back
         while not self._completions.is_set():
             await self._completions.wait()
         if self.vm.handed_over:

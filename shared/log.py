@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -76,6 +75,44 @@ def _add_stamps(_logger: Any, method: str, event_dict: MutableMapping[str, Any])
     return event_dict
 
 
+class FastBoundLogger(structlog.BoundLoggerBase):
+    """structlog's bound logger (bind, new, unbind, the context) for the hot path of both sides: a line at INFO or
+    above is the context, the event's fields, `event`, then _add_stamps and, where there is exc_info, structlog's
+    format_exc_info, rendered by orjson (anything it cannot render as its repr, as structlog's JSONRenderer does)
+    and handed to the sink: the chain configure() would otherwise run processor by processor, done in one call
+    (bench/ measured 5 µs a line through the chain, about half of it here). DEBUG lines are dropped."""
+
+    def _emit(self, method: str, event: str, kw: dict[str, Any]) -> None:
+        ev: MutableMapping[str, Any] = self._context.copy()
+        ev.update(kw)
+        ev["event"] = event
+        _add_stamps(None, method, ev)
+        if "exc_info" in ev:
+            ev = structlog.processors.format_exc_info(None, method, ev)
+        self._logger.msg(orjson.dumps(ev, default=repr))
+
+    def debug(self, event: str, **kw: Any) -> None:
+        return None
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._emit("info", event, kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._emit("warning", event, kw)
+
+    warn = warning
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._emit("error", event, kw)
+
+    def critical(self, event: str, **kw: Any) -> None:
+        self._emit("critical", event, kw)
+
+    def exception(self, event: str, **kw: Any) -> None:
+        kw.setdefault("exc_info", True)
+        self._emit("error", event, kw)
+
+
 def configure(log_file: Path | None, *, stdout: bool = False, compression: str = "none") -> JsonLinesSink:
     """Set up structlog for this process. Call once, before the first log line. `compression` applies to the file
     (shared/logfile.py names it: `log_path`); stdout is always plain."""
@@ -94,12 +131,8 @@ def configure(log_file: Path | None, *, stdout: bool = False, compression: str =
         _sink.close()
     sink = _sink = JsonLinesSink(writers, owned)
     structlog.configure(
-        processors=[
-            _add_stamps,
-            structlog.processors.format_exc_info,  # `log.exception(...)`: the traceback as the `exception` field
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        processors=[],  # FastBoundLogger stamps and renders each line itself
+        wrapper_class=FastBoundLogger,
         logger_factory=lambda *args: sink,
         cache_logger_on_first_use=False,
     )
