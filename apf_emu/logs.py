@@ -78,6 +78,10 @@ def _events(name: str, lines: Iterable[bytes], report: ReadReport) -> Iterator[E
             yield ev
 
 
+# The fields the checker and the statistics key or index on: a line where one is a list or a map is not an event.
+KEY_FIELDS = ("vm", "vcpu", "boot", "token", "gfn", "task", "cancelled")
+
+
 def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool) -> Event | None:
     report.lines += 1
     if raw.startswith(b"Attaching to "):  # the first line of `docker compose logs`/`up`: not a log line at all
@@ -87,7 +91,8 @@ def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool
         if start < 0:
             raise ValueError("no JSON object")
         ev = orjson.loads(raw[start:])
-        if not isinstance(ev, dict) or not isinstance(ev.get("mono_ns"), int) or "event" not in ev:
+        if not isinstance(ev, dict) or not isinstance(ev.get("mono_ns"), int) or not isinstance(ev.get("event"), str) \
+                or any(isinstance(ev.get(k), (list, dict)) for k in KEY_FIELDS):
             raise ValueError("not an apf-emu event")
     except (ValueError, orjson.JSONDecodeError):
         where = f"{name}:{number}"

@@ -63,6 +63,7 @@ from .floor import histogram
 ROOT = Path(__file__).resolve().parents[1]
 PAGES, RESIDENT, VECTOR = 256, 32, 0xF3
 STEPS = ("not_present", "ready", "ack")
+SIGNALS = frozenset({SIG_PF, vector_signal(VECTOR)})  # the signal transport's: blocked, taken with sigtimedwait
 WARMUP = 200  # cycles not counted: the first ones pay for imports, caches and the allocator
 
 
@@ -92,20 +93,30 @@ class Guest:
         self.sock = sock
         self.frames = self.chan.frames
         self.area = KvmVcpuPvApfData(ram.u32, 0)
+        self.views: GuestViews | None = None
         if transport == "signal":
-            signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_PF, vector_signal(VECTOR)})
-        welcome = self.request(Hello(PROTOCOL_VERSION, vm, 0, 1, "normal", os.getpid(), transport))
-        assert isinstance(welcome, Welcome), welcome
-        self.views = GuestViews(self.chan.take_fds(), PAGES)
+            signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            welcome = self.request(Hello(PROTOCOL_VERSION, vm, 0, 1, "normal", os.getpid(), transport))
+            assert isinstance(welcome, Welcome), welcome
+            self.views = GuestViews(self.chan.take_fds(), PAGES)
+        except BaseException:
+            self.close()
+            raise
         self.u32 = self.views.ctl.u32
         self.seen_pf = self.u32[CTL_PF_SEQ]
 
     def close(self) -> None:
         self.area.release()
-        self.views.close()
+        if self.views is not None:
+            self.views.close()
         self.chan.close()
         if self.transport == "signal":
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIG_PF, vector_signal(VECTOR)})
+            # A signal still queued (a #PF that came after its pf_seq was seen) would kill us once unblocked: it has
+            # no handler. Take them first.
+            while signal.sigtimedwait(SIGNALS, 0) is not None:
+                pass
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     def send(self, msg: Message) -> None:
         self.chan.send(msg)
@@ -213,7 +224,11 @@ def cycles_against(host: subprocess.Popen[bytes], sock: Path, vm: str, transport
 def _stop(host: subprocess.Popen[bytes]) -> None:
     if host.poll() is None:
         host.send_signal(signal.SIGTERM)
-    host.wait(30)
+    try:
+        host.wait(30)
+    except subprocess.TimeoutExpired:
+        host.kill()
+        host.wait()
 
 
 def run_cycles(guest: Guest, cycles: int, warmup: int, log: Path,

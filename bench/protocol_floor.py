@@ -11,10 +11,11 @@ waits) run the cycle's frames and nothing else:
                               (a frame, or the vector's raise counter and its signal)
   wrmsr MSR_KVM_ASYNC_PF_ACK -> msr_result
 
-The host writes one JSON line per host event of the cycle with orjson and one unbuffered os.write each, as the
-emulator's host logs them (kvm_try_async_get_page, kvm_async_pf_not_present, kvm_async_pf_completed,
-kvm_async_pf_ready, apf_ack), so that a SIGKILL loses none. What the emulator does beyond this (the MSR and fault
-state machine of host_daemon/vcpu.py, the page-in and EPT, structlog) is what its cycle costs over the floor.
+The host writes one JSON line per host event of the cycle (kvm_try_async_get_page, kvm_async_pf_not_present,
+kvm_async_pf_completed, kvm_async_pf_ready, apf_ack) with the fields and stamps of the emulator's lines, rendered by
+orjson and written with one unbuffered os.write each, as the emulator's host does, so that a SIGKILL loses none.
+What the emulator does beyond this (the MSR and fault state machine of host_daemon/vcpu.py, the page-in and EPT,
+structlog's bound loggers) is what its cycle costs over the floor.
 
 Usage: python -m bench.protocol_floor [--cycles N] [--transport socket|signal]
 """
@@ -28,7 +29,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ async def _serve(path: str, vm: str, transport: str, log_path: str) -> None:
     from shared.apf_data import KvmVcpuPvApfData
     from shared.channel import MessageChannel
     from shared.guest_ram import PAGE_SIZE, GuestRam, RamLayout
+    from shared.log import add_stamps
     from shared.signals import SIG_PF, vector_signal
     from shared.views import CTL_CR2, CTL_EXC_VECTOR, CTL_IRR, CTL_PF_SEQ, CTL_SIZE, ept_size
     from shared.wire import (
@@ -77,9 +78,10 @@ async def _serve(path: str, vm: str, transport: str, log_path: str) -> None:
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     pid = os.getpid()
 
-    def log(event: str, **fields: int) -> None:
-        os.write(log_fd, orjson.dumps({"role": "host", "vm": vm, "vcpu": 0, "boot": 1, "pid": pid, "event": event,
-                                       "mono_ns": time.monotonic_ns(), **fields}) + b"\n")
+    def log(event: str, **fields: int | bool | None) -> None:
+        """A line as the emulator's host writes it: its context, fields, event and stamps (shared/log.py)."""
+        line = {"role": "host", "vm": vm, "vcpu": 0, "boot": 1, "pid": pid, **fields, "event": event}
+        os.write(log_fd, orjson.dumps(add_stamps(None, "info", line)) + b"\n")
 
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await listener.bind(path)
@@ -113,7 +115,7 @@ async def _serve(path: str, vm: str, transport: str, log_path: str) -> None:
                 log("kvm_try_async_get_page", gva=msg.gpa, gfn=gfn)
                 apf_id, token = alloc_apf_token(apf_id, 0)
                 area.flags = KVM_PV_REASON_PAGE_NOT_PRESENT
-                log("kvm_async_pf_not_present", token=token, gva=msg.gpa)
+                log("kvm_async_pf_not_present", token=token, gva=msg.gpa, gfn=gfn, injected=True)
                 if transport == "socket":
                     await chan.send(InjectException(14, token))
                 else:
@@ -122,10 +124,11 @@ async def _serve(path: str, vm: str, transport: str, log_path: str) -> None:
                     pf_seq = (pf_seq + 1) & 0xFFFFFFFF
                     ctl[CTL_PF_SEQ] = pf_seq
                     signal.pidfd_send_signal(pidfd, SIG_PF)
-                log("kvm_async_pf_completed", address=ram.hva_base + gfn * PAGE_SIZE, gva=msg.gpa, token=token)
+                log("kvm_async_pf_completed", address=ram.hva_base + gfn * PAGE_SIZE, gva=msg.gpa, token=token, gfn=gfn)
                 if area.token == 0:  # the slot is free: the page-ready goes now (else at the guest's ACK)
                     area.token = token
-                    log("kvm_async_pf_ready", token=token, gva=msg.gpa)
+                    log("kvm_async_pf_ready", token=token, gva=msg.gpa, gfn=gfn, injected=True, vector=vector,
+                        released=None)
                     await interrupt()
             elif isinstance(msg, MsrWrite):
                 if msg.msr == MSR_KVM_ASYNC_PF_ACK:

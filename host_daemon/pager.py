@@ -76,8 +76,10 @@ class Pager:
         failed = True
         try:
             delay = self.latency.sample(self.rng)
-            if delay > 0:  # a page-in of latency 0 is done when its task first runs (one scheduler pass less)
+            if delay > 0:
                 await trio.sleep(delay)
+            else:  # a page-in of latency 0 is done when its task first runs (one scheduler pass less), unless cancelled
+                await trio.lowlevel.checkpoint_if_cancelled()
             failed = self.errors.fails(gfn, self.rng)
             if failed:
                 self.failures += 1

@@ -91,6 +91,7 @@ class VcpuThread:
         self._lock = trio.Lock()
 
     async def __aenter__(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # as trio.Lock.acquire: a cancelled task does not take it
         if self._lock.locked():
             await self._lock.acquire()
         else:
@@ -189,6 +190,8 @@ class VcpuConnection:
                     return  # the guest went away while we answered
                 finally:
                     self._exit_ends()
+            if self.chan.buffered:  # exits read in one go: let completions, other vCPUs and signals in between
+                await trio.lowlevel.checkpoint()
 
     async def reject(self, exc: WireError) -> None:
         self.log.error("wire_error", code=exc.code, message=exc.message, fatal=exc.fatal)

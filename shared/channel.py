@@ -38,6 +38,7 @@ class MessageChannel:
             and stream.socket.family == socket.AF_UNIX else None
 
     async def send(self, msg: Message) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled sender sends nothing (no scheduler pass else)
         data = encode(msg)
         sock = self._sock
         if sock is not None and not self._send_lock.locked() and not self.closed and (fd := sock.fileno()) >= 0:
@@ -78,6 +79,11 @@ class MessageChannel:
                 return None
             self._frames.extend(self._reader.feed(data))
         return decode(self._frames.popleft(), self._schema)
+
+    @property
+    def buffered(self) -> bool:
+        """Frames already read and not yet received: the next receive returns without waiting."""
+        return bool(self._frames)
 
     async def aclose(self) -> None:
         self.closed = True

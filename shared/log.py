@@ -63,7 +63,7 @@ _LEVELS: Final = {"warn": "warning", "exception": "error"}  # structlog's add_lo
 _second: list[Any] = [None, ""]  # the last whole UTC second stamped, and its ISO 8601 text
 
 
-def _add_stamps(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def add_stamps(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """`level`, `mono_ns` and `timestamp` in one step (what add_log_level and TimeStamper(fmt="iso", utc=True)
     write, with the text of the second formatted once per second: this runs for every line of the hot path)."""
     event_dict["level"] = _LEVELS.get(method, method)
@@ -71,13 +71,14 @@ def _add_stamps(_logger: Any, method: str, event_dict: MutableMapping[str, Any])
     seconds, ns = divmod(time.time_ns(), 1_000_000_000)
     if seconds != _second[0]:
         _second[0], _second[1] = seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-    event_dict["timestamp"] = f"{_second[1]}.{ns // 1000:06d}Z"
+    us = ns // 1000  # datetime.isoformat, which TimeStamper uses, leaves out a fraction of 0
+    event_dict["timestamp"] = f"{_second[1]}.{us:06d}Z" if us else f"{_second[1]}Z"
     return event_dict
 
 
 class FastBoundLogger(structlog.BoundLoggerBase):
     """structlog's bound logger (bind, new, unbind, the context) for the hot path of both sides: a line at INFO or
-    above is the context, the event's fields, `event`, then _add_stamps and, where there is exc_info, structlog's
+    above is the context, the event's fields, `event`, then add_stamps and, where there is exc_info, structlog's
     format_exc_info, rendered by orjson (anything it cannot render as its repr, as structlog's JSONRenderer does)
     and handed to the sink: the chain configure() would otherwise run processor by processor, done in one call
     (bench/ measured 5 µs a line through the chain, about half of it here). DEBUG lines are dropped."""
@@ -86,7 +87,7 @@ class FastBoundLogger(structlog.BoundLoggerBase):
         ev: MutableMapping[str, Any] = self._context.copy()
         ev.update(kw)
         ev["event"] = event
-        _add_stamps(None, method, ev)
+        add_stamps(None, method, ev)
         if "exc_info" in ev:
             ev = structlog.processors.format_exc_info(None, method, ev)
         self._logger.msg(orjson.dumps(ev, default=repr))

@@ -41,6 +41,20 @@ def test_cut_last_line_and_garbage_are_reported(tmp_path):
     assert report.truncated == [f"{tmp_path / 'guest-1.jsonl'}:4"]
 
 
+def test_a_line_whose_keys_are_lists_or_maps_is_not_an_event(tmp_path):
+    """The checker and the statistics key on vm, vcpu, boot and token (KEY_FIELDS): such a line is reported as
+    unreadable and skipped, and `apf-emu check` of it says so instead of crashing."""
+    bad = [line(2, vm=["x"]), line(3, vcpu={"a": 1}), line(4, token=[1]), line(5, event=["e"]), line(6, boot={})]
+    path = tmp_path / "host.jsonl"
+    path.write_bytes(line(1, vm="v") + b"".join(bad) + line(7, vm="v"))
+    report = ReadReport()
+    assert [e["mono_ns"] for e in read_merged([str(path)], report)] == [1, 7]
+    assert report.unreadable == [f"{path}:{n}" for n in range(2, 7)]
+    proc = subprocess.run([sys.executable, "-m", "apf_emu", "check", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert "Traceback" not in proc.stderr and proc.returncode in (0, 1, 2), proc.stderr
+
+
 def test_compose_logs_on_stdin(monkeypatch):
     text = (b"Attaching to vm_host_1, vm_guest_1\n"
             + b"guest_1  | " + line(20, vcpu=0) + b"host_1   | " + line(10) + b"guest_1  | " + line(30, vcpu=0))

@@ -23,3 +23,4 @@ def test_ready_to_ack_pairs_each_ack_with_the_oldest_injected_page_ready():
         stats.feed(e)
     p = stats.percentiles("ready_to_ack")
     assert p["count"] == 2 and p["max_us"] <= 21 and p["p50_us"] >= 9
+

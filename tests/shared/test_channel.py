@@ -76,3 +76,14 @@ async def test_a_send_to_a_peer_that_went_away_is_a_broken_resource():
     await chan.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await chan.send(Interrupt(3))
+
+
+async def test_a_cancelled_send_sends_nothing():
+    """As trio's own send_all under its lock: a task whose scope is cancelled gets Cancelled, not a frame out."""
+    chan, peer = pair()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await chan.send(Interrupt(7))
+    assert scope.cancelled_caught and read_all(peer) == []
+    await chan.aclose()
+    peer.close()
