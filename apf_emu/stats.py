@@ -43,9 +43,8 @@ RACE_EVENTS = ("reason_overwritten", "apf_cancel", "kvm_multiple_exception")
 
 # Lookups of feed, made once: the events each latency ends at (with the event it starts at), the events stamped for
 # a later one (latency starts), those with more to them than a count, and the ACKs.
-_ENDING: dict[str, list[tuple[str, str]]] = {}
-for _lat, (_a, _b) in LATENCIES.items():
-    _ENDING.setdefault(_b, []).append((_lat, _a))
+_ENDING: dict[str, list[tuple[str, str]]] = {
+    end: [(lat, start) for lat, (start, b) in LATENCIES.items() if b == end] for _a, end in LATENCIES.values()}
 _STARTS = frozenset(a for a, _b in LATENCIES.values())
 _STAMPED = _STARTS | frozenset(_ENDING)
 _SPECIAL = frozenset({"guest_irq_pending", "guest_apf_wake", "kvm_async_pf_not_present", "kvm_async_pf_ready",

@@ -82,8 +82,9 @@ MAX_HLT_US = 3_600_000_000  # an hour: the longest a guest's HLT may ask to wait
 
 
 class VcpuThread:
-    """A trio.Lock whose `async with` takes it at once when it is free (no checkpoint: nothing else can run between
-    the look and the take) and waits in the lock's fair queue otherwise."""
+    """A trio.Lock whose `async with` takes it at once when it is free (no scheduler pass: nothing else can run
+    between the look and the take; a cancelled task still gets Cancelled) and waits in the lock's fair queue
+    otherwise."""
 
     __slots__ = ("_lock",)
 
