@@ -25,6 +25,7 @@ from shared.abi import (
     token_is_well_formed,
 )
 
+from .idset import TokenMap, TokenSet
 from .logs import Event
 
 RETRY_LOOP_LIMIT: Final = 32
@@ -98,6 +99,10 @@ class Violation:
     message: str
     event: Event
     context: list[Event]
+    # Where the replay was when it broke: (0, mono_ns of the event fed, vm, vcpu), or (1, 0, vm, vcpu) at the end
+    # of the log. Checker.finish orders by it, stably, so that a check split by vCPU (apf_emu/shards.py) gives
+    # the same list in the same order.
+    order: tuple[int, int, str, str] = field(default=(0, 0, "", ""), compare=False, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"invariant": self.invariant, "message": self.message, "event": self.event, "context": self.context}
@@ -105,13 +110,14 @@ class Violation:
 
 @dataclass
 class _HostVcpu:
+    vcpu: Any  # its id: the token sets hold (id << 12) | vcpu as runs of ids (apf_emu/idset.py)
     enabled: bool = False
     outstanding: dict[int, bool] = field(default_factory=dict)  # token -> its not-present was injected
     completed: dict[int, int] = field(default_factory=dict)  # token -> mono_ns of its completion
-    seen: set[int] = field(default_factory=set)
-    readied: set[int] = field(default_factory=set)
+    seen: TokenSet = field(init=False)  # every token handed out (since the apf id last wrapped)
+    readied: TokenSet = field(init=False)  # every token that got its page-ready
     unacked: int | None = None
-    issued_boot: dict[int, Any] = field(default_factory=dict)  # token -> the guest boot it was issued to
+    issued_boot: TokenMap[Any] = field(init=False)  # token -> the guest boot it was issued to
     faults_in_a_row: dict[int, int] = field(default_factory=dict)  # gfn -> not-presents since an access completed
     injected_np: set[int] = field(default_factory=set)  # not-presents injected and not yet slept on
     pf_ready: set[int] = field(default_factory=set)  # `pf`: page-ready #PFs delivered and not yet seen consumed
@@ -120,6 +126,11 @@ class _HostVcpu:
     first_id: int | None = None  # a real trace: the apf id of the first not-present it holds for this vCPU
     last_id: int = 0  # the apf id of the last not-present
     int_written: bool = False  # MSR_KVM_ASYNC_PF_INT was written (or restored) since the vCPU's reset
+
+    def __post_init__(self) -> None:
+        self.seen = TokenSet(self.vcpu)
+        self.readied = TokenSet(self.vcpu)
+        self.issued_boot = TokenMap(self.vcpu)
 
 
 @dataclass
@@ -146,6 +157,7 @@ class Checker:
         self._current_boot: dict[tuple[Any, Any], Any] = {}
         self._context: dict[tuple[Any, Any], deque[Event]] = {}
         self._abi: dict[Any, str] = {}  # vm -> the ABI its host runs (host_ready)
+        self._at: tuple[int, int, tuple[Any, Any]] = (0, 0, (None, None))  # see Violation.order
         self.input = "logs"  # what is read: "logs", or ftrace text, "export" or "trace" (ftrace_start says)
         self.judged: frozenset[str] = JUDGED["logs"]
 
@@ -158,6 +170,7 @@ class Checker:
     def feed(self, ev: Event) -> None:
         self.events += 1
         key = (ev.get("vm"), ev.get("vcpu"))
+        self._at = (0, ev["mono_ns"], key)
         ctx = self._context.get(key)
         if ctx is None:
             ctx = self._context[key] = deque(maxlen=CONTEXT_EVENTS)
@@ -173,9 +186,13 @@ class Checker:
         ctx.append(ev)
 
     def finish(self) -> list[Violation]:
+        """The violations, in the order of the replay: by the event fed when each broke (then by vCPU, stably),
+        then those found at the end of the log."""
         for (vm, vcpu, _boot), st in self._boots.items():
             if not st.ended:
+                self._at = (1, 0, (vm, vcpu))
                 self._end_boot(st, (vm, vcpu), clean=True, at_end_of_log=True)
+        self.violations.sort(key=lambda v: v.order)
         return self.violations
 
     def _harness(self, ev: Event) -> None:
@@ -193,7 +210,8 @@ class Checker:
     def _violate(self, invariant: str, message: str, ev: Event) -> None:
         if invariant not in self.judged:
             return
-        self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx)))
+        phase, ns, (vm, vcpu) = self._at
+        self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx), (phase, ns, str(vm), str(vcpu))))
 
     # --- host events ---------------------------------------------------------------------------------------------
     def _pf(self, key: tuple[Any, Any]) -> bool:
@@ -254,7 +272,7 @@ class Checker:
     def _h(self, key: tuple[Any, Any]) -> _HostVcpu:
         st = self._host.get(key)
         if st is None:
-            st = self._host[key] = _HostVcpu()
+            st = self._host[key] = _HostVcpu(key[1])
         return st
 
     def _host_reset(self, ev: Event, key: tuple[Any, Any]) -> None:
@@ -277,7 +295,7 @@ class Checker:
             old.completed.clear()
             old.gfns.clear()
             return
-        st = self._host[key] = _HostVcpu()
+        st = self._host[key] = _HostVcpu(key[1])
         if old is not None:
             st.seen = old.seen  # tokens stay unique for the vCPU across boots
             st.issued_boot = old.issued_boot
@@ -295,7 +313,9 @@ class Checker:
             if not st.enabled:
                 # Outstanding events are eaten. A page-ready already delivered is not: its token stays in the
                 # slot until the guest clears it, and a guest that re-enables may still take it (the host delivers
-                # nothing new, not even the wake-all, until it does).
+                # nothing new, not even the wake-all, until it does). Their completions go with them.
+                for token in st.outstanding:
+                    st.completed.pop(token, None)
                 st.outstanding.clear()
                 st.gfns.clear()  # kvm_async_pf_hash_reset
 
@@ -321,7 +341,7 @@ class Checker:
         if token in st.seen:
             self._violate("token_unique", f"token {token:#x} handed out again", ev)
         st.seen.add(token)
-        st.issued_boot[token] = ev.get("boot")
+        st.issued_boot.set(token, ev.get("boot"))
         self._check_boot(ev, key, "not-present")
         st.outstanding[token] = injected
         if injected:
@@ -531,6 +551,10 @@ class Checker:
         else:
             if action == "removed":
                 self._check_slot(ev, key, token)
+            elif action == "consumed":  # kvm_async_pf_task_wait_schedule found the wake first: the #PF sleeps not
+                host = self._host.get(key)
+                if host is not None:
+                    host.injected_np.discard(token)
             st.dummies.discard(token)
 
     def _ack(self, ev: Event, key: tuple[Any, Any]) -> None:

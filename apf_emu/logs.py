@@ -18,13 +18,16 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from shared.logfile import log_files, read_chunks
 
 from .ftrace.reader import SNIFF_BYTES, FtraceReader, FtraceReport, looks_like_ftrace
+
+if TYPE_CHECKING:
+    from .shards import Shard
 
 Event = dict[str, Any]
 
@@ -40,6 +43,14 @@ class ReadReport:
 
 class LogInputError(Exception):
     """A named input cannot be read at all."""
+
+
+class OutOfOrder(Exception):
+    """An input assumed in order (Input.scanned False) went back in time: read it again, sorted."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 def expand(paths: Iterable[str]) -> list[str]:
@@ -61,19 +72,14 @@ def expand(paths: Iterable[str]) -> list[str]:
     return out
 
 
-def _events(name: str, lines: Iterable[bytes], report: ReadReport) -> Iterator[Event]:
-    """Events of one input's lines (each with its newline, but perhaps the last), lazily."""
-    held: bytes | None = None
-    number = 0
-    for raw in lines:
-        if held is not None:
-            ev = _parse(name, held, number, report, last=False)
-            if ev is not None:
-                yield ev
-        held = raw
-        number += 1
-    if held is not None:
-        ev = _parse(name, held, number, report, last=True)
+def _events(name: str, lines: Iterable[bytes], report: ReadReport, shard: Shard | None = None) -> Iterator[Event]:
+    """Events of one input's lines (each with its newline, but perhaps the last), lazily; with `shard`, only those
+    of its vCPUs and those of no vCPU (apf_emu/shards.py)."""
+    if shard is not None:
+        yield from _shard_events(name, lines, report, shard)
+        return
+    for number, raw in enumerate(lines, 1):
+        ev = _parse(name, raw, number, report)
         if ev is not None:
             yield ev
 
@@ -82,7 +88,7 @@ def _events(name: str, lines: Iterable[bytes], report: ReadReport) -> Iterator[E
 KEY_FIELDS = ("vm", "vcpu", "boot", "token", "gfn", "task", "cancelled")
 
 
-def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool) -> Event | None:
+def _parse(name: str, raw: bytes, number: int, report: ReadReport) -> Event | None:
     report.lines += 1
     if raw.startswith(b"Attaching to "):  # the first line of `docker compose logs`/`up`: not a log line at all
         return None
@@ -91,12 +97,15 @@ def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool
         if start < 0:
             raise ValueError("no JSON object")
         ev = orjson.loads(raw[start:])
-        if not isinstance(ev, dict) or not isinstance(ev.get("mono_ns"), int) or not isinstance(ev.get("event"), str) \
-                or any(isinstance(ev.get(k), (list, dict)) for k in KEY_FIELDS):
+        if not isinstance(ev, dict) or not isinstance(ev.get("mono_ns"), int) or not isinstance(ev.get("event"), str):
             raise ValueError("not an apf-emu event")
+        # a list or map anywhere means a "[" or a second "{" in the line: only then look at the key fields
+        if (b"[" in raw or raw.find(b"{", start + 1) >= 0) and any(isinstance(ev.get(k), (list, dict))
+                                                                   for k in KEY_FIELDS):
+            raise ValueError("a key field is a list or a map")
     except (ValueError, orjson.JSONDecodeError):
         where = f"{name}:{number}"
-        if last and not raw.endswith(b"\n"):
+        if not raw.endswith(b"\n"):  # only a file's last line can lack its newline: cut
             report.truncated.append(where)
         elif raw.strip():
             report.unreadable.append(where)
@@ -104,42 +113,107 @@ def _parse(name: str, raw: bytes, number: int, report: ReadReport, *, last: bool
     return ev
 
 
+def _shard_events(name: str, lines: Iterable[bytes], report: ReadReport, shard: Shard) -> Iterator[Event]:
+    """_events for one shard: a line of another shard's vCPU is skipped unread (that shard counts it); a line of no
+    vCPU is read by every shard and counted by the first."""
+    route_of, index = shard.route_cached, shard.index
+    for number, raw in enumerate(lines, 1):
+        route = route_of(raw)
+        if route >= 0 and route != index:
+            continue
+        ev = _parse(name, raw, number, report if route >= 0 or index == 0 else shard.uncounted)
+        if ev is not None:
+            shard.verify(ev, route)
+            yield ev
+
+
+@dataclass
+class Input:
+    """One input, as read_merged found it: a file (or stdin's lines, read up front) of apf-emu logs or ftrace."""
+    name: str
+    ftrace: bool = False
+    ordered: bool = True  # its mono_ns never go back: streamed, not sorted
+    scanned: bool = True  # `ordered` was found by a scan; else it is assumed, and a read that finds otherwise
+    # raises OutOfOrder (apf_emu/shards.py reads again, sorted)
+    lines: list[bytes] | None = None  # stdin's
+
+
+def sort_notes(report: ReadReport, inputs: list[Input]) -> None:
+    """The report's cut and unreadable lines (and damage) in the order of the inputs and of their lines, however
+    the reading was interleaved or split (apf_emu/shards.py)."""
+    index = {inp.name: n for n, inp in enumerate(inputs)}
+
+    def key(where: str) -> tuple[int, int]:
+        name, _, number = where.rpartition(":")
+        if number.isdigit() and name in index:
+            return index[name], int(number)
+        for n, inp in enumerate(inputs):  # "file: damaged gzip data ..."
+            if where.startswith(inp.name + ":"):
+                return n, -1
+        return len(inputs), -1
+
+    report.truncated.sort(key=key)
+    report.unreadable.sort(key=key)
+
+
 def read_merged(paths: Iterable[str], report: ReadReport | None = None) -> Iterator[Event]:
     """All events of all inputs, in mono_ns order."""
     report = report if report is not None else ReadReport()
-    streams: list[Iterator[Event]] = []
+    return merged(plan(paths, report), report)
+
+
+def plan(paths: Iterable[str], report: ReadReport, *, scan: bool = True) -> list[Input]:
+    """What each input is (LogInputError for one that cannot be read, or kinds that cannot be read together).
+    `scan=False` assumes files in order rather than scanning them first (a reader that can start again)."""
+    inputs: list[Input] = []
     kinds: set[str] = set()
     names = list(expand(paths))
     for name in names:
         report.files += 1
         if name == "-":
             lines = list(sys.stdin.buffer)
-            if looks_like_ftrace(b"".join(lines[:200])[:SNIFF_BYTES]):
-                stream, kind = _ftrace_events("<stdin>", lines, report, scoped=len(names) > 1)
-                kinds.add(kind)
-                streams.append(stream)
-            else:
-                kinds.add("json")
-                # `docker compose logs` interleaves several processes: sort.
-                streams.append(_sorted(_events("<stdin>", lines, report)))
-            _one_kind(kinds)
-            continue
-        try:
-            ftrace = _is_ftrace(name)
-            ordered = ftrace or _in_order(name)
-        except OSError as exc:
-            raise LogInputError(f"{name}: {exc.strerror}") from None
-        if ftrace:
-            stream, kind = _ftrace_events(name, _lines(name, report), report, scoped=len(names) > 1)
+            ftrace = looks_like_ftrace(b"".join(lines[:200])[:SNIFF_BYTES])
+            # `docker compose logs` interleaves several processes: sorted
+            inputs.append(Input("<stdin>", ftrace=ftrace, ordered=False, lines=lines))
+        else:
+            try:
+                ftrace = _is_ftrace(name)
+                inputs.append(Input(name, ftrace=ftrace, ordered=ftrace or not scan or _in_order(name),
+                                    scanned=ftrace or scan))
+            except OSError as exc:
+                raise LogInputError(f"{name}: {exc.strerror}") from None
+        kinds.add("ftrace" if ftrace else "json")
+        _one_kind(kinds)
+    return inputs
+
+
+def merged(inputs: list[Input], report: ReadReport, shard: Shard | None = None) -> Iterator[Event]:
+    """The events of `inputs` (plan's), in mono_ns order; with `shard`, those it reads (apf_emu/shards.py)."""
+    streams: list[Iterator[Event]] = []
+    kinds: set[str] = set()
+    scoped = len(inputs) > 1
+    for inp in inputs:
+        if inp.ftrace:
+            lines = inp.lines if inp.lines is not None else _lines(inp.name, report)
+            stream, kind = _ftrace_events(inp.name, lines, report, scoped=scoped)
             kinds.add(kind)
             _one_kind(kinds)
             streams.append(stream)
             continue
-        kinds.add("json")
-        _one_kind(kinds)
+        damage = report if shard is None or shard.index == 0 else None
+        raw = inp.lines if inp.lines is not None else _lines(inp.name, damage)
         # A file is written by one process at a time, in order: stream it (a long chaos run's logs are GBs).
-        streams.append(_file_events(name, report) if ordered else _sorted(_file_events(name, report)))
-    return heapq.merge(*streams, key=lambda e: e["mono_ns"])
+        events = _events(inp.name, raw, report, shard)
+        if not inp.ordered:
+            events = _sorted(events)
+        elif not inp.scanned:
+            events = _in_order_or_raise(inp.name, events)
+        streams.append(events)
+    return heapq.merge(*streams, key=_mono_ns)
+
+
+def _mono_ns(ev: Event) -> int:
+    return ev["mono_ns"]  # type: ignore[no-any-return]
 
 
 def _one_kind(kinds: set[str]) -> None:
@@ -176,10 +250,6 @@ def _ftrace_events(name: str, lines: Iterable[bytes], report: ReadReport, *,
     return iter(events), "export" if reader.export else "trace"
 
 
-def _file_events(name: str, report: ReadReport) -> Iterator[Event]:
-    yield from _events(name, _lines(name, report), report)
-
-
 def _lines(name: str, report: ReadReport | None) -> Iterator[bytes]:
     """A file's lines, each with its newline (but perhaps the last), decompressed if need be."""
     rest = b""
@@ -210,6 +280,16 @@ def _in_order(name: str) -> bool:
                 return False
             last = value
     return True
+
+
+def _in_order_or_raise(name: str, events: Iterator[Event]) -> Iterator[Event]:
+    last = -1
+    for ev in events:
+        t = ev["mono_ns"]
+        if t < last:
+            raise OutOfOrder(name)
+        last = t
+        yield ev
 
 
 def _sorted(events: Iterator[Event]) -> Iterator[Event]:

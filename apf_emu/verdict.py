@@ -1,5 +1,6 @@
 # The verdict on logs: every event read in order (apf_emu/logs.py) is fed to the checker and to the statistics
-# alike, so that `run`, `chaos`, `check`, `compare` and `scenario` judge logs the same way.
+# alike, so that `run`, `chaos`, `compare` and `scenario` judge logs the same way; `check` reads with
+# apf_emu/shards.py, the same checker split by vCPU, and `stats` feeds the statistics only.
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,13 +12,19 @@ from .logs import LogInputError, ReadReport, read_merged
 from .stats import Stats
 
 
-def analyse(paths: Sequence[str], **checker_options: Any) -> tuple[list[Violation], Stats, ReadReport, Checker]:
+def analyse(paths: Sequence[str], *, check: bool = True,
+            **checker_options: Any) -> tuple[list[Violation], Stats, ReadReport, Checker]:
+    """Violations and statistics in one read (`check=False`: the statistics only, the checker left unfed)."""
     report = ReadReport()
     checker = Checker(**checker_options)
     stats = Stats()
-    for ev in read_merged(paths, report):
-        checker.feed(ev)
-        stats.feed(ev)
+    if check:
+        for ev in read_merged(paths, report):
+            checker.feed(ev)
+            stats.feed(ev)
+    else:
+        for ev in read_merged(paths, report):
+            stats.feed(ev)
     return checker.finish(), stats, report, checker
 
 

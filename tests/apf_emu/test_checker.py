@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from apf_emu.checker import INVARIANTS, check_events
+from apf_emu.checker import INVARIANTS, Checker, check_events
 from apf_emu.logs import ReadReport, read_merged
 from shared.abi import KVM_APF_WAKE_ALL_TOKEN, make_token
 
@@ -359,3 +359,37 @@ def test_a_disconnect_ends_a_boot_unless_the_same_boot_comes_back():
     assert check_events(copy.deepcopy(killed)) == []
     back = [*killed, _ev("vcpu_connect", 4, "host", restored=True)]
     assert {v.invariant for v in check_events(back)} == {"wait_woken"}
+
+
+def test_token_state_is_bounded_by_live_tokens():
+    """A long run's tokens (alloc_apf_token: one id after another) cost the checker the same few entries as a short
+    run's: its seen, readied and issued-to-boot sets grow with the tokens still live, not with the log."""
+    def host(event: str, t: int, **fields) -> dict:
+        return {"role": "host", "vm": "v", "vcpu": 1, "boot": 1, "event": event, "mono_ns": t, **fields}
+
+    def cycles(n: int) -> list[dict]:
+        evs = [host("vcpu_connect", 1), host("msr_write", 2, msr="MSR_KVM_ASYNC_PF_INT", value=243, ok=True),
+               host("msr_write", 3, msr="MSR_KVM_ASYNC_PF_EN", value=73, ok=True)]
+        t = 10
+        live: list[int] = []
+        last: int | None = None  # the page-ready before: the guest (which does not log) released it
+        for apf_id in range(1, n + 1):
+            token = make_token(apf_id, 1)
+            evs.append(host("kvm_async_pf_not_present", t, token=token, gfn=apf_id % 50, injected=True))
+            live.append(token)
+            if len(live) == 8:  # page-ins complete out of order, a few at a time
+                for tok in (live.pop(3), live.pop(0)):
+                    evs += [host("kvm_async_pf_completed", t + 1, token=tok),
+                            host("kvm_async_pf_ready", t + 2, token=tok, injected=True, released=last)]
+                    last = tok
+            t += 3
+        return evs
+
+    def state(n: int) -> int:
+        checker = Checker()
+        assert checker.check(cycles(n)) == []
+        st = checker._host[("v", 1)]
+        return st.seen.size + st.readied.size + st.issued_boot.size + len(st.outstanding) + len(st.completed)
+
+    small, large = state(100), state(20_000)
+    assert large <= small + 2, (small, large)
