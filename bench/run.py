@@ -106,6 +106,52 @@ def bench_scale(cfg: dict[str, Any], say: Any) -> list[dict[str, Any]]:
     return out
 
 
+def scale_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the scale rows say against issue 16's goals: the share of the peak kept at the most vCPUs, and the
+    host's RSS per vCPU beyond the first row's."""
+    peak = max(rows, key=lambda r: r["cycles_per_s"])
+    first, last = rows[0], rows[-1]
+    extra = last["vcpus"] - first["vcpus"]
+    return {
+        "peak_cycles_per_s": peak["cycles_per_s"], "peak_vcpus": peak["vcpus"], "most_vcpus": last["vcpus"],
+        "share_of_peak_at_most_vcpus": round(last["cycles_per_s"] / peak["cycles_per_s"], 3),
+        "host_rss_mb_per_extra_vcpu": round((last["host_rss_mb"] - first["host_rss_mb"]) / extra, 3) if extra else None,
+    }
+
+
+# Issue 16's goals (bench/RESULTS.md says how each was met or missed): (key, what, target, at most or at least).
+GOALS: list[tuple[str, str, float, str]] = [
+    *[(f"ratio.{t}.cycle", f"{t}: whole cycle over the protocol floor", 1.3, "max") for t in ("socket", "signal")],
+    *[(f"ratio.{t}.{step}", f"{t}: {step} over the raw round trip", 1.5, "max")
+      for t in ("socket", "signal") for step in ("not_present", "ready", "ack")],
+    ("natapov_efficiency", "Natapov's efficiency, one vCPU per core (else the headline's)", 0.8, "min"),
+    ("scale_summary.share_of_peak_at_most_vcpus", "cycles/s at the most vCPUs over the peak", 0.8, "min"),
+    ("scale_summary.host_rss_mb_per_extra_vcpu", "host RSS per extra vCPU, MB (half of 2026-11-25's 1.5)", 0.75,
+     "max"),
+    ("check_lines_per_s", "apf-emu check, lines/s", 500_000, "min"),
+]
+
+
+def goals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each goal's value in this run, its target and whether it is met (None: not measured in this run)."""
+    def value(key: str) -> Any:
+        if key == "natapov_efficiency":
+            at_cores = result.get("natapov_at_cores") or result.get("natapov") or {}
+            return at_cores.get("efficiency")
+        node: Any = result
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    out = {}
+    for key, what, target, kind in GOALS:
+        v = value(key)
+        met = None if not isinstance(v, (int, float)) else (v <= target if kind == "max" else v >= target)
+        out[key] = {"what": what, "value": v, "target": target, "at": "most" if kind == "max" else "least",
+                    "met": met}
+    return out
+
+
 def bench_shared(cfg: dict[str, Any], say: Any) -> list[dict[str, Any]]:
     """APF cycles/s with 0, 20% and 50% of the accesses on the shared pages, 2 vCPUs, page-in latency 0. The ratios
     take turns over several rounds and each gets the median of its rounds: the machine drifts within a run."""
@@ -191,12 +237,16 @@ def run_all(quick: bool, say: Any = print, result: dict[str, Any] | None = None)
     result.update({"variant": "quick" if quick else "full", "machine": machine()})
     result["floor_us"], result["ratio"], result["costs_us"], result["protocol_floor_us"] = bench_costs(cfg, say)
     result["scale"] = bench_scale(cfg, say)
+    result["scale_summary"] = scale_summary(result["scale"])
     result["shared_pages"] = bench_shared(cfg, say)
     result["natapov"], result["natapov_sweep"], result["natapov_at_cores"] = bench_natapov(cfg, say)
     result["abis"] = abis.measure(cfg["abi_rounds"], cfg["abi_seconds"], say)
     check = check_speed.measure(cfg["check_lines"])
     result["check_lines_per_s"] = check["check_lines_per_s"]
     say(f"check   {result['check_lines_per_s']:,} lines/s")
+    result["goals"] = goals(result)
+    for key, g in result["goals"].items():
+        say(f"goal    {key}: {g['value']} (at {g['at']} {g['target']:g}): {'met' if g['met'] else 'missed'}")
     result["seconds"] = round(time.monotonic() - start, 1)
     return result
 

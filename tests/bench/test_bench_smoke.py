@@ -51,6 +51,18 @@ def test_quick_bench_writes_well_formed_results(tmp_path):
         assert row["vs_int"] == round(row["cycles_per_s"] / r["abis"][0]["cycles_per_s"], 3)
         assert row["cycle_p50_us"] <= row["cycle_p99_us"] and row["ready_p50_us"] <= row["cycle_p50_us"], row
     assert positive(r["check_lines_per_s"])
+    summary, scale = r["scale_summary"], r["scale"]
+    assert summary["peak_cycles_per_s"] == max(row["cycles_per_s"] for row in scale)
+    assert summary["share_of_peak_at_most_vcpus"] == round(scale[-1]["cycles_per_s"] / summary["peak_cycles_per_s"], 3)
+    assert summary["host_rss_mb_per_extra_vcpu"] == round((scale[-1]["host_rss_mb"] - scale[0]["host_rss_mb"])
+                                                          / (scale[-1]["vcpus"] - scale[0]["vcpus"]), 3)
+    g = r["goals"]
+    assert g["ratio.socket.cycle"]["value"] == r["ratio"]["socket"]["cycle"]
+    assert g["ratio.socket.cycle"]["met"] is (r["ratio"]["socket"]["cycle"] <= 1.3)
+    assert g["check_lines_per_s"]["met"] is (r["check_lines_per_s"] >= 500_000)
+    assert g["natapov_efficiency"]["value"] == (r["natapov_at_cores"] or r["natapov"])["efficiency"]
+    assert all(isinstance(goal["met"], bool) for goal in g.values()), "every goal is measured, quick or full"
+    assert "goal    ratio.socket.cycle" in proc.stdout
     for key in ("not_present", "ready", "ack"):
         assert f"{key} " in proc.stdout, "the ratios are printed"
 
