@@ -88,6 +88,10 @@ JUDGED: Final = {
 INPUT_NAMES: Final = {"logs": "apf-emu logs", "export": "apf-emu's ftrace export", "trace": "a real host's trace"}
 DEFAULT_READY_LATENCY_LIMIT_MS: Final = 1000.0
 
+# Events that set what a whole VM is judged by (its ABI, the latency limit, the input kind, a trace's losses), as
+# opposed to the state of one vCPU; apf-emu writes them with no vCPU (apf_emu/shards.py relies on it).
+VM_WIDE_EVENTS: Final = frozenset({"host_ready", "harness_settings", "ftrace_start", "ftrace_lost"})
+
 CONTEXT_EVENTS: Final = 6
 EN_NAME: Final = MSR_NAMES[MSR_KVM_ASYNC_PF_EN]
 INT_NAME: Final = MSR_NAMES[MSR_KVM_ASYNC_PF_INT]
@@ -100,9 +104,10 @@ class Violation:
     event: Event
     context: list[Event]
     # Where the replay was when it broke: (0, mono_ns of the event fed, vm, vcpu), or (1, 0, vm, vcpu) at the end
-    # of the log. Checker.finish orders by it, stably, so that a check split by vCPU (apf_emu/shards.py) gives
-    # the same list in the same order.
-    order: tuple[int, int, str, str] = field(default=(0, 0, "", ""), compare=False, repr=False)
+    # of the log, vm and vcpu each as (type name, str) so that only one key sorts the same. Checker.finish orders
+    # by it, stably, so that a check split by vCPU (apf_emu/shards.py) gives the same list in the same order.
+    order: tuple[int, int, str, str, str, str] = field(default=(0, 0, "", "", "", ""), compare=False, repr=False)
+    key: tuple[Any, Any] = field(default=(None, None), compare=False, repr=False)  # (vm, vcpu) of the replay
 
     def as_dict(self) -> dict[str, Any]:
         return {"invariant": self.invariant, "message": self.message, "event": self.event, "context": self.context}
@@ -170,7 +175,8 @@ class Checker:
     def feed(self, ev: Event) -> None:
         self.events += 1
         key = (ev.get("vm"), ev.get("vcpu"))
-        self._at = (0, ev["mono_ns"], key)
+        ns = ev.get("mono_ns")
+        self._at = (0, ns if type(ns) is int else 0, key)
         ctx = self._context.get(key)
         if ctx is None:
             ctx = self._context[key] = deque(maxlen=CONTEXT_EVENTS)
@@ -211,7 +217,8 @@ class Checker:
         if invariant not in self.judged:
             return
         phase, ns, (vm, vcpu) = self._at
-        self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx), (phase, ns, str(vm), str(vcpu))))
+        order = (phase, ns, type(vm).__name__, str(vm), type(vcpu).__name__, str(vcpu))
+        self.violations.append(Violation(invariant, message, ev, list(self._ev_ctx), order, (vm, vcpu)))
 
     # --- host events ---------------------------------------------------------------------------------------------
     def _pf(self, key: tuple[Any, Any]) -> bool:
@@ -482,8 +489,8 @@ class Checker:
         if not clean:
             return
         where = "at the end of the log" if at_end_of_log else "at shutdown"
+        self._ev_ctx = self._context.get(key, deque())  # (at the end of the log, no event set it)
         for task, (token, wait_ev) in st.waits.items():
-            self._ev_ctx = self._context.get(key, deque())
             self._violate("wait_woken", f"task {task} still sleeps on {token:#x} {where}", wait_ev)
         for token in st.dummies:
             self._violate("dummy_leak", f"dummy entry for {token:#x} left {where}", ev or {"event": "end_of_log"})

@@ -19,6 +19,18 @@ V = TypeVar("V")
 _VCPU_MASK = (1 << TOKEN_VCPU_BITS) - 1
 
 
+def _integral(x: Any) -> Any:
+    """x as an int if a set or dict would take it for one (True is 1, 4097.0 is 4097), else x."""
+    if type(x) is not int and isinstance(x, (bool, float)) and x == x and float(x).is_integer():
+        return int(x)
+    return x
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Values one run can hold: equal and of one type (boot 1 and boot 1.0 print differently)."""
+    return type(a) is type(b) and a == b
+
+
 class IdRuns:
     """A set of ints held as sorted, disjoint, non-adjacent runs [lo, hi]."""
 
@@ -63,16 +75,19 @@ class IdRuns:
 
 
 class TokenSet:
-    """A set of one vCPU's tokens: well-formed ones as runs of their ids, others (malformed) apart."""
+    """A set of one vCPU's tokens: well-formed ones as runs of their ids, others (malformed) apart. Membership is a
+    set's: True is token 1, 4097.0 is 4097."""
 
     __slots__ = ("_ids", "_other", "_vcpu")
 
     def __init__(self, vcpu: Any) -> None:
+        vcpu = _integral(vcpu)
         self._vcpu = vcpu if type(vcpu) is int else None
         self._ids = IdRuns()
         self._other: set[Any] = set()
 
     def __contains__(self, token: Any) -> bool:
+        token = _integral(token)
         if type(token) is int and token & _VCPU_MASK == self._vcpu:
             return (token >> TOKEN_VCPU_BITS) in self._ids
         return token in self._other
@@ -81,6 +96,7 @@ class TokenSet:
         return bool(self._ids.runs or self._other)
 
     def add(self, token: Any) -> None:
+        token = _integral(token)
         if type(token) is int and token & _VCPU_MASK == self._vcpu:
             self._ids.add(token >> TOKEN_VCPU_BITS)
         else:
@@ -113,12 +129,12 @@ class IdMap(Generic[V]):
 
     def set(self, x: int, value: V) -> None:
         lo, hi, val = self._lo, self._hi, self._val
-        if hi and x == hi[-1] + 1 and val[-1] == value:  # the next id, the same value: the common case
+        if hi and x == hi[-1] + 1 and _same(val[-1], value):  # the next id, the same value: the common case
             hi[-1] = x
             return
         i = bisect_right(lo, x) - 1
         if i >= 0 and x <= hi[i]:  # inside a run
-            if val[i] == value:
+            if _same(val[i], value):
                 return
             # split the run around x
             a, b, v = lo[i], hi[i], val[i]
@@ -138,10 +154,10 @@ class IdMap(Generic[V]):
             hi.insert(i, x)
             val.insert(i, value)
         # merge with the neighbours that hold the same value and touch
-        if i + 1 < len(lo) and lo[i + 1] == hi[i] + 1 and val[i + 1] == val[i]:
+        if i + 1 < len(lo) and lo[i + 1] == hi[i] + 1 and _same(val[i + 1], val[i]):
             hi[i] = hi[i + 1]
             del lo[i + 1], hi[i + 1], val[i + 1]
-        if i > 0 and hi[i - 1] + 1 == lo[i] and val[i - 1] == val[i]:
+        if i > 0 and hi[i - 1] + 1 == lo[i] and _same(val[i - 1], val[i]):
             hi[i - 1] = hi[i]
             del lo[i], hi[i], val[i]
 
@@ -156,16 +172,19 @@ class TokenMap(Generic[V]):
     __slots__ = ("_ids", "_other", "_vcpu")
 
     def __init__(self, vcpu: Any) -> None:
+        vcpu = _integral(vcpu)
         self._vcpu = vcpu if type(vcpu) is int else None
         self._ids: IdMap[V] = IdMap()
         self._other: dict[Any, V] = {}
 
     def get(self, token: Any) -> V | None:
+        token = _integral(token)
         if type(token) is int and token & _VCPU_MASK == self._vcpu:
             return self._ids.get(token >> TOKEN_VCPU_BITS)
         return self._other.get(token)
 
     def set(self, token: Any, value: V) -> None:
+        token = _integral(token)
         if type(token) is int and token & _VCPU_MASK == self._vcpu:
             self._ids.set(token >> TOKEN_VCPU_BITS, value)
         else:

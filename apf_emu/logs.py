@@ -18,16 +18,13 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
 from shared.logfile import log_files, read_chunks
 
 from .ftrace.reader import SNIFF_BYTES, FtraceReader, FtraceReport, looks_like_ftrace
-
-if TYPE_CHECKING:
-    from .shards import Shard
 
 Event = dict[str, Any]
 
@@ -39,6 +36,18 @@ class ReadReport:
     truncated: list[str] = field(default_factory=list)  # "file:line" of cut last lines
     unreadable: list[str] = field(default_factory=list)  # "file:line" of other bad lines
     ftrace: FtraceReport | None = None  # what the inputs that were ftrace text held (None: there were none)
+
+
+class Shard(Protocol):
+    """What a reader of one shard's lines needs (apf_emu/shards.py's Shard): which shard it is, where the lines of
+    no vCPU it does not count go, a line's route (its shard, or -1 for every shard) and the check of a parsed line
+    against the route its bytes gave."""
+    index: int
+    uncounted: ReadReport
+
+    def route_cached(self, raw: bytes) -> int: ...
+
+    def verify(self, ev: Event, route: int) -> None: ...
 
 
 class LogInputError(Exception):
@@ -263,7 +272,7 @@ def _lines(name: str, report: ReadReport | None) -> Iterator[bytes]:
         yield rest
 
 
-_MONO = re.compile(rb'"mono_ns":(\d+)')
+_MONO = re.compile(rb'"mono_ns"\s*:\s*(-?\d+)')
 
 
 def _in_order(name: str) -> bool:

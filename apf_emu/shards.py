@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from .checker import Checker, Violation
+from .checker import VM_WIDE_EVENTS, Checker, Violation
 from .logs import Event, Input, LogInputError, OutOfOrder, ReadReport, merged, plan, sort_notes
 
 BROADCAST: Final = -1  # the route of a line of no vCPU: every shard reads it
@@ -70,6 +70,8 @@ class Shard:
         end = raw.find(b",", i)
         if end < 0:
             end = raw.find(b"}", i)
+            if end < 0:
+                return BROADCAST  # a line cut by a kill right after its vcpu: it cannot parse, the first shard notes it
         value = raw[i:end]
         if value == b"null":
             return BROADCAST
@@ -138,6 +140,9 @@ def _judge(inputs: list[Input], shard: Shard | None, checker_options: dict[str, 
     shared_events = shared_protocol = 0
     try:
         for ev in merged(inputs, report, shard):
+            if shard is not None and ev.get("vcpu") is not None and (ev["event"] in VM_WIDE_EVENTS
+                                                                      or ev.get("role") == "harness"):
+                raise Unroutable(f"{ev['event']} of a vCPU: what a whole VM is judged by must be in every shard")
             if shard is not None and shard.index and ev.get("vcpu") is None:  # of no vCPU: the first shard owns it
                 before, found = checker.protocol_events, len(checker.violations)
                 checker.feed(ev)
@@ -149,6 +154,8 @@ def _judge(inputs: list[Input], shard: Shard | None, checker_options: dict[str, 
     except Unroutable as exc:
         return ShardResult([], 0, 0, report, "", 0, unroutable=str(exc))
     violations = checker.finish()
+    if shard is not None and shard.index:  # every shard replays the lines of no vCPU: the first reports them
+        violations = [v for v in violations if v.key[1] is not None]
     return ShardResult(violations, checker.events - shared_events, checker.protocol_events - shared_protocol,
                        report, checker.limit_source, checker.ready_latency_limit_ns, checker.input, checker.judged)
 

@@ -11,7 +11,9 @@ from shared.abi import TOKEN_VCPU_BITS
 
 VCPU = 3
 ids = st.integers(0, 40)
-tokens = st.one_of(ids.map(lambda i: i << TOKEN_VCPU_BITS | VCPU), st.integers(0, 1 << 16), st.none())
+# also what a JSON log may hold where a token should be: true/false, and floats a set takes for ints
+tokens = st.one_of(ids.map(lambda i: i << TOKEN_VCPU_BITS | VCPU), st.integers(0, 1 << 16), st.none(),
+                   st.booleans(), ids.map(lambda i: float(i << TOKEN_VCPU_BITS | VCPU)), st.just(0.5))
 
 
 class IdRunsModel(RuleBasedStateMachine):
@@ -68,13 +70,13 @@ def test_token_set_is_a_set(added, probes):
     assert bool(s) == bool(model)
 
 
-@given(st.lists(st.tuples(tokens, st.integers(0, 3)), max_size=60), st.lists(tokens, max_size=20))
+@given(st.lists(st.tuples(tokens, st.sampled_from([0, 1, 1.0, 2])), max_size=60), st.lists(tokens, max_size=20))
 def test_token_map_is_a_dict(sets, probes):
     m, model = TokenMap[int](VCPU), {}
     for t, v in sets:
         m.set(t, v)
         model[t] = v
-    assert all(m.get(t) == model.get(t) for t in [*model, *probes])
+    assert all(m.get(t) == model.get(t) and type(m.get(t)) is type(model.get(t)) for t in [*model, *probes])
 
 
 def test_alloc_apf_tokens_are_one_run():

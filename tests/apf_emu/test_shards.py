@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from apf_emu import shards
@@ -75,6 +76,9 @@ def test_split_check_is_the_checker(four_vcpu_logs, tmp_path, seed):
             (events, protocol, report.lines, report.files)
         assert sorted(got_report.truncated) == sorted(report.truncated)
         assert sorted(got_report.unreadable) == sorted(report.unreadable)
+        # the notes come in the order of the files and their lines, however the read was split
+        assert (got_report.truncated, got_report.unreadable) == (outcome(logs, 1)[3].truncated,
+                                                                 outcome(logs, 1)[3].unreadable)
 
 
 def test_a_line_the_bytes_cannot_route_stops_the_split(four_vcpu_logs, tmp_path):
@@ -116,3 +120,45 @@ def test_check_jobs_on_the_command_line(four_vcpu_logs):
     bad = subprocess.run([sys.executable, "-m", "apf_emu", "check", "--jobs", "0", str(four_vcpu_logs)], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "jobs" in bad.stderr
+
+
+def _lines(path: Path, *events: dict, tail: bytes = b"") -> list[str]:
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events) + tail)
+    return [str(path)]
+
+
+def _guest(t: int, vm: object, vcpu: object, event: str, **fields: object) -> dict:
+    return {"mono_ns": t, "role": "guest", "vm": vm, "vcpu": vcpu, "boot": 1, "event": event, **fields}
+
+
+def test_odd_keys_split_as_one_checker_judges_them(tmp_path):
+    """A boot of no vCPU (judged once, not once per shard), a dummy left at the end of the log (its own vCPU's
+    context), two VMs whose names print alike (1 and "1"), and a line cut by a kill right after its vcpu."""
+    logs = _lines(
+        tmp_path / "odd.jsonl",
+        _guest(1, "v", None, "guest_apf_wait", task=1, token=4096),
+        _guest(2, "v", 0, "guest_boot"),
+        _guest(3, "v", 0, "guest_apf_dummy", token=0, action="created"),
+        _guest(4, "v", 1, "guest_boot"),
+        _guest(9, 1, 0, "guest_panic", reason="async #PF with interrupts off"),
+        _guest(9, "1", 0, "guest_panic", reason="async #PF with interrupts off"),
+        tail=b'{"mono_ns":10,"role":"guest","vm":"v","vcpu":1',
+    )
+    want = reference(logs)
+    assert {v["invariant"] for v in want[0]} >= {"wait_woken", "dummy_leak", "guest_panic"}
+    assert want[3].truncated
+    assert shards._run(plan(logs, ReadReport(), scan=False), 2, {}) is not None  # the split stays on
+    got = outcome(logs, 2)
+    assert got[:3] == want[:3] and got[3].truncated == want[3].truncated
+
+
+def test_what_a_whole_vm_is_judged_by_on_a_vcpu_stops_the_split(tmp_path):
+    """ftrace_start (what is judged), harness_settings (the latency limit) or host_ready (the ABI) written with a
+    vCPU would reach one shard only: the check is done in one process."""
+    for vm_wide in ({"role": "host", "event": "ftrace_start", "export": True},
+                    {"role": "harness", "event": "harness_settings", "ready_latency_limit_ms": 5},
+                    {"role": "host", "event": "host_ready", "abi": "pf"}):
+        logs = _lines(tmp_path / f"{vm_wide['event']}.jsonl", {"mono_ns": 1, "vm": "v", "vcpu": 1, **vm_wide},
+                      _guest(2, "v", 0, "guest_panic", reason="async #PF in kernel mode"))
+        assert shards._run(plan(logs, ReadReport(), scan=False), 2, {}) is None
+        assert outcome(logs, 2)[:3] == reference(logs)[:3]
