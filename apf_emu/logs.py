@@ -10,6 +10,10 @@
 # tracepoints, is recognised by its first lines and read by apf_emu/ftrace/reader.py into host events of the same
 # schema; its bad lines are reported as unreadable, with their number and why. One read takes one kind of input:
 # apf-emu's logs, or traces (the checker judges each by what it can support).
+#
+# plan() finds once what each input is; merged() reads them, all of it or one shard's part of a check split by vCPU
+# (apf_emu/shards.py, which also assumes files in order without scanning them and reads one again, sorted, if it
+# goes back: OutOfOrder).
 from __future__ import annotations
 
 import heapq
