@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import functools
 import os
 import signal
@@ -46,6 +45,7 @@ from shared.wire import VmmDone
 from . import vmm
 from .checker import INVARIANTS, Violation
 from .logs import Event, LogInputError, ReadReport, read_merged
+from .pdeath import die_with_parent
 from .runner import (
     CHAOS_GUEST,
     GUEST_GRACE_S,
@@ -65,7 +65,6 @@ __all__ = ["VM", "ApiError", "CheckResult", "ConfigError", "Host", "LogEvent", "
 VmmError = vmm.VmmError
 START_TIMEOUT_S: Final = 30.0  # a host's socket, a guest's guest_boot
 POLL_S: Final = 0.02
-_PR_SET_PDEATHSIG: Final = 1
 
 
 _LIVE: weakref.WeakSet[VM] = weakref.WeakSet()  # started and not yet stopped: stop_all's
@@ -171,21 +170,11 @@ def check_logs(*paths: str | Path, **checker_options: Any) -> CheckResult:
 
 
 # --- processes ----------------------------------------------------------------------------------------------------
-_LIBC: Final = ctypes.CDLL(None, use_errno=True)  # resolved here: the child between fork and exec only calls it
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child before exec: SIGTERM when the thread that started it ends (with its process, however it
-    dies). Hence a VM belongs to the thread that made it. A parent already gone before the prctl (the child is
-    then an orphan, see prctl(2)) sends nothing: the child ends at once."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """A VM's process, which dies with the thread that started it (before exec: apf_emu/pdeath.py): a VM belongs
+    to the thread that made it."""
     return subprocess.Popen(argv, start_new_session=True, env=daemon_env(), stdin=subprocess.DEVNULL,
-                            preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+                            preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 def _signal(proc: subprocess.Popen[bytes] | None, signum: int) -> None:

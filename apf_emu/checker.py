@@ -320,7 +320,8 @@ class Checker:
             if not st.enabled:
                 # Outstanding events are eaten. A page-ready already delivered is not: its token stays in the
                 # slot until the guest clears it, and a guest that re-enables may still take it (the host delivers
-                # nothing new, not even the wake-all, until it does). Their completions go with them.
+                # nothing new, not even the wake-all, until it does). Their completions go with them
+                # (kvm_pv_enable_async_pf: kvm_clear_async_pf_completion_queue frees the done items too).
                 for token in st.outstanding:
                     st.completed.pop(token, None)
                 st.outstanding.clear()

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import multiprocessing
 import os
@@ -27,11 +26,11 @@ from typing import Any, Final
 
 from .checker import VM_WIDE_EVENTS, Checker, Violation
 from .logs import Event, Input, LogInputError, OutOfOrder, ReadReport, merged, plan, sort_notes
+from .pdeath import die_with_parent
 
 BROADCAST: Final = -1  # the route of a line of no vCPU: every shard reads it
 ROUTES_CACHED: Final = 4096  # distinct line starts and keys remembered per shard (one per process and vCPU)
 MIN_BYTES_PER_SHARD: Final = 16 << 20  # below this much log per shard, forking costs more than it saves
-_PR_SET_PDEATHSIG: Final = 1
 
 
 class Unroutable(Exception):
@@ -75,9 +74,12 @@ class Shard:
         value = raw[i:end]
         if value == b"null":
             return BROADCAST
-        if not value.isdigit():
+        if not value.isdigit() or len(value) > 18:  # (a longer one is no vCPU id, nor one int() takes at once)
             raise Unroutable(value[:20].decode("ascii", "replace"))
-        return (zlib.crc32(self._vm(raw)) + int(value)) % self.count
+        return self._shard_of(self._vm(raw), int(value))
+
+    def _shard_of(self, vm: bytes, vcpu: int) -> int:
+        return (zlib.crc32(vm) + vcpu) % self.count
 
     @staticmethod
     def _vm(raw: bytes) -> bytes:
@@ -106,8 +108,7 @@ class Shard:
                 return
             raise Unroutable("a vcpu the bytes saw and the parse did not")
         vm = ev.get("vm")
-        if type(vcpu) is not int or route != (zlib.crc32(vm.encode() if isinstance(vm, str) else b"") + vcpu) \
-                % self.count:
+        if type(vcpu) is not int or route != self._shard_of(vm.encode() if isinstance(vm, str) else b"", vcpu):
             raise Unroutable(f"vcpu {vcpu!r} of vm {vm!r}")
 
 
@@ -222,9 +223,7 @@ def _run(inputs: list[Input], n: int, checker_options: dict[str, Any]) -> list[S
 
 def _child(inputs: list[Input], shard: Shard, checker_options: dict[str, Any], send: Connection,
            parent: int) -> None:
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the check's own SIGINT handling ends its shards
     try:
         outcome: ShardResult | BaseException = judge(inputs, shard, checker_options)

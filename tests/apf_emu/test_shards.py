@@ -162,3 +162,13 @@ def test_what_a_whole_vm_is_judged_by_on_a_vcpu_stops_the_split(tmp_path):
                       _guest(2, "v", 0, "guest_panic", reason="async #PF in kernel mode"))
         assert shards._run(plan(logs, ReadReport(), scan=False), 2, {}) is None
         assert outcome(logs, 2)[:3] == reference(logs)[:3]
+
+
+def test_a_vcpu_of_thousands_of_digits_is_an_unreadable_line(tmp_path):
+    """Past int()'s 4,300 digits a route would raise ValueError: such a line stops the split and is reported as
+    unreadable, as one checker reports it."""
+    logs = _lines(tmp_path / "long.jsonl", _guest(1, "v", 0, "guest_panic", reason="async #PF in kernel mode"),
+                  tail=b'{"mono_ns":2,"role":"guest","vm":"v","vcpu":' + b"7" * 5000 + b',"event":"guest_boot"}\n')
+    assert shards._run(plan(logs, ReadReport(), scan=False), 2, {}) is None
+    got, want = outcome(logs, 2), reference(logs)
+    assert got[:3] == want[:3] and got[3].unreadable == want[3].unreadable == [f"{logs[0]}:2"]
