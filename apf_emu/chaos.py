@@ -16,14 +16,16 @@ import contextlib
 import random
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from shared.config import EXIT_CRASH, EXIT_REBOOT, with_
 
+from . import live, progress
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
 from .runner import (
     HOST_GRACE_S,
@@ -37,6 +39,7 @@ from .runner import (
 )
 
 KDUMP_SECONDS = 2.0  # how long a kdump kernel runs before it reboots into a normal kernel
+GUEST_STOP_S = 20.0  # a guest's grace period at the end: it drains its sleeping tasks
 UP_WAIT_S = 3.0  # how long a fault waits for its target to be (re)started before it is skipped
 CHAOS_LATENCY_SLACK_S = 5.0  # the checker's ready-latency bound: the longest pause plus this
 
@@ -148,31 +151,18 @@ class Chaos:
                 await trio.sleep(0.01)
 
     async def _guest_loop(self, vcpu: int) -> None:
-        boot, kind = 1, "normal"
-        self.result.boots[vcpu] = []
-        while not self.stopping:
-            guest = with_(self.guest_opts, vcpu=vcpu, boot=boot, kind=kind)
+        async def boot(number: int, kind: str) -> trio.Process:
+            guest = with_(self.guest_opts, vcpu=vcpu, boot=number, kind=kind)
             proc = self.guests[vcpu] = await spawn(self._pumps, f"guest-{vcpu}", guest.argv())
-            self.result.boots[vcpu].append(kind)
-            async with trio.open_nursery() as nursery:
-                if kind == "kdump":
-                    nursery.start_soon(self._kdump_reboot, proc)
-                await proc.wait()
-                nursery.cancel_scope.cancel()
-            if self.stopping:
-                break
-            code = proc.returncode
-            if code in (-signal.SIGUSR1, -signal.SIGUSR2):
-                self.result.early_signal_deaths += 1
-            elif code not in (EXIT_CRASH, EXIT_REBOOT, -signal.SIGKILL):
-                self.result.problems.append(f"guest {vcpu} boot {boot} exited with status {code}")
-            boot += 1
-            kind = "kdump" if code == EXIT_CRASH else "normal"
+            return proc
 
-    async def _kdump_reboot(self, proc: trio.Process) -> None:
-        await trio.sleep(KDUMP_SECONDS)
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGUSR2)
+        await guest_boots(vcpu, boot, lambda: self.stopping, self.result)
+
+    def _guest(self, vcpu: int) -> Target | None:
+        return self.guests.get(vcpu)
+
+    async def _guests_started(self) -> None:
+        """Before the schedule's clock starts: the guests are this harness's own, started already."""
 
     # --- faults --------------------------------------------------------------------------------------------------
     async def _inject(self, t0: float) -> None:
@@ -198,10 +188,10 @@ class Chaos:
                     with contextlib.suppress(ProcessLookupError):
                         target.send_signal(signal.SIGCONT)
 
-    async def _target(self, fault: Fault) -> trio.Process | None:
+    async def _target(self, fault: Fault) -> Target | None:
         with trio.move_on_after(UP_WAIT_S):
             while True:
-                proc = self.host if fault.vcpu is None else self.guests.get(fault.vcpu)
+                proc = self.host if fault.vcpu is None else self._guest(fault.vcpu)
                 if proc is not None and proc.returncode is None and (fault.vcpu is not None or self.host_up.is_set()):
                     return proc
                 await trio.sleep(0.05)
@@ -209,9 +199,15 @@ class Chaos:
 
     # --- the run -------------------------------------------------------------------------------------------------
     async def run(self) -> ChaosResult:
-        async with trio.open_nursery() as pumps:
-            self._pumps = pumps
-            await self._run()
+        with progress.status_line() as line:
+            async with trio.open_nursery() as pumps:
+                self._pumps = pumps
+                status = await pumps.start(live.show, self.log_dir, "apf-emu chaos", line) if line.tty \
+                    else trio.CancelScope()
+                try:
+                    await self._run()
+                finally:
+                    status.cancel()
         return self.result
 
     async def _run(self) -> None:
@@ -226,6 +222,7 @@ class Chaos:
                 await nursery.start(self._host_loop)
                 for vcpu in range(self.opts.host.vcpus):
                     nursery.start_soon(self._guest_loop, vcpu)
+                await self._guests_started()
                 with trio.move_on_after(self.opts.duration):
                     async with trio.open_nursery() as inner:
                         inner.start_soon(self._inject, trio.current_time())
@@ -253,10 +250,13 @@ class Chaos:
                     proc.send_signal(signal.SIGCONT)
         with trio.move_on_after(10):
             await self.host_up.wait()
-        live = {f"guest-{v}": p for v, p in self.guests.items() if p.returncode is None}
-        await terminate(live, 20.0, self.result.exit_codes, self.result.problems)
+        await self._stop_guests()
         if self.host is not None:
             await terminate({"host": self.host}, HOST_GRACE_S, self.result.exit_codes, self.result.problems)
+
+    async def _stop_guests(self) -> None:
+        live = {f"guest-{v}": p for v, p in self.guests.items() if p.returncode is None}
+        await terminate(live, GUEST_STOP_S, self.result.exit_codes, self.result.problems)
 
     async def _cleanup(self) -> None:
         for proc in [self.host, *self.guests.values()]:
@@ -266,6 +266,46 @@ class Chaos:
                 await proc.wait()
                 self.result.leftovers.append(f"process {proc.pid} (killed by the harness)")
         self.result.leftovers += remove_leftovers(self.vm, self.tmp, self.sock, "the harness")
+
+
+class Target(Protocol):
+    """What a fault is sent to: a process the harness started, or one in another container (apf_emu/pod.py)."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+async def guest_boots(vcpu: int, boot: Callable[[int, str], Awaitable[trio.Process]], stopping: Callable[[], bool],
+                      result: ChaosResult) -> None:
+    """One vCPU's guest, boot after boot until `stopping`: a guest that died comes back as the next boot, of a kdump
+    kernel after a panic (EXIT_CRASH), which reboots into a normal kernel after KDUMP_SECONDS (SIGUSR2)."""
+    number, kind = 1, "normal"
+    result.boots[vcpu] = []
+    while not stopping():
+        proc = await boot(number, kind)
+        result.boots[vcpu].append(kind)
+        async with trio.open_nursery() as nursery:
+            if kind == "kdump":
+                nursery.start_soon(_kdump_reboot, proc)
+            await proc.wait()
+            nursery.cancel_scope.cancel()
+        if stopping():
+            break
+        code = proc.returncode
+        if code in (-signal.SIGUSR1, -signal.SIGUSR2):
+            result.early_signal_deaths += 1
+        elif code not in (EXIT_CRASH, EXIT_REBOOT, -signal.SIGKILL):
+            result.problems.append(f"guest {vcpu} boot {number} exited with status {code}")
+        number += 1
+        kind = "kdump" if code == EXIT_CRASH else "normal"
+
+
+async def _kdump_reboot(proc: trio.Process) -> None:
+    await trio.sleep(KDUMP_SECONDS)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGUSR2)
 
 
 async def chaos(opts: ChaosOptions) -> ChaosResult:

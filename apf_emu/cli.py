@@ -22,8 +22,8 @@ from shared.guest_ram import check_vm_id
 from shared.snapshot import DEFAULT_MSR_LIST, MSR_LISTS, parse_msr_list
 from shared.transports import TRANSPORTS
 
-from . import shards
-from .chaos import ChaosOptions, ChaosResult, chaos
+from . import cli_campaign, shards
+from .chaos import ChaosOptions, chaos
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS, INPUT_NAMES, INVARIANTS, JUDGED, Checker, Violation, fmt_token
 from .compare import AbiRun, table
 from .ftrace.writer import export as ftrace_export
@@ -31,10 +31,11 @@ from .logdirs import DEFAULT_ROOT, human_size, log_dirs, prune, volume
 from .logs import LogInputError, ReadReport, expand, read_merged
 from .runner import CHAOS_GUEST, RUN_GUEST, RUN_HOST, RunOptions, RunResult, check_socket_room, describe_exit, run
 from .scenarios import BY_NAME as SCENARIO_BY_NAME
-from .scenarios import SCENARIOS, Verdict, run_scenario
+from .scenarios import CHAOS_SCENARIOS, SCENARIOS, Verdict, chaos_scenario, run_scenario, with_scenario
 from .stats import INTERLEAVINGS, LATENCIES, Stats
+from .summary import chaos_json, stats_json
 from .trace import build_trace
-from .verdict import analyse, analyse_run
+from .verdict import analyse, analyse_run, verdict_status
 from .vmm import VmmError, exec_restore, snapshot
 
 DURATION = config.Option("duration", config.float_in(0.0, 30 * 86400.0, lo_open=True), 10.0, "seconds to run")
@@ -85,6 +86,10 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
         config.add_options(x, [config.Option(name, COUNT, default, f"{what}, 0..100000")])
     x.add_argument("--log-dir", type=Path, default=None, metavar="DIR", help="default apf-emu-logs/<vm>")
     x.add_argument("--vm", type=config.typed(check_vm_id, "vm"), default=None, help="VM id (default chaos<pid>)")
+    x.add_argument("--scenario", type=config.typed(_chaos_scenario, "scenario"), default=None, metavar="NAME[:VARIANT]",
+                   help="run with a known failure's switches (its buggy variant, or NAME:fixed for its fix): one of "
+                   + ", ".join(CHAOS_SCENARIOS) + " (docs/SCENARIOS.md); its vCPU count, duration and faults are "
+                   "not taken, and its switches win over the options above")
     x.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     cm = sub.add_parser("compare", help="run the same seeded workload on each ABI and compare the designs",
@@ -207,6 +212,8 @@ def build_parser(env: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     rs.add_argument("host_options", nargs=argparse.REMAINDER, metavar="HOST OPTION",
                     help="apf-host options that override the recorded ones")
 
+    cli_campaign.add_parsers(sub)
+
     sub.add_parser("bench", help="run the benchmarks in bench/ (needs a source checkout); "
                    "`apf-emu bench --help` for their options", add_help=False)
     return p
@@ -218,6 +225,11 @@ def _abi_list(text: str) -> list[str]:
     if not names or unknown or len(set(names)) != len(names):
         raise ValueError(f"expected distinct ABIs out of {', '.join(ABIS)}, got {text!r}")
     return names
+
+
+def _chaos_scenario(text: str) -> str:
+    chaos_scenario(text)  # ValueError: a usage error naming --scenario
+    return text
 
 
 def _msr_list(text: str) -> str:
@@ -258,6 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_snapshot(args)
         if args.command == "restore":
             return cmd_restore(args)
+        if args.command == "campaign":
+            return cli_campaign.cmd_campaign(args)
+        if args.command == "pod":
+            return cli_campaign.cmd_pod(args)
         return cmd_stats(args)
     except BrokenPipeError:  # `apf-emu check ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -474,27 +490,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def stats_json(stats: Stats) -> dict[str, Any]:
-    return {
-        "events": dict(stats.events),
-        "per_vcpu": {k: dict(v) for k, v in stats.per_vcpu.items()},
-        "apfs": stats.apfs,
-        "sync_faults": stats.sync_faults,
-        "sync_reasons": dict(stats.sync_reasons),
-        "halts": stats.halts,
-        "halt_reasons": dict(stats.halt_reasons),
-        "dropped": dict(stats.dropped_reasons),
-        "data_checks": stats.data_checks,
-        "data_check_failures": stats.data_check_failures,
-        "latency_us": {lat: stats.percentiles(lat) for lat in LATENCIES},
-        "interleavings": {name: stats.interleavings[name] for name in INTERLEAVINGS},
-        "races": dict(stats.races),
-        "abis": sorted(stats.abis),
-        "outstanding_max": dict(stats.outstanding_max),
-        "seconds": stats.seconds,
-    }
-
-
 def _pct(p: dict[str, float]) -> str:
     if not p.get("count"):
         return "-"
@@ -542,12 +537,14 @@ def run_options(args: argparse.Namespace) -> tuple[HostOptions, GuestOptions]:
 
 def cmd_chaos(args: argparse.Namespace) -> int:
     host, guest = run_options(args)
+    if args.scenario is not None:
+        host, guest = with_scenario(*chaos_scenario(args.scenario), host, guest)
     opts = ChaosOptions(host=host, guest=guest, duration=args.duration, log_dir=args.log_dir, vm=args.vm,
                         guest_kills=args.guest_kills, guest_panics=args.guest_panics, host_kills=args.host_kills,
                         pauses=args.pauses)
     result = trio.run(chaos, opts)
     violations, stats, report, checker = analyse_run(result.log_dir)  # with the limit the run recorded
-    summary = chaos_json(result, stats, violations, report, checker)
+    summary = chaos_json(result, stats, violations, report, checker, args.scenario)
     if args.json:
         print(orjson.dumps(summary).decode())
     else:
@@ -559,43 +556,9 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return verdict_status(violations, checker, failed=failed, interrupted=interrupted)
 
 
-def verdict_status(violations: list[Violation], checker: Checker, *, failed: bool, interrupted: bool) -> int:
-    """The exit status of `run` and `chaos`: 1 violations, 3 a process failed (or nothing was checked), 130 stopped
-    by a signal before anything could be checked, else 0 (a run stopped by SIGINT or SIGTERM is judged as far as it
-    got)."""
-    if violations:
-        return config.EXIT_VIOLATIONS
-    if failed:
-        return config.EXIT_FAILED
-    if not checker.protocol_events:
-        return config.EXIT_INTERRUPTED if interrupted else config.EXIT_FAILED
-    return config.EXIT_OK
-
-
-def chaos_json(result: ChaosResult, stats: Stats, violations: list[Violation], report: ReadReport,
-               checker: Checker) -> dict[str, Any]:
-    wake_all_retries = stats.interleavings["wake_all_raced_not_present"]
-    files, size = volume(result.log_dir)
-    return {
-        "log_files": files, "log_bytes": size,
-        "vm": result.vm, "log_dir": str(result.log_dir), "stopped_by": result.stopped_by,
-        "schedule": [str(f) for f in result.schedule], "injected": [str(f) for f in result.injected],
-        "ready_latency_limit_ms": checker.ready_latency_limit_ms,
-        "faults_applied": dict(result.applied), "faults_skipped": dict(result.skipped),
-        "boots": {str(k): v for k, v in result.boots.items()}, "host_starts": result.host_starts,
-        "early_signal_deaths": result.early_signal_deaths,
-        "completions_eaten": dict(stats.dropped_reasons),
-        "tasks_retried_after_wake_all": wake_all_retries,
-        "data_checks": stats.data_checks, "data_check_failures": stats.data_check_failures,
-        "torn_pages": stats.events["guest_data_torn"],
-        "apfs": stats.apfs, "reconnects": stats.events["guest_reconnect"],
-        "truncated_lines": report.truncated, "problems": result.problems, "leftovers": result.leftovers,
-        "violations": [v.as_dict() for v in violations], "stats": stats_json(stats),
-    }
-
-
 def print_chaos(summary: dict[str, Any], violations: list[Violation], checker: Checker) -> None:
-    print(f"apf-emu chaos: VM {summary['vm']}, stopped by {summary['stopped_by']}, logs in {summary['log_dir']}")
+    print(f"apf-emu chaos: VM {summary['vm']}, stopped by {summary['stopped_by']}, logs in {summary['log_dir']}"
+          + (f", scenario {summary['scenario']}" if summary["scenario"] else ""))
     injected, planned = summary["injected"], summary["schedule"]
     print(f"  faults injected, {len(injected)} of the {len(planned)} planned:")
     for line in injected:

@@ -92,7 +92,7 @@ def _events(name: str, lines: Iterable[bytes], report: ReadReport, shard: Shard 
         yield from _shard_events(name, lines, report, shard)
         return
     for number, raw in enumerate(lines, 1):
-        ev = _parse(name, raw, number, report)
+        ev = parse_line(name, raw, number, report)
         if ev is not None:
             yield ev
 
@@ -101,7 +101,7 @@ def _events(name: str, lines: Iterable[bytes], report: ReadReport, shard: Shard 
 KEY_FIELDS = ("vm", "vcpu", "boot", "token", "gfn", "task", "cancelled")
 
 
-def _parse(name: str, raw: bytes, number: int, report: ReadReport) -> Event | None:
+def parse_line(name: str, raw: bytes, number: int, report: ReadReport) -> Event | None:
     report.lines += 1
     if raw.startswith(b"Attaching to "):  # the first line of `docker compose logs`/`up`: not a log line at all
         return None
@@ -134,7 +134,7 @@ def _shard_events(name: str, lines: Iterable[bytes], report: ReadReport, shard: 
         route = route_of(raw)
         if route >= 0 and route != index:
             continue
-        ev = _parse(name, raw, number, report if route >= 0 or index == 0 else shard.uncounted)
+        ev = parse_line(name, raw, number, report if route >= 0 or index == 0 else shard.uncounted)
         if ev is not None:
             shard.verify(ev, route)
             yield ev

@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -32,7 +31,7 @@ from shared.config import MAX_SOCKET_PATH, ConfigError, GuestOptions, HostOption
 from shared.guest_ram import unlink, vm_shm_names
 from shared.snapshot import DEFAULT_MSR_LIST
 
-from . import vmm
+from . import live, progress, vmm
 from .checker import DEFAULT_READY_LATENCY_LIMIT_MS
 
 # The options `run` and `chaos` hand to the host and to every guest (shared/config.py has their ranges and help).
@@ -103,8 +102,10 @@ async def run(opts: RunOptions) -> RunResult:
     procs: dict[str, trio.Process] = {}
     # SIGINT and SIGTERM are the runner's from here to the end: the first stops the run, later ones are ignored
     # (a second Ctrl-C must not cut the stop short and leave processes behind).
-    with stop_signals_absorbed(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with stop_signals_absorbed(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals, \
+            progress.status_line() as line:
         async with trio.open_nursery() as pumps:
+            status = await pumps.start(live.show, log_dir, "apf-emu run", line) if line.tty else trio.CancelScope()
             try:
                 procs["host"] = await spawn(pumps, "host", host.argv())
                 for i in range(host.vcpus):
@@ -126,6 +127,7 @@ async def run(opts: RunOptions) -> RunResult:
                                      snapshot=snapshot_and_restore if opts.snapshot_at is not None else None,
                                      snapshot_at=opts.snapshot_at)
             finally:
+                status.cancel()
                 with trio.CancelScope(shield=True):
                     await _stop(procs, result)
                     result.leftovers += remove_leftovers(vm, tmp, sock, "the runner")
@@ -165,12 +167,10 @@ async def _pump_stderr(name: str, stream: trio.abc.ReceiveStream) -> None:
                     break
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    sys.stderr.buffer.write(name.encode() + b": " + line + b"\n")
-                sys.stderr.buffer.flush()
+                if lines:
+                    progress.write_above(b"".join(name.encode() + b": " + line + b"\n" for line in lines))
             if buf:
-                sys.stderr.buffer.write(name.encode() + b": " + buf + b"\n")
-                sys.stderr.buffer.flush()
+                progress.write_above(name.encode() + b": " + buf + b"\n")
 
 
 @contextlib.contextmanager

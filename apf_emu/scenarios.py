@@ -315,3 +315,41 @@ def run_scenario(sc: Scenario, *, transport: str, seed: int, root: Path, variant
         if runs[-1].result.stopped_by in ("SIGINT", "SIGTERM"):
             break
     return judge(sc, transport, runs)
+
+
+# --- scenarios under chaos (`apf-emu chaos --scenario`, campaigns) ------------------------------------------------
+VARIANTS: Final = ("buggy", "fixed")
+
+
+def chaos_scenario(text: str) -> tuple[Scenario, str]:
+    """`NAME` (its buggy variant) or `NAME:buggy` / `NAME:fixed`: a scenario whose switches a chaos run can take. A
+    scenario about a snapshot or judged by a statistic against its fixed run needs `apf-emu scenario` (ValueError)."""
+    name, _, which = text.partition(":")
+    sc = BY_NAME.get(name)
+    if sc is None:
+        raise ValueError(f"unknown scenario {name!r} (apf-emu scenario list)")
+    which = which or "buggy"
+    if which not in VARIANTS:
+        raise ValueError(f"{text!r}: the variant after ':' is buggy or fixed")
+    if sc.snapshot_at is not None or sc.statistic is not None:
+        why = "a snapshot" if sc.snapshot_at is not None else "a statistic against its fixed run"
+        raise ValueError(f"scenario {name} needs {why}: run it with `apf-emu scenario run {name}`, not under chaos")
+    return sc, which
+
+
+CHAOS_SCENARIOS: Final = tuple(s.name for s in SCENARIOS if s.snapshot_at is None and s.statistic is None)
+
+
+def with_scenario(sc: Scenario, which: str, host: HostOptions, guest: GuestOptions) -> tuple[HostOptions, GuestOptions]:
+    """The scenario's switches (its common options, then the variant's) over `host` and `guest`: what makes the
+    failure happen, not the scenario's vCPU count, duration or faults, which stay the chaos run's."""
+    variant = sc.buggy if which == "buggy" else sc.fixed
+    return with_(host, **{**sc.host, **variant.host}), with_(guest, **{**sc.guest, **variant.guest})
+
+
+def scenario_abi(text: str) -> str | None:
+    """The ABI a scenario reference fixes (a `pf` scenario's), if any."""
+    sc, which = chaos_scenario(text)
+    variant = sc.buggy if which == "buggy" else sc.fixed
+    abi = {**sc.host, **variant.host}.get("abi")
+    return str(abi) if abi is not None else None

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared import config
+
 from .checker import Checker, Violation
 from .logs import LogInputError, ReadReport, read_merged
 from .stats import Stats
@@ -35,3 +37,16 @@ def analyse_run(log_dir: Path) -> tuple[list[Violation], Stats, ReadReport, Chec
         return analyse([str(log_dir)])
     except LogInputError:
         return [], Stats(), ReadReport(), Checker()
+
+
+def verdict_status(violations: list[Violation], checker: Checker, *, failed: bool, interrupted: bool) -> int:
+    """The exit status of `run` and `chaos`: 1 violations, 3 a process failed (or nothing was checked), 130 stopped
+    by a signal before anything could be checked, else 0 (a run stopped by SIGINT or SIGTERM is judged as far as it
+    got)."""
+    if violations:
+        return config.EXIT_VIOLATIONS
+    if failed:
+        return config.EXIT_FAILED
+    if not checker.protocol_events:
+        return config.EXIT_INTERRUPTED if interrupted else config.EXIT_FAILED
+    return config.EXIT_OK

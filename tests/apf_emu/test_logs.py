@@ -11,8 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from apf_emu.cli import analyse, stats_json
+from apf_emu.cli import analyse
 from apf_emu.logs import LogInputError, ReadReport, read_merged
+from apf_emu.summary import stats_json
 from apf_emu.trace import build_trace
 from shared.logfile import LineWriter
 

@@ -18,8 +18,9 @@ from typing import Any
 import orjson
 import pytest
 
+from .prepare import prepared
+
 ROOT = Path(__file__).resolve().parents[2]
-NO_ENGINE = 77  # scripts/prepare-docker: no Docker engine can be started here
 
 # Kill the apf-guest process of the container it runs in (not the docker-init that is PID 1, not itself).
 KILL_GUEST = (
@@ -33,12 +34,7 @@ KILL_GUEST = (
 
 @pytest.fixture(scope="session")
 def base_image() -> str:
-    proc = subprocess.run([str(ROOT / "scripts" / "prepare-docker")], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=900)
-    if proc.returncode == NO_ENGINE:
-        pytest.skip(f"no Docker engine can be started on this machine: {proc.stderr.strip()[-600:]}")
-    assert proc.returncode == 0, f"scripts/prepare-docker failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    return proc.stdout.strip().splitlines()[-1]
+    return prepared("prepare-docker", "a Docker engine")
 
 
 def compose_command() -> list[str]:
